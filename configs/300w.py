@@ -1,0 +1,7 @@
+"""300W (68 points): the official STAR recipe."""
+
+from configs import base
+
+
+def get_config():
+  return base.get_base_config("300w")

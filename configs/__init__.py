@@ -1,0 +1,1 @@
+"""Experiment configurations: `configs/<name>.py` files with `get_config()`."""
