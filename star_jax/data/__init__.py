@@ -1,0 +1,1 @@
+"""Input data: annotations, transforms, targets, pipelines, datasets."""

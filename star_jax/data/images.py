@@ -1,0 +1,108 @@
+"""Image decoding: JPEG through TensorFlow (whole or a window), every other format via OpenCV/Pillow.
+
+All decoders return uint8 RGB `(H, W, 3)`. JPEGs decode with libjpeg's accurate integer DCT and
+fancy upsampling, which is bit-identical to `cv2.imread` (what the official loader uses). Decoding
+only a window of a JPEG (`tf.image.decode_and_crop_jpeg`) is bit-identical to decoding the whole
+image and slicing, except in a window's first and last column where the window does not touch
+the image border (chroma upsampling there lacks its neighbour): callers keep a margin.
+
+Known difference: `cv2.imread` applies a JPEG's EXIF orientation tag, TensorFlow does not. The
+public face datasets (WFLW, 300W, COFW) carry no rotating orientation tags.
+"""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import tensorflow as tf
+
+JPEG_DCT_METHOD = "INTEGER_ACCURATE"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _as_bytes(value) -> bytes:
+  """A scalar string handed over by tf.numpy_function (bytes or a 0-d object array)."""
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return bytes(value)
+
+
+def is_jpeg_tensor(data: tf.Tensor) -> tf.Tensor:
+  """Whether encoded bytes (a scalar string tensor) start with the JPEG magic number."""
+  return tf.equal(tf.strings.substr(data, 0, 3), _JPEG_MAGIC)
+
+
+def decode_bytes_numpy(data: bytes) -> np.ndarray:
+  """Any image OpenCV or Pillow reads (JPEG, PNG, BMP, PPM/PGM, TIFF, WebP, GIF...) -> RGB uint8."""
+  buf = np.frombuffer(data, np.uint8)
+  image = cv2.imdecode(buf, cv2.IMREAD_COLOR)   # BGR, gray expanded to 3 channels
+  if image is not None and image.ndim == 3 and image.shape[2] == 3:
+    return np.ascontiguousarray(image[..., ::-1])
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(data)) as pil:
+      pil.seek(0)   # first frame of animations, as the official GIF fallback
+      return np.asarray(pil.convert("RGB"), np.uint8).copy()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"cannot decode image ({len(data)} bytes): {e}") from e
+
+
+def read_image(path: str) -> np.ndarray:
+  """Decodes the file at `path` to RGB uint8 (used outside tf.data, e.g. for visualisation)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return decode_bytes_numpy(data)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
+def image_size_numpy(data: bytes) -> np.ndarray:
+  """(height, width) int32 of encoded bytes, reading only the header where Pillow can."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(data)) as pil:
+      w, h = pil.size
+      return np.asarray([h, w], np.int32)
+  except Exception:  # pylint: disable=broad-except
+    return np.asarray(decode_bytes_numpy(data).shape[:2], np.int32)
+
+
+def image_size_tensor(data: tf.Tensor) -> tf.Tensor:
+  """(height, width) int32 of encoded bytes, in the graph for JPEG."""
+  def jpeg():
+    return tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int32)
+
+  def other():
+    hw = tf.numpy_function(lambda d: image_size_numpy(_as_bytes(d)), [data], tf.int32,
+                           stateful=False)
+    return tf.ensure_shape(hw, [2])
+  return tf.cond(is_jpeg_tensor(data), jpeg, other)
+
+
+def decode_tensor(data: tf.Tensor) -> tf.Tensor:
+  """Encoded bytes -> the whole image, uint8 RGB (H, W, 3)."""
+  def jpeg():
+    return tf.image.decode_jpeg(data, channels=3, dct_method=JPEG_DCT_METHOD)
+
+  def other():
+    image = tf.numpy_function(lambda d: decode_bytes_numpy(_as_bytes(d)), [data], tf.uint8,
+                              stateful=False)
+    return tf.ensure_shape(image, [None, None, 3])
+  return tf.cond(is_jpeg_tensor(data), jpeg, other)
+
+
+def decode_window_tensor(data: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+  """Encoded bytes -> the pixels `window = (y, x, h, w)` of the image (inside it), uint8 RGB."""
+  def jpeg():
+    return tf.image.decode_and_crop_jpeg(data, window, channels=3, dct_method=JPEG_DCT_METHOD)
+
+  def other():
+    def crop(d, win):
+      y, x, h, w = (int(v) for v in win)
+      return np.ascontiguousarray(decode_bytes_numpy(_as_bytes(d))[y:y + h, x:x + w])
+    image = tf.numpy_function(crop, [data, window], tf.uint8, stateful=False)
+    return tf.ensure_shape(image, [None, None, 3])
+  return tf.cond(is_jpeg_tensor(data), jpeg, other)
