@@ -35,6 +35,7 @@ from star_jax.data import images as image_io
 from star_jax.data import targets as target_lib
 from star_jax.data import transforms
 from star_jax.data.annotations import Annotations, AnnotationError, read_tsv
+from star_jax.data.embedded import DataFiles
 from star_jax.datasets import DatasetSpec, get_spec
 
 
@@ -55,16 +56,6 @@ _INFINITE = np.iinfo(np.int64).max // 4
 SPLITS = ("train", "val", "test")
 
 
-@dataclasses.dataclass(frozen=True)
-class DataFiles:
-  """Where a dataset's images and TSV files are. TSV image paths are relative to `image_dir`."""
-
-  image_dir: str
-  train_tsv: str
-  val_tsv: str
-  test_tsv: str
-
-
 def resolve_data(config) -> DataFiles:
   """The files behind `config.data` ('tsv': as configured; 'embedded': generated and cached)."""
   data = config.data
@@ -73,9 +64,7 @@ def resolve_data(config) -> DataFiles:
                      test_tsv=data.test_tsv)
   if data.source == "embedded":
     from star_jax.data import embedded  # pylint: disable=g-import-not-at-top
-    files = embedded.ensure_embedded_dataset(cache_dir=data.embedded_dir or None)
-    return DataFiles(image_dir=files.image_dir, train_tsv=files.train_tsv,
-                     val_tsv=files.val_tsv, test_tsv=files.test_tsv)
+    return embedded.ensure_embedded_dataset(cache_dir=data.embedded_dir or None)
   if data.source == "tfds":
     # Records come from star_jax.data.tfds_builders; no TSV is read.
     return DataFiles(image_dir="", train_tsv="", val_tsv="", test_tsv="")
