@@ -6,6 +6,7 @@ Coordinates are (x, y) in [-1, 1] on the heatmap grid with pixel centres 0 and n
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 # The official decoder clamps each channel's mass from below so that all-zero maps decode to 0.
@@ -26,6 +27,9 @@ def soft_argmax(heatmaps: jnp.ndarray) -> jnp.ndarray:
   gx = heatmap_grid(w, heatmaps.dtype)
   gy = heatmap_grid(h, heatmaps.dtype)
   mass = jnp.maximum(heatmaps.sum(axis=(-3, -2)), MIN_MASS)          # (..., N)
-  x = jnp.einsum("...hwn,w->...n", heatmaps, gx) / mass
-  y = jnp.einsum("...hwn,h->...n", heatmaps, gy) / mass
+  # Full precision: on GPUs the default float32 dot may run in TF32, which moves landmarks by
+  # ~1e-3; these reductions are tiny next to the network, so exactness costs nothing.
+  highest = jax.lax.Precision.HIGHEST
+  x = jnp.einsum("...hwn,w->...n", heatmaps, gx, precision=highest) / mass
+  y = jnp.einsum("...hwn,h->...n", heatmaps, gy, precision=highest) / mass
   return jnp.stack([x, y], axis=-1)

@@ -1,0 +1,486 @@
+"""The stacked hourglass network of STAR (StackedHGNetV1 with AAM) in flax.linen.
+
+This module owns the architecture: the CoordConv stem, the pre-activation bottleneck block, the
+recursive hourglass, the per-stack heads (heatmaps, point maps, edge maps), the fixed
+edge-to-point transform, the fusion of the three maps, soft-argmax landmarks per stack and the
+merge of each stack's outputs into the next one.
+
+Layout is NHWC throughout. The network reads RGB images in [-1, 1]; `star_jax.convert` reorders
+the first convolution of official (BGR) checkpoints so the two agree.
+
+Faithful details (see docs/official-semantics.md, "Architecture"):
+- CoordConv channels are `[input, xx, yy, rr, (xx * mask, yy * mask)]` where "xx" varies along
+  the rows (H) and "yy" along the columns (W), both in [-1, 1] with align_corners=True, and
+  `rr = sqrt(xx^2 + yy^2) / max`. Unlike the official code, the maps are sized from the actual
+  feature shape, so any input whose side is divisible by `4 * 2**num_levels` works.
+- Stacks after the first mask the boundary channels with the previous stack's activated
+  heatmap (instance norm + ReLU, before fusion), *last landmark channel*, `> 0.05` (strict).
+- Every official bottleneck block owns a 1x1 "skip" convolution, even when the skip is the
+  identity and the convolution is never applied. Those weights are trainable parameters of the
+  official model and are part of its published parameter count (17,177,332 for WFLW), so by
+  default (`keep_unused_skip=True`) they are declared here too: parameter trees and counts match
+  the official model one-to-one, and they cost no compute (they receive zero gradient and Adam
+  leaves them untouched). `keep_unused_skip=False` drops them (3.75 M fewer parameters at 256
+  channels).
+- The E2H transform is a constant built from `edge_points` (a buffer in the official model,
+  not a parameter, so it is not counted).
+- BatchNorm mirrors torch defaults (momentum 0.1 -> flax 0.9, eps 1e-5); one difference in
+  training mode only: flax updates the running variance with the biased batch variance where
+  torch uses the unbiased one (a factor n/(n-1), n = batch * H * W, i.e. < 1e-5 at batch 128).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from star_jax import decoder
+
+# The official CoordConv switches the boundary channels on where the previous stack's heatmap
+# exceeds this value (strictly).
+BOUNDARY_THRESHOLD = 0.05
+# torch.nn.BatchNorm2d / F.instance_norm defaults.
+BN_MOMENTUM = 0.9  # flax convention: new = momentum * old + (1 - momentum) * batch (torch 0.1)
+BN_EPSILON = 1e-5
+IN_EPSILON = 1e-5
+# Channels produced by the stem convolution and its first bottleneck (fixed in the official net).
+STEM_CHANNELS = 64
+STEM_BLOCK_CHANNELS = 128
+
+Dtype = Any
+
+
+def torch_default_kernel_init():
+  """torch's Conv2d default (kaiming_uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int):
+  """torch's Conv2d default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _float_dtype_at_least_f32(dtype: Dtype) -> Dtype:
+  """float32 for bf16/f16/f32 compute, float64 when the model runs in float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """Per-stack outputs; index -1 is the final prediction.
+
+  landmarks: (B, N, 2) soft-argmax (x, y) in [-1, 1] of the fused heatmaps.
+  heatmaps: (B, H/4, W/4, N) fused heatmaps `in_relu(heatmap head) * E2H(edges) * points`.
+  pointmaps: (B, H/4, W/4, N) sigmoid point maps (empty tuple when `use_aam=False`).
+  edgemaps: (B, H/4, W/4, E) sigmoid edge maps (empty tuple when `use_aam=False`).
+  """
+
+  landmarks: tuple[jnp.ndarray, ...]
+  heatmaps: tuple[jnp.ndarray, ...]
+  pointmaps: tuple[jnp.ndarray, ...]
+  edgemaps: tuple[jnp.ndarray, ...]
+
+
+def coordinate_maps(height: int, width: int, dtype: Dtype = jnp.float32) -> np.ndarray:
+  """The CoordConv channels `(H, W, 3)`: xx (varies along H), yy (along W), rr.
+
+  A trace-time numpy constant computed in float32 exactly as the official code does
+  (`i / (n - 1) * 2 - 1`, then `rr = sqrt(xx^2 + yy^2) / max`), also when the model runs in
+  float64: the official maps are float32 whatever the input dtype. (XLA may rewrite a division
+  by a constant into a multiplication, which is why this is not written with jnp.)
+  """
+  def axis(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.float32) / np.float32(n - 1) * np.float32(2) - np.float32(1)
+
+  xx = np.broadcast_to(axis(height)[:, None], (height, width))
+  yy = np.broadcast_to(axis(width)[None, :], (height, width))
+  rr = np.sqrt(xx * xx + yy * yy)
+  rr = rr / rr.max()
+  return np.stack([xx, yy, rr], axis=-1).astype(dtype)
+
+
+def add_coords(x: jnp.ndarray, boundary: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Appends CoordConv channels to `x` (B, H, W, C).
+
+  `boundary` (B, H, W, 1) bool, when given, appends `xx * boundary` and `yy * boundary`.
+  """
+  b, h, w, _ = x.shape
+  coords = coordinate_maps(h, w, x.dtype)
+  parts = [x, jnp.broadcast_to(coords, (b, h, w, 3))]
+  if boundary is not None:
+    xy = jnp.broadcast_to(coords[..., :2], (b, h, w, 2))
+    parts.append(jnp.where(boundary, xy, jnp.zeros((), x.dtype)))
+  return jnp.concatenate(parts, axis=-1)
+
+
+def instance_norm_relu(x: jnp.ndarray) -> jnp.ndarray:
+  """ReLU(instance norm without affine): per sample and channel over H, W; biased variance.
+
+  Statistics are computed in (at least) float32 whatever the compute dtype.
+  """
+  x = x.astype(_float_dtype_at_least_f32(x.dtype))
+  mean = jnp.mean(x, axis=(-3, -2), keepdims=True)
+  centred = x - mean
+  var = jnp.mean(centred * centred, axis=(-3, -2), keepdims=True)
+  return jax.nn.relu(centred * jax.lax.rsqrt(var + IN_EPSILON))
+
+
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+def upsample_nearest_2x(x: jnp.ndarray) -> jnp.ndarray:
+  """Nearest-neighbour x2 upsampling as a broadcast + reshape (no gather)."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class Conv(nn.Module):
+  """A convolution with bias, 'same' padding and torch's default initialisation.
+
+  Parameters `kernel` (k, k, in, out) and `bias` (out,) are float32; the arithmetic runs in
+  `dtype`. 1x1 stride-1 convolutions are written as a matrix product (a plain dot for XLA).
+  """
+
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+  precision: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    k = self.kernel_size
+    in_features = x.shape[-1]
+    kernel = self.param("kernel", torch_default_kernel_init(), (k, k, in_features, self.features),
+                        jnp.float32)
+    bias = self.param("bias", torch_default_bias_init(in_features * k * k), (self.features,),
+                      jnp.float32)
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    if k == 1 and self.stride == 1:
+      y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0], precision=self.precision)
+    else:
+      pad = (k - 1) // 2
+      y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride),
+                                       ((pad, pad), (pad, pad)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       precision=self.precision)
+    return y + bias
+
+
+class UnusedConv1x1(nn.Module):
+  """Declares the parameters of a 1x1 convolution that the forward pass never applies.
+
+  Mirrors the official bottleneck's identity-skip convolution (see the module docstring); the
+  parameter names and shapes are those of `Conv`.
+  """
+
+  in_features: int
+  features: int
+
+  @nn.compact
+  def __call__(self) -> None:
+    self.param("kernel", torch_default_kernel_init(), (1, 1, self.in_features, self.features),
+               jnp.float32)
+    self.param("bias", torch_default_bias_init(self.in_features), (self.features,), jnp.float32)
+
+
+def batch_norm(train: bool, axis_name: str | None, dtype: Dtype, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                      axis_name=axis_name, dtype=dtype, param_dtype=jnp.float32,
+                      use_fast_variance=False, name=name)
+
+
+class ResBlock(nn.Module):
+  """Pre-activation bottleneck: BN-ReLU-1x1 (C/2), BN-ReLU-3x3, BN-ReLU-1x1 (C), plus skip."""
+
+  features: int
+  keep_unused_skip: bool = True
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+  precision: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    in_features = x.shape[-1]
+    mid = self.features // 2
+    if in_features != self.features:
+      residual = Conv(self.features, 1, dtype=self.dtype, precision=self.precision,
+                      name="skip")(x)
+    else:
+      residual = x
+      if self.keep_unused_skip:
+        UnusedConv1x1(in_features, self.features, name="skip")()
+    out = x
+    for i, (width, kernel) in enumerate(((mid, 1), (mid, 3), (self.features, 1)), start=1):
+      out = batch_norm(train, self.bn_axis_name, self.dtype, f"bn{i}")(out)
+      out = jax.nn.relu(out)
+      out = Conv(width, kernel, dtype=self.dtype, precision=self.precision, name=f"conv{i}")(out)
+    return out + residual
+
+
+class Hourglass(nn.Module):
+  """One recursive hourglass; the outermost level of each stack starts with a 1x1 CoordConv."""
+
+  levels: int
+  features: int
+  coordconv: bool = False
+  keep_unused_skip: bool = True
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+  precision: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, boundary: jnp.ndarray | None = None,
+               train: bool = False) -> jnp.ndarray:
+    block = lambda name: ResBlock(self.features, self.keep_unused_skip, self.dtype,
+                                  self.bn_axis_name, self.precision, name=name)
+    if self.coordconv:
+      x = Conv(self.features, 1, dtype=self.dtype, precision=self.precision,
+               name="coordconv")(add_coords(x, boundary))
+    up = block("up1")(x, train)
+    low = block("low1")(max_pool_2x2(x), train)
+    if self.levels > 1:
+      low = Hourglass(self.levels - 1, self.features, False, self.keep_unused_skip, self.dtype,
+                      self.bn_axis_name, self.precision, name="low2")(low, None, train)
+    else:
+      low = block("low2")(low, train)
+    low = block("low3")(low, train)
+    return up + upsample_nearest_2x(low)
+
+
+class StackedHourglass(nn.Module):
+  """STAR's StackedHGNetV1 (CoordConv, AAM heads) for `(B, H, W, 3)` RGB input in [-1, 1].
+
+  Attributes:
+    num_stacks: hourglasses in sequence (each gives a prediction; the last is final).
+    num_levels: recursion depth of each hourglass (H and W must divide by 4 * 2**num_levels).
+    channels: feature width of the hourglasses (256 in the released models).
+    num_points: landmarks.
+    edge_points: the landmark indices of each edge (`spec.edges[e].points`); builds E2H.
+    use_aam: point-map and edge-map heads and the fusion (the STAR recipe uses them).
+    dtype: compute dtype (e.g. bfloat16); parameters are float32, and the instance norm,
+      the sigmoid maps, the fusion and the landmarks are computed in float32 (or wider).
+    bn_axis_name: mapped axis name for cross-device BatchNorm statistics (SyncBatchNorm).
+    keep_unused_skip: declare the official identity-skip convolutions (never applied).
+    precision: `jax.lax.Precision` name for the convolutions ('highest', 'high', 'default')
+      or None for the backend default. On GPUs the default runs float32 convolutions in TF32,
+      which moves the outputs of a converted official model by up to ~1e-2 (random weights,
+      fixture model); 'highest' reproduces the official float32 outputs on any backend. CPUs
+      compute float32 exactly either way.
+  """
+
+  num_stacks: int = 4
+  num_levels: int = 4
+  channels: int = 256
+  num_points: int = 98
+  edge_points: tuple[tuple[int, ...], ...] = ()
+  use_aam: bool = True
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+  keep_unused_skip: bool = True
+  precision: str | None = None
+
+  @property
+  def num_edges(self) -> int:
+    return len(self.edge_points)
+
+  def edge_to_point(self) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed E2H transform: weight (E, N) with 1 where point n lies on edge e; bias (N,)
+    equal to 1 for points on no edge (so their fused heatmap is not zeroed)."""
+    weight = np.zeros((self.num_edges, self.num_points), np.float32)
+    for e, points in enumerate(self.edge_points):
+      weight[e, list(points)] = 1.0
+    bias = (weight.sum(axis=0) < 0.5).astype(np.float32)
+    return weight, bias
+
+  def _check_input(self, images: jnp.ndarray) -> None:
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"StackedHourglass expects images of shape (B, H, W, 3) (RGB, NHWC); "
+                       f"got {images.shape}")
+    factor = 4 * 2 ** self.num_levels
+    h, w = images.shape[1:3]
+    if h % factor or w % factor:
+      raise ValueError(f"image size {h}x{w} is not divisible by {factor} (= 4 * 2**num_levels "
+                       f"with num_levels={self.num_levels}); resize or pad the input")
+    if self.use_aam and self.num_edges == 0:
+      raise ValueError("use_aam=True needs edge_points (the dataset's edges); got none")
+
+  @nn.compact
+  def __call__(self, images: jnp.ndarray, train: bool = False,
+               boundary_masks: Sequence[jnp.ndarray] | None = None) -> ModelOutput:
+    """Runs all stacks.
+
+    Args:
+      images: (B, H, W, 3) RGB in [-1, 1].
+      train: batch statistics (and their update, with `mutable=["batch_stats"]`) if True,
+        running averages otherwise.
+      boundary_masks: optional, for analysis: `num_stacks - 1` boolean (B, H/4, W/4) masks that
+        replace the thresholded heatmaps of stacks 1.. (e.g. the masks of another
+        implementation, to compare both without the 0.05 hard switch amplifying rounding).
+        The computed masks are sown as "intermediates"/"boundary_masks".
+    """
+    self._check_input(images)
+    if boundary_masks is not None and len(boundary_masks) != self.num_stacks - 1:
+      raise ValueError(f"boundary_masks needs {self.num_stacks - 1} masks (stacks 1..), got "
+                       f"{len(boundary_masks)}")
+    wide = _float_dtype_at_least_f32(self.dtype)
+    block = lambda features, name: ResBlock(features, self.keep_unused_skip, self.dtype,
+                                            self.bn_axis_name, self.precision, name=name)
+    conv = lambda features, name, kernel=1: Conv(features, kernel, dtype=self.dtype,
+                                                 precision=self.precision, name=name)
+
+    # Stem: CoordConv 7x7/2, BN, ReLU, then bottlenecks around a 2x2 max-pool (1/4 resolution).
+    x = add_coords(images.astype(self.dtype))
+    x = Conv(STEM_CHANNELS, 7, stride=2, dtype=self.dtype, precision=self.precision,
+             name="stem_conv")(x)
+    x = jax.nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, "stem_bn")(x))
+    x = block(STEM_BLOCK_CHANNELS, "stem_block1")(x, train)
+    x = max_pool_2x2(x)
+    x = block(STEM_BLOCK_CHANNELS, "stem_block2")(x, train)
+    x = block(self.channels, "stem_block3")(x, train)
+
+    if self.use_aam:
+      e2h_weight, e2h_bias = (jnp.asarray(a, wide) for a in self.edge_to_point())
+
+    landmarks, fused_maps, pointmaps_out, edgemaps_out = [], [], [], []
+    heatmaps = None
+    for i in range(self.num_stacks):
+      boundary = None
+      if heatmaps is not None:
+        # The previous stack's activated heatmap, last landmark channel (official quirk).
+        boundary = jax.lax.stop_gradient(heatmaps[..., -1:] > BOUNDARY_THRESHOLD)
+        if not self.is_initializing():
+          # Readable with `mutable=["intermediates"]`; kept out of the initial variables.
+          self.sow("intermediates", "boundary_masks", boundary[..., 0])
+        if boundary_masks is not None:
+          boundary = jnp.asarray(boundary_masks[i - 1], bool)[..., None]
+      hg = Hourglass(self.num_levels, self.channels, True, self.keep_unused_skip, self.dtype,
+                     self.bn_axis_name, name=f"hourglass{i}")(x, boundary, train)
+      feature = block(self.channels, f"features{i}")(hg, train)
+      feature = conv(self.channels, f"features_conv{i}")(feature)
+      feature = jax.nn.relu(
+          batch_norm(train, self.bn_axis_name, self.dtype, f"features_bn{i}")(feature))
+
+      heatmaps = instance_norm_relu(conv(self.num_points, f"heatmap_head{i}")(feature))
+      if self.use_aam:
+        pointmaps = jax.nn.sigmoid(
+            conv(self.num_points, f"pointmap_head{i}")(feature).astype(wide))
+        edgemaps = jax.nn.sigmoid(
+            conv(self.num_edges, f"edgemap_head{i}")(feature).astype(wide))
+        edge_gate = jnp.einsum("bhwe,en->bhwn", edgemaps, e2h_weight,
+                               precision=jax.lax.Precision.HIGHEST) + e2h_bias
+        fused = heatmaps * (edge_gate * pointmaps)
+        pointmaps_out.append(pointmaps)
+        edgemaps_out.append(edgemaps)
+      else:
+        fused = heatmaps
+      fused_maps.append(fused)
+      landmarks.append(decoder.soft_argmax(fused))
+
+      if i < self.num_stacks - 1:
+        # The merge reads the activated heatmaps (not the fused maps), as the official net does.
+        merged = (x + conv(self.channels, f"merge_features{i}")(feature)
+                  + conv(self.channels, f"merge_heatmaps{i}")(heatmaps))
+        if self.use_aam:
+          merged = (merged + conv(self.channels, f"merge_pointmaps{i}")(pointmaps)
+                    + conv(self.channels, f"merge_edgemaps{i}")(edgemaps))
+        x = merged
+
+    return ModelOutput(landmarks=tuple(landmarks), heatmaps=tuple(fused_maps),
+                       pointmaps=tuple(pointmaps_out), edgemaps=tuple(edgemaps_out))
+
+
+def _as_dtype(name_or_dtype: Any) -> Dtype:
+  if isinstance(name_or_dtype, str):
+    try:
+      return jnp.dtype(name_or_dtype)
+    except TypeError as e:
+      raise ValueError(f"config.model.dtype={name_or_dtype!r} is not a dtype name "
+                       "(use 'float32' or 'bfloat16')") from e
+  return name_or_dtype
+
+
+def create_model(model_config: Any, spec: Any, *, bn_axis_name: str | None = None
+                 ) -> StackedHourglass:
+  """Builds the network from `config.model` (num_stacks, num_levels, channels, use_aam, dtype)
+  and a `star_jax.datasets.DatasetSpec` (points and edges)."""
+  get = (model_config.get if hasattr(model_config, "get")
+         else lambda k, d=None: getattr(model_config, k, d))
+  return StackedHourglass(
+      num_stacks=int(get("num_stacks", 4)),
+      num_levels=int(get("num_levels", 4)),
+      channels=int(get("channels", 256)),
+      num_points=spec.num_points,
+      edge_points=tuple(tuple(int(p) for p in edge.points) for edge in spec.edges),
+      use_aam=bool(get("use_aam", True)),
+      dtype=_as_dtype(get("dtype", "float32")),
+      bn_axis_name=bn_axis_name if bn_axis_name is not None else get("bn_axis_name", None),
+      keep_unused_skip=bool(get("keep_unused_skip", True)),
+      precision=get("precision", None),
+  )
+
+
+def count_parameters(params: Any) -> int:
+  """Number of scalar parameters in a pytree of arrays or ShapeDtypeStructs."""
+  return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def parameter_shapes(model: StackedHourglass, image_size: int = 256) -> Any:
+  """The variables' shapes (no allocation) for `(1, image_size, image_size, 3)` input."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(images.shape,
+                                                                           images.dtype)))
+
+
+def _host_seed(rng: Any) -> list[int]:
+  if isinstance(rng, (int, np.integer)):
+    return [int(rng)]
+  rng = jnp.asarray(rng)
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  return [int(v) for v in np.asarray(rng, np.uint32).ravel()]
+
+
+def init_variables(model: StackedHourglass, rng: Any, image_size: int | None = None
+                   ) -> dict[str, Any]:
+  """Fresh {"params", "batch_stats"} (float32 numpy) drawn on the host, without compiling.
+
+  Same distributions as `model.init` (torch defaults: conv kernels and biases
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)), BatchNorm scale 1, bias 0, mean 0, var 1), determined by
+  `rng` (a JAX key or an int). Exists because `jax.jit(model.init)` compiles one random-number
+  kernel per parameter tensor, which takes tens of seconds on a CPU; this takes a fraction of a
+  second for the full model.
+  """
+  shapes = parameter_shapes(model, image_size or 4 * 2 ** model.num_levels)
+  generator = np.random.default_rng(_host_seed(rng))
+  flat_params = flax.traverse_util.flatten_dict(shapes["params"])
+  params = {}
+  for path in sorted(flat_params):
+    shape = flat_params[path].shape
+    module, leaf = path[:-1], path[-1]
+    if leaf == "scale":
+      value = np.ones(shape, np.float32)
+    elif leaf == "bias" and module + ("scale",) in flat_params:
+      value = np.zeros(shape, np.float32)  # BatchNorm shift
+    else:
+      kernel_shape = flat_params[module + ("kernel",)].shape
+      bound = 1.0 / np.sqrt(np.prod(kernel_shape[:-1]))
+      value = generator.uniform(-bound, bound, shape).astype(np.float32)
+    params[path] = value
+  stats = {path: (np.zeros if path[-1] == "mean" else np.ones)(leaf.shape, np.float32)
+           for path, leaf in flax.traverse_util.flatten_dict(shapes["batch_stats"]).items()}
+  return {"params": flax.traverse_util.unflatten_dict(params),
+          "batch_stats": flax.traverse_util.unflatten_dict(stats)}
