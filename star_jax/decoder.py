@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # The official decoder clamps each channel's mass from below so that all-zero maps decode to 0.
 MIN_MASS = 1e-6
 
 
 def heatmap_grid(n: int, dtype=jnp.float32) -> jnp.ndarray:
-  """Pixel-centre coordinates of an n-pixel axis in [-1, 1] (pixel j at -1 + 2j/(n-1))."""
-  return jnp.arange(n, dtype=jnp.float32).astype(dtype) / (n - 1) * 2 - 1
+  """Pixel-centre coordinates of an n-pixel axis in [-1, 1] (pixel j at -1 + 2j/(n-1)).
+
+  Rounded exactly as the official float32 `arange(n) / (n - 1) * 2 - 1`: built with numpy's IEEE
+  division because XLA may turn the division into a multiplication by the reciprocal, one ulp off
+  for some pixels. The float32 values are then cast to `dtype`, as the official code does.
+  """
+  grid = np.arange(n, dtype=np.float32) / np.float32(n - 1) * np.float32(2) - np.float32(1)
+  return jnp.asarray(grid).astype(dtype)
 
 
 def soft_argmax(heatmaps: jnp.ndarray) -> jnp.ndarray:
