@@ -1,0 +1,246 @@
+"""End-to-end training runs of a tiny model on synthetic batches (tests/train_harness.py).
+
+Each run is a subprocess (device counts are fixed when JAX starts). The runs share a
+compilation cache so the identical single-device programs compile once. Runs:
+  A  1 device, uninterrupted (the reference)
+  B  2 devices (XLA_FLAGS=--xla_force_host_platform_device_count=2), same global batch
+  C  1 device, killed with SIGKILL after its first checkpoint, then resumed to the end
+  D  2 processes x 1 device with jax.distributed (gloo collectives on 127.0.0.1)
+  N  1 device with a NaN injected into one batch
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from star_jax import checkpointing
+from star_jax import logging_utils
+
+HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_harness.py")
+STEPS = 6
+# Different device/process counts reduce in a different order. The tiny model computes in
+# float64 (float32 parameters). Adam still amplifies float32 parameter rounding in elements whose
+# gradient is ~0 (measured after 6 steps at lr 1e-3: max 1.1e-4, mean 8e-7), so the parameters
+# (and EMA, BatchNorm statistics) must agree to half of one Adam step (lr / 2) in the worst
+# element and to 5e-6 on average; the first logged losses agree to 1e-7 relative.
+DEVICE_COUNT_MAX_ATOL = 5e-4
+DEVICE_COUNT_MEAN_ATOL = 5e-6
+START_TIMEOUT_S = 300
+
+
+def _env(cache_dir, **extra):
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("XLA_FLAGS", None)
+  env.update(extra)
+  return env
+
+
+def _start(tmp, name, env, *extra_args):
+  workdir = os.path.join(tmp, name)
+  log = open(os.path.join(tmp, name + ".log"), "w")
+  proc = subprocess.Popen([sys.executable, HARNESS, workdir, os.path.join(tmp, name + ".npz"),
+                           "--steps", str(STEPS), *extra_args],
+                          stdout=log, stderr=subprocess.STDOUT, env=env)
+  proc.log_path = log.name
+  log.close()  # the child holds its own descriptor
+  return proc
+
+
+def _wait(proc, timeout=START_TIMEOUT_S):
+  try:
+    rc = proc.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    rc = proc.wait()
+  return rc
+
+
+def _log_tail(proc, n=40):
+  with open(proc.log_path) as f:
+    return "".join(f.readlines()[-n:])
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  tmp = str(tmp_path_factory.mktemp("train_runs"))
+  cache = os.path.join(tmp, "jax_cache")
+  results = {"tmp": tmp}
+
+  # Phase 1: the reference and the two-device run, side by side.
+  a = _start(tmp, "A", _env(cache))
+  b = _start(tmp, "B", _env(cache, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  results["A"] = (_wait(a), a)
+  results["B"] = (_wait(b), b)
+
+  # Phase 2: the killed run (cached programs) beside the two-process run.
+  c = _start(tmp, "C", _env(cache, STAR_TEST_SLOW_FROM_STEP="3"))
+  port = _free_port()
+  d = [_start(tmp, f"D{i}" if i else "D", _env(cache), "--coordinator", f"127.0.0.1:{port}",
+              "--num_processes", "2", "--process_id", str(i)) for i in range(2)]
+  # Kill C as soon as its first checkpoint (step 3) is committed.
+  first_ckpt = os.path.join(tmp, "C", "checkpoints", "3")
+  deadline = time.time() + START_TIMEOUT_S
+  while not os.path.isdir(first_ckpt) and c.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  killed_running = c.poll() is None
+  c.send_signal(signal.SIGKILL)
+  c.wait()
+  results["C_killed"] = (killed_running, c)
+  results["C_steps_at_kill"] = sorted(
+      int(n) for n in os.listdir(os.path.join(tmp, "C", "checkpoints")) if n.isdigit())
+  c2 = _start(tmp, "C", _env(cache))  # same workdir: resumes
+  results["C"] = (_wait(c2), c2)
+  results["D"] = ([_wait(p) for p in d], d)
+
+  # Phase 3: divergence (cached programs).
+  n = _start(tmp, "N", _env(cache, STAR_TEST_NAN_AT_STEP="1"))
+  results["N"] = (_wait(n), n)
+  return results
+
+
+def _load(tmp, name):
+  with np.load(os.path.join(tmp, name + ".npz")) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _assert_ok(runs, name):
+  rc, proc = runs[name]
+  assert rc == 0, f"run {name} failed (rc={rc}):\n{_log_tail(proc)}"
+
+
+def _assert_close_across_device_counts(x, y):
+  assert x.keys() == y.keys()
+  diffs = np.concatenate([np.abs(x[k].astype(np.float64) - y[k]).ravel() for k in x])
+  assert diffs.max() < DEVICE_COUNT_MAX_ATOL, diffs.max()
+  assert diffs.mean() < DEVICE_COUNT_MEAN_ATOL, diffs.mean()
+
+
+def test_reference_run_learns_and_logs(runs):
+  _assert_ok(runs, "A")
+  tmp = runs["tmp"]
+  records = logging_utils.read_metrics(os.path.join(tmp, "A"))
+  train = [r for r in records if "train_loss" in r]
+  val = [r for r in records if "val_nme" in r]
+  assert [r["step"] for r in train] == [2, 4, 6]
+  assert [r["step"] for r in val] == [0, 3, 6]
+  for r in train:
+    assert {"lr", "examples_per_sec", "train_loss_star", "train_loss_pointmap",
+            "train_loss_edgemap"} <= r.keys()
+    parts = r["train_loss_star"] + r["train_loss_pointmap"] + r["train_loss_edgemap"]
+    assert r["train_loss"] == pytest.approx(parts, rel=1e-5)
+  # lr drops by gamma at epoch 1 (= step 6); steps 1..6 all belong to epoch 0.
+  assert train[-1]["lr"] == pytest.approx(1e-3)
+  assert os.listdir(os.path.join(tmp, "A", "tensorboard"))
+  with open(os.path.join(tmp, "A", "config.json")) as f:
+    assert json.load(f)["num_train_steps"] == STEPS
+  # keep_checkpoints=2 with saves at steps 3 and 6.
+  assert sorted(os.listdir(os.path.join(tmp, "A", "checkpoints"))) == ["3", "6"]
+  final = _load(tmp, "A")
+  assert int(final["step"]) == STEPS
+
+
+def test_ema_follows_official_update(runs):
+  """With EMA initialised as a copy, after k steps the EMA differs from the raw weights."""
+  _assert_ok(runs, "A")
+  final = _load(runs["tmp"], "A")
+  ema_keys = [k for k in final if k.startswith("['ema_params']")]
+  raw = {k.replace("['ema_params']", "['params']"): k for k in ema_keys}
+  diffs = [np.max(np.abs(final[r] - final[e])) for r, e in raw.items() if final[r].size]
+  assert max(diffs) > 0
+
+
+def _first_loss(tmp, name):
+  records = logging_utils.read_metrics(os.path.join(tmp, name))
+  return next(r["train_loss"] for r in records if "train_loss" in r)
+
+
+def test_two_devices_match_one_device(runs):
+  _assert_ok(runs, "A")
+  _assert_ok(runs, "B")
+  tmp = runs["tmp"]
+  assert _first_loss(tmp, "B") == pytest.approx(_first_loss(tmp, "A"), rel=1e-7)
+  a, b = _load(tmp, "A"), _load(tmp, "B")
+  assert "devices=2" in _log_tail(runs["B"][1], 10_000).replace("local_devices=2", "devices=2")
+  _assert_close_across_device_counts(a, b)
+
+
+def test_two_processes_train_together(runs):
+  _assert_ok(runs, "A")
+  rcs, procs = runs["D"]
+  for rc, proc in zip(rcs, procs):
+    assert rc == 0, f"distributed process failed (rc={rc}):\n{_log_tail(proc)}"
+  assert "process=1/2" in _log_tail(procs[1], 10_000)
+  assert _first_loss(runs["tmp"], "D") == pytest.approx(_first_loss(runs["tmp"], "A"), rel=1e-7)
+  a, d = _load(runs["tmp"], "A"), _load(runs["tmp"], "D")
+  _assert_close_across_device_counts(a, d)
+
+
+def test_sigkill_then_resume_is_exact(runs):
+  _assert_ok(runs, "A")
+  killed_running, _ = runs["C_killed"]
+  assert killed_running, "the run finished before it could be killed"
+  assert runs["C_steps_at_kill"] == [3]
+  _assert_ok(runs, "C")
+  tmp = runs["tmp"]
+  a, c = _load(tmp, "A"), _load(tmp, "C")
+  for k in a:
+    np.testing.assert_array_equal(c[k], a[k], err_msg=k)
+  strip = lambda rs: [{k: v for k, v in r.items()
+                       if k not in ("examples_per_sec", "val_seconds")} for r in rs]
+  assert strip(logging_utils.read_metrics(os.path.join(tmp, "C"))) == strip(
+      logging_utils.read_metrics(os.path.join(tmp, "A")))
+
+
+def test_nan_loss_stops_with_step_and_batch(runs):
+  rc, proc = runs["N"]
+  assert rc != 0
+  log = _log_tail(proc, 10_000)
+  assert "TrainingDiverged" in log and "at step 2" in log
+  path = os.path.join(runs["tmp"], "N", "nan_batch_step2.npz")
+  with np.load(path) as batch:
+    assert np.isnan(batch["image"]).any()
+    assert batch["landmarks"].shape[1:] == (98, 2)
+
+
+def test_load_for_inference_from_training_runs(runs):
+  _assert_ok(runs, "A")
+  tmp = runs["tmp"]
+  final = _load(tmp, "A")
+  ema = {k: v for k, v in final.items() if k.startswith("['ema_params']")}
+  # The latest step of checkpoints/ holds the final EMA weights.
+  model, variables, config = checkpointing.load_for_inference(
+      os.path.join(tmp, "A", "checkpoints"))
+  assert config.num_train_steps == STEPS and model.num_stacks == 1 and model.bn_axis_name is None
+  for key, value in ema.items():
+    leaf = variables
+    for part in key[2:-2].split("']['"):
+      leaf = leaf[part if part != "ema_params" else "params"]
+    np.testing.assert_array_equal(leaf, value)
+  _, raw, _ = checkpointing.load_for_inference(os.path.join(tmp, "A", "checkpoints", "6"),
+                                               ema=False)
+  np.testing.assert_array_equal(
+      raw["params"]["heatmap_head0"]["kernel"], final["['params']['heatmap_head0']['kernel']"])
+  # The workdir resolves to the best model (the one with the lowest validation NME).
+  best = checkpointing.read_best_meta(os.path.join(tmp, "A"))
+  val = {r["step"]: r["val_nme"] for r in logging_utils.read_metrics(os.path.join(tmp, "A"))
+         if "val_nme" in r}
+  assert best["val_nme"] == pytest.approx(min(val.values()))
+  assert best["step"] == min(val, key=val.get)
+  model, variables, _ = checkpointing.load_for_inference(os.path.join(tmp, "A"))
+  assert "params" in variables and "batch_stats" in variables
