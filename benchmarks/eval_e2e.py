@@ -1,0 +1,138 @@
+"""Evaluation end to end, images/s: TSV -> crops -> jitted network -> original pixels -> metrics.
+
+Images of the real datasets' size (1000x800 JPEG, face a third of the width), written by the
+generator of `benchmarks/input_pipeline.py`. Two paths are timed, each for a model size:
+- `eval_lib`: `star_jax.eval_lib.predict_split` + `compute_metrics`, what `eval.py` runs on TSV
+  data (OpenCV crops in a thread pool, batches overlapped with the network);
+- `tf.data`: `star_jax.data.pipeline.eval_dataset` (the pipeline training's validation uses) feeding
+  the same jitted landmark function, `face_detection.crop_to_original` and `metrics.nme`.
+The full WFLW network (256 channels) is slow on a small CPU, so a 32-channel network (same
+architecture and data path) is timed too, and `channels=0` replaces the network by zeros to
+time the data path alone (crops, map back, metrics); all are reported. The stem (64 and 128
+channels at 128x128) does not shrink with `channels`, so on a CPU the network dominates.
+Weights are random: the figures are throughput, not accuracy. The first pass (compile + warm
+caches) is not timed.
+
+Run from the repository root: `python -m benchmarks.eval_e2e [--images 64] [--channels 0,32,256]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from benchmarks import common
+from benchmarks import input_pipeline
+
+
+def _config(root: str, tsv: str, batch: int, channels: int):
+  from configs import base
+  c = base.get_base_config("wflw")
+  c.data.image_dir = root
+  c.data.train_tsv = tsv
+  c.data.test_tsv = tsv
+  c.data.val_fraction = 0.0
+  c.eval_batch_size = batch
+  c.model.channels = channels
+  return c
+
+
+def _loaded(config):
+  from star_jax import datasets, eval_lib
+  from star_jax.models import create_model, init_variables
+  spec = datasets.get_spec("wflw")
+  if int(config.model.channels) == 0:
+    class NoNetwork(eval_lib.LoadedModel):
+      @property
+      def landmark_fn(self):
+        return lambda variables, images: np.zeros((len(images), spec.num_points, 2), np.float32)
+
+    return NoNetwork(model=None, variables=None, config=config, source="none")
+  model = create_model(config.model, spec)
+  variables = init_variables(model, jax.random.PRNGKey(0))
+  return eval_lib.LoadedModel(model=model, variables=variables, config=config, source="random")
+
+
+def run_eval_lib(config, loaded) -> int:
+  from star_jax import datasets, eval_lib
+  out = eval_lib.predict_split(config, loaded, split="test", progress=False)
+  eval_lib.compute_metrics(out["landmarks"], out["landmarks_gt"], datasets.get_spec("wflw"),
+                           image_paths=out["image_paths"], tags=out["tags"],
+                           image_dir=out["image_dir"])
+  return len(out["landmarks"])
+
+
+def run_tf_data(config, loaded) -> int:
+  from star_jax import datasets, face_detection, metrics
+  from star_jax.data import pipeline
+  fn = loaded.landmark_fn
+  preds, gts = [], []
+  pending = None
+  for batch in pipeline.eval_dataset(config, "test", batch_size=int(config.eval_batch_size)):
+    lm = fn(loaded.variables, batch["image"])  # dispatched; read back one batch later
+    if pending is not None:
+      preds.append(pending[0]), gts.append(pending[1])
+    pending = (lm, batch)
+  if pending is not None:
+    preds.append(pending[0]), gts.append(pending[1])
+  out_pred, out_gt = [], []
+  for lm, batch in zip(preds, gts):
+    mask = np.asarray(batch["mask"], bool)
+    px = face_detection.crop_to_original(np.asarray(lm), np.asarray(batch["matrix"]),
+                                         batch["image"].shape[1])
+    out_pred.append(px[mask])
+    out_gt.append(np.asarray(batch["landmarks_px"])[mask])
+  pred, gt = np.concatenate(out_pred), np.concatenate(out_gt)
+  metrics.nme(pred, gt, datasets.get_spec("wflw"))
+  return len(pred)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--images", type=int, default=64)
+  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--channels", default="0,32,256", help="0: no network (data path only)")
+  parser.add_argument("--paths", default="eval_lib,tf.data")
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--no_record", action="store_true")
+  args = parser.parse_args(argv)
+  runners = {"eval_lib": run_eval_lib, "tf.data": run_tf_data}
+  rows = []
+  with tempfile.TemporaryDirectory() as root:
+    tsv, kb = input_pipeline.make_dataset(root, args.images)
+    for channels in (int(c) for c in args.channels.split(",")):
+      config = _config(root, tsv, args.batch_size, channels)
+      loaded = _loaded(config)
+      for path in args.paths.split(","):
+        runners[path](config, loaded)  # compile, warm the file cache
+        walls, cpus = [], []
+        for _ in range(args.repeats):
+          cpu0, t0 = time.process_time(), time.perf_counter()
+          count = runners[path](config, loaded)
+          walls.append(time.perf_counter() - t0)
+          cpus.append(time.process_time() - cpu0)
+        wall, cpu = common.median(walls), common.median(cpus)
+        rows.append([path, channels, count, args.batch_size, f"{count / wall:.1f}",
+                     f"{count / cpu:.1f}"])
+        print(rows[-1], flush=True)
+  load = os.getloadavg()[0]
+  common.record(
+      "Evaluation end to end (TSV -> crops -> jitted network -> original pixels -> metrics)",
+      ["path", "channels", "images", "batch", "images/s (wall)", "images per CPU-second"],
+      rows,
+      notes=(f"{args.images} generated 1000x800 JPEGs (mean {kb:.0f} KB, face ~1/3 width), "
+             f"WFLW 4 stacks x 4 levels, 256x256 crops, random weights, float32; median of "
+             f"{args.repeats} passes after a warm-up pass; target: the train-pipeline rate per "
+             f"core (RESULTS.md, input pipeline). 1-min load average at end: {load:.1f} on "
+             f"{os.cpu_count()} cores (other work shares the machine)."),
+      write=not args.no_record)
+
+
+if __name__ == "__main__":
+  main()
