@@ -5,7 +5,7 @@ generator of `benchmarks/input_pipeline.py`. Two paths are timed, each for a mod
 - `eval_lib`: `star_jax.eval_lib.predict_split` + `compute_metrics`, what `eval.py` runs on TSV
   data (OpenCV crops in a thread pool, batches overlapped with the network);
 - `tf.data`: `star_jax.data.pipeline.eval_dataset` (the pipeline training's validation uses) feeding
-  the same jitted landmark function, `face_detection.crop_to_original` and `metrics.nme`.
+  the same jitted landmark function, `transforms.landmarks_to_original` and `metrics.nme`.
 The full WFLW network (256 channels) is slow on a small CPU, so a 32-channel network (same
 architecture and data path) is timed too, and `channels=0` replaces the network by zeros to
 time the data path alone (crops, map back, metrics); all are reported. The stem (64 and 128
@@ -68,7 +68,8 @@ def run_eval_lib(config, loaded) -> int:
 
 
 def run_tf_data(config, loaded) -> int:
-  from star_jax import datasets, face_detection, metrics
+  from star_jax import datasets, metrics
+  from star_jax.data import transforms
   from star_jax.data import pipeline
   fn = loaded.landmark_fn
   preds, gts = [], []
@@ -83,7 +84,7 @@ def run_tf_data(config, loaded) -> int:
   out_pred, out_gt = [], []
   for lm, batch in zip(preds, gts):
     mask = np.asarray(batch["mask"], bool)
-    px = face_detection.crop_to_original(np.asarray(lm), np.asarray(batch["matrix"]),
+    px = transforms.landmarks_to_original(np.asarray(lm), np.asarray(batch["matrix"]),
                                          batch["image"].shape[1])
     out_pred.append(px[mask])
     out_gt.append(np.asarray(batch["landmarks_px"])[mask])

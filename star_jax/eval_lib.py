@@ -14,22 +14,20 @@ Outputs in `output_dir`:
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import json
 import os
 import sys
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from star_jax import face_detection
-from star_jax import image_io
 from star_jax import metrics as metrics_lib
 from star_jax import plots
+from star_jax.data import transforms
 from star_jax.datasets import DatasetSpec, get_spec
 
 OFFICIAL_SUFFIXES = (".pkl", ".pth", ".pt")
@@ -201,121 +199,36 @@ def _progress(iterable: Iterable, total: int | None, enabled: bool, desc: str):
   return tqdm(iterable, total=total, desc=desc, unit="batch", file=sys.stderr)
 
 
-def resolve_files(config: Any):
-  """Where the TSV-based data of `config` lives (`DataFiles`: image_dir and the three TSVs).
-
-  For 'tsv' sources only the fields are read (evaluation needs no training TSV on disk); the
-  'embedded' dataset is generated on first use.
-  """
-  from star_jax.data import embedded
-  if config.data.source == "embedded":
-    return embedded.ensure_embedded_dataset(config.data.embedded_dir or None)
-  if config.data.source != "tsv":
-    raise ValueError(f"config.data.source={config.data.source!r} has no TSV files")
-  return embedded.DataFiles(image_dir=config.data.image_dir, train_tsv=config.data.train_tsv,
-                            val_tsv=config.data.val_tsv, test_tsv=config.data.test_tsv)
-
-
-def read_split(config: Any, split: str, spec: DatasetSpec):
-  """(Annotations, image_dir, TSV rows) of a TSV-backed split; None for TFDS sources.
-
-  'test' is `test_tsv`; 'val' is `val_tsv` when set, else the rows the data pipeline carves
-  from the training TSV (`star_jax.data.pipeline.split_annotations`).
-  """
-  from star_jax.data import annotations as annotations_lib
-  if split not in ("test", "val"):
-    raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-  if config.data.source == "tfds":
-    return None
-  files = resolve_files(config)
-  tsv = files.test_tsv if split == "test" else files.val_tsv
-  if tsv:
-    annotations = annotations_lib.read_tsv(tsv, spec, image_dir=files.image_dir or None)
-    return annotations, files.image_dir, np.arange(len(annotations))
-  if split == "test":
-    raise ValueError("config.data.test_tsv is empty: nothing to evaluate")
-  from star_jax.data import pipeline  # imports TensorFlow: only when a split is carved
-  annotations, rows = pipeline.split_annotations(config, split)
-  return annotations, files.image_dir, np.asarray(rows, np.int64)
-
-
-def tsv_batches(annotations: Any, *, image_size: int, batch_size: int, threads: int = 4,
-                rows: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Evaluation batches straight from a TSV, exactly as the official evaluate.py crops.
-
-  Each image is read (RGB), warped with the crop matrix of its annotated scale and centre
-  (bilinear, black border) and scaled by `u / 255 * 2 - 1`. Batches are padded to `batch_size`
-  (`mask` False on padding) so the jitted network sees one shape. Decoding runs on `threads`
-  threads, one batch ahead of the consumer. `index` is `rows[i]` (default: i), the TSV row.
-  """
-  count = len(annotations.image_paths)
-  rows = np.arange(count) if rows is None else np.asarray(rows, np.int64)
-
-  def load(i: int):
-    try:
-      image = image_io.load_image(annotations.image_paths[i])
-    except image_io.ImageError as e:
-      raise image_io.ImageError(f"{e} (line {annotations.line_numbers[i]} of "
-                                f"{annotations.tsv_path})") from None
-    matrix = face_detection.crop_matrix(annotations.scale[i], annotations.center[i], image_size)
-    return face_detection.warp_to_crop(image, matrix, image_size), matrix
-
-  def assemble(start: int, results: list) -> dict[str, np.ndarray]:
-    n = len(results)
-    pad = batch_size - n
-    crops = np.stack([r[0] for r in results] + [np.zeros_like(results[0][0])] * pad)
-    matrices = np.stack([r[1] for r in results] + [np.eye(3, dtype=np.float32)] * pad)
-    positions = np.arange(start, start + batch_size).clip(max=start + n - 1)
-    return {"image": normalize_crops(crops), "matrix": matrices,
-            "landmarks_px": annotations.landmarks[positions], "index": rows[positions],
-            "tags": annotations.tags[positions], "mask": np.arange(batch_size) < n}
-
-  starts = list(range(0, count, batch_size))
-  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-    def submit(start):
-      return start, [pool.submit(load, i) for i in range(start, min(start + batch_size, count))]
-    pending = submit(starts[0]) if starts else None
-    for k in range(len(starts)):
-      start, futures = pending
-      pending = submit(starts[k + 1]) if k + 1 < len(starts) else None
-      yield assemble(start, [f.result() for f in futures])
-
-
 def predict_split(config: Any, loaded: LoadedModel, *, split: str = "test",
                   batch_size: int | None = None, progress: bool = True
                   ) -> dict[str, Any]:
   """Runs the network over a split: predictions and ground truth in original pixels.
 
   Returns, in TSV order: `landmarks`, `landmarks_gt` (M, N, 2), `index` (M,), `tags` (M, 6),
-  `image_paths` (list), `image_dir`. TSV-backed splits (including a validation set carved from
-  the training TSV) use `tsv_batches`, the official crop with OpenCV; TFDS sources use the data
-  pipeline's `eval_dataset`.
+  `image_paths` (list), `image_dir`. Batches come from the data pipeline's `eval_dataset` (the
+  official evaluation crop, for TSV and TFDS sources alike).
   """
-  spec = get_spec(config.dataset)
+  from star_jax.data import pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
   batch_size = int(batch_size or config.eval_batch_size)
   landmark_fn = loaded.landmark_fn
-  split_files = read_split(config, split, spec)
-  if split_files is not None:
-    annotations, image_dir, rows = split_files
-    batches = tsv_batches(annotations, image_size=loaded.image_size, batch_size=batch_size,
-                          rows=rows)
-    total = -(-len(annotations.image_paths) // batch_size)
-    path_of_row = dict(zip(rows.tolist(), annotations.image_paths))
+  if int(config.data.image_size) != loaded.image_size:
+    raise ValueError(f"config.data.image_size={config.data.image_size} but the checkpoint "
+                     f"expects {loaded.image_size}: pass --config.data.image_size="
+                     f"{loaded.image_size}")
+  if config.data.source == "tfds":
+    image_dir, path_of_row, total = None, None, None
   else:
-    from star_jax.data import pipeline
-    if int(config.data.image_size) != loaded.image_size:
-      raise ValueError(f"config.data.image_size={config.data.image_size} but the checkpoint "
-                       f"expects {loaded.image_size}")
-    image_dir = None
-    batches = pipeline.eval_dataset(config, split, batch_size=batch_size)
-    total = None
-    path_of_row = None
+    annotations, rows = pipeline.split_annotations(config, split)
+    image_dir = pipeline.resolve_data(config).image_dir
+    path_of_row = dict(zip(np.asarray(rows).tolist(), annotations.image_paths))
+    total = -(-len(annotations.image_paths) // batch_size)
+  batches = pipeline.eval_dataset(config, split, batch_size=batch_size)
   preds, gts, indices, tags = [], [], [], []
   for batch in _progress(batches, total, progress, f"eval {split}"):
     mask = np.asarray(batch["mask"], bool)
     images = np.asarray(batch["image"], np.float32)
     lm = np.asarray(landmark_fn(loaded.variables, images))
-    pred_px = face_detection.crop_to_original(lm, np.asarray(batch["matrix"]), images.shape[1])
+    pred_px = transforms.landmarks_to_original(lm, np.asarray(batch["matrix"]), images.shape[1])
     preds.append(pred_px[mask])
     gts.append(np.asarray(batch["landmarks_px"], np.float32)[mask])
     indices.append(np.asarray(batch["index"], np.int64)[mask])

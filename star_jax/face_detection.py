@@ -164,42 +164,6 @@ def landmarks_to_crop(landmarks: np.ndarray) -> tuple[float, np.ndarray]:
   return scale, ((lo + hi) / 2.0).astype(np.float64)
 
 
-def crop_matrix(scale: float, center: Sequence[float], image_size: int = 256) -> np.ndarray:
-  """3x3 float32 map from original pixels to crop pixels (official evaluation crop).
-
-  `s = image_size / (scale * 200)`; the centre goes to `(image_size - 1) / 2` (pixel centres,
-  align_corners=True). Entries are computed in float64 and stored as float32, as the official
-  code does.
-  """
-  s = image_size / (float(scale) * 200.0)
-  half = (image_size - 1) / 2.0
-  return np.array([[s, 0.0, half - s * float(center[0])],
-                   [0.0, s, half - s * float(center[1])],
-                   [0.0, 0.0, 1.0]], np.float32)
-
-
-def warp_to_crop(image: np.ndarray, matrix: np.ndarray, image_size: int = 256) -> np.ndarray:
-  """The official crop: bilinear `warpPerspective` with a black border, uint8 in, uint8 out."""
-  return cv2.warpPerspective(image, np.asarray(matrix, np.float32), (image_size, image_size),
-                             flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                             borderValue=0)
-
-
-def crop_to_original(landmarks_normalized: np.ndarray, matrix: np.ndarray,
-                     image_size: int = 256) -> np.ndarray:
-  """Network landmarks in [-1, 1] -> original image pixels, as the official evaluate.py does.
-
-  Denormalise with the align_corners=False inverse `p = ((l + 1) * S - 1) / 2`, then apply the
-  affine part of `inv(matrix)` (float32, no perspective divide). `(..., N, 2)` with matching
-  leading `(..., 3, 3)` matrices.
-  """
-  lm = np.asarray(landmarks_normalized, np.float32)
-  crop_px = ((lm + 1.0) * image_size - 1.0) / 2.0
-  inv = np.linalg.inv(np.asarray(matrix, np.float32)).astype(np.float32)
-  out = np.einsum("...ij,...nj->...ni", inv[..., :2, :2], crop_px) + inv[..., None, :2, 2]
-  return out.astype(np.float32)
-
-
 def calibration_report(images: Sequence[np.ndarray], landmarks: Sequence[np.ndarray],
                        detector: Callable[[np.ndarray], list[Box]] = detect_faces) -> np.ndarray:
   """Per annotated image: (dx/size, dy/size, landmark-box side / size) of the best detection.

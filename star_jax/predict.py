@@ -34,6 +34,7 @@ from star_jax import eval_lib
 from star_jax import face_detection
 from star_jax import landmark_mappings
 from star_jax import plots
+from star_jax.data import transforms
 from star_jax.datasets import spec_for_num_points
 from star_jax.face_detection import Box
 from star_jax.image_io import ImageError, load_image
@@ -113,8 +114,8 @@ class Predictor:
     crops, geometry = [], []
     for box in boxes:
       scale, center = face_detection.box_to_crop(box, box_rule)
-      matrix = face_detection.crop_matrix(scale, center, self.image_size)
-      crops.append(face_detection.warp_to_crop(image_rgb, matrix, self.image_size))
+      matrix = transforms.crop_matrix(scale, center[0], center[1], self.image_size)
+      crops.append(transforms.warp(image_rgb, matrix, self.image_size))
       geometry.append((scale, center, matrix))
     shape = (0, self.image_size, self.image_size, 3)
     return (np.stack(crops) if crops else np.zeros(shape, np.uint8)), geometry
@@ -141,7 +142,7 @@ class Predictor:
     k = 0
     for i, (found, source, geometry) in enumerate(plans):
       for box, (scale, center, matrix) in zip(found, geometry):
-        pts = face_detection.crop_to_original(landmarks[k], matrix, self.image_size)
+        pts = transforms.landmarks_to_original(landmarks[k], matrix, self.image_size)
         results[i].append(Face(pts, box, source, scale, center))
         k += 1
     return results

@@ -80,9 +80,17 @@ class TrainState:
 
 def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                        image_size: int) -> TrainState:
-  """Initial state on the host: fresh parameters, EMA = a copy of them (as the official code)."""
-  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(rng, images)
+  """Initial state on the host: fresh parameters, EMA = a copy of them (as the official code).
+
+  The parameters are drawn on the host by `star_jax.models.init_variables` (torch's default
+  initialisation, deterministic in `rng`), which avoids compiling the initialisers.
+  """
+  from star_jax import models
+  if hasattr(models, "init_variables"):
+    variables = models.init_variables(model, rng, image_size)
+  else:
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(rng, images)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,

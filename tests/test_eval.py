@@ -15,7 +15,8 @@ import pytest
 
 from configs import wflw as wflw_config
 from star_jax import eval_lib
-from star_jax import face_detection
+from star_jax.data import pipeline
+from star_jax.data import transforms
 from star_jax.data import annotations as annotations_lib
 from star_jax.datasets import get_spec
 
@@ -59,13 +60,12 @@ def evaluation(config, loaded, tmp_path_factory):
 def test_crop_matrix_is_bit_identical_to_official(expected):
   rows = annotations_lib.read_tsv(TEST_TSV, WFLW, image_dir=DATA_DIR)
   for i in range(3):
-    m = face_detection.crop_matrix(rows.scale[i], rows.center[i], 256)
+    m = transforms.crop_matrix(rows.scale[i], *rows.center[i], 256)
     np.testing.assert_array_equal(m, expected["matrix"][i])
 
 
-def test_crop_matches_official_warp(expected):
-  rows = annotations_lib.read_tsv(TEST_TSV, WFLW, image_dir=DATA_DIR)
-  batch = next(eval_lib.tsv_batches(rows, image_size=256, batch_size=BATCH))
+def test_crop_matches_official_warp(config, expected):
+  batch = next(pipeline.eval_dataset(config, "test", batch_size=BATCH))
   assert batch["mask"].tolist() == [True, True, True, False]
   crops_rgb = expected["crop_bgr_uint8"][..., ::-1]
   reference = crops_rgb.astype(np.float32) / np.float32(255) * np.float32(2) - np.float32(1)
@@ -75,7 +75,7 @@ def test_crop_matches_official_warp(expected):
 
 
 def test_mapping_back_matches_official(expected):
-  pred = face_detection.crop_to_original(expected["net_landmarks"], expected["matrix"], 256)
+  pred = transforms.landmarks_to_original(expected["net_landmarks"], expected["matrix"], 256)
   np.testing.assert_allclose(pred, expected["pred_landmarks"], atol=1e-3)
 
 

@@ -88,6 +88,19 @@ def denormalize_landmarks(points: np.ndarray, image_size: int) -> np.ndarray:
   return ((p + 1) * np.float32(image_size) - 1) / 2
 
 
+def landmarks_to_original(landmarks: np.ndarray, matrix: np.ndarray,
+                          image_size: int) -> np.ndarray:
+  """Network landmarks in [-1, 1] -> original image pixels, as the official evaluate.py does.
+
+  Denormalise (`denormalize_landmarks`), then apply the affine part of `inv(matrix)` in float32
+  with no perspective divide. `(..., N, 2)` points with matching leading `(..., 3, 3)` matrices.
+  """
+  crop_px = denormalize_landmarks(landmarks, image_size)
+  inv = np.linalg.inv(np.asarray(matrix, np.float32)).astype(np.float32)
+  out = np.einsum("...ij,...nj->...ni", inv[..., :2, :2], crop_px) + inv[..., None, :2, 2]
+  return out.astype(np.float32)
+
+
 def warp(image: np.ndarray, matrix: np.ndarray, image_size: int) -> np.ndarray:
   """The crop: `cv2.warpPerspective`, bilinear, constant 0 border (the official call)."""
   return cv2.warpPerspective(image, np.asarray(matrix), (image_size, image_size),
