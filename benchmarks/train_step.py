@@ -49,23 +49,8 @@ TRAIN_FLOP_FACTOR = 3.0
 
 
 def import_train_lib():
-  """`star_jax.train_lib`, importable without ml_collections.
-
-  train_lib and checkpointing name `ml_collections.ConfigDict` only in annotations and in
-  config (de)serialisation, none of which a timed step touches. Where the package is missing
-  (a bare GPU image), an empty stand-in module is registered so the import succeeds.
-  """
-  try:
-    import ml_collections  # noqa: F401
-  except ImportError:
-    stand_in = types.ModuleType("ml_collections")
-
-    class ConfigDict(dict):  # only reached by checkpoint/config I/O, unused here
-      pass
-
-    stand_in.ConfigDict = ConfigDict
-    sys.modules["ml_collections"] = stand_in
-  from star_jax import train_lib
+  """`star_jax.train_lib` (imports neither TensorFlow nor ml_collections at module level)."""
+  from star_jax import train_lib  # pylint: disable=g-import-not-at-top
   return train_lib
 
 

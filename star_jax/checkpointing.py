@@ -29,14 +29,16 @@ import os
 import shutil
 import time
 import zlib
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+if TYPE_CHECKING:  # imported where used, so inference and the GPU check run without it
+  import ml_collections
 
 PyTree = Any
 
@@ -59,6 +61,7 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
   """A ConfigDict from `config_to_json` output, typed like the base config where it can be."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
   values = json.loads(text)
   try:
     from configs import base
@@ -70,6 +73,7 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def _merge(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+  import ml_collections  # pylint: disable=g-import-not-at-top
   for key, value in values.items():
     if isinstance(value, Mapping) and key in config and isinstance(
         config[key], ml_collections.ConfigDict):
@@ -403,20 +407,7 @@ def _latest_train_checkpoint(directory: str):
   raise IOError(f"no checkpoint in {directory} could be restored")
 
 
-def _official_config(model):
-  from configs import base
-  by_points = {98: "wflw", 68: "300w", 29: "cofw"}
-  dataset = by_points.get(int(model.num_points))
-  if dataset is None:
-    raise ValueError(f"an official checkpoint with {model.num_points} points matches no dataset")
-  config = base.get_base_config(dataset)
-  for name in ("num_stacks", "num_levels", "channels", "use_aam"):
-    if hasattr(model, name):
-      config.model[name] = getattr(model, name)
-  return config
-
-
-def load_for_inference(path: str, *, ema: bool = True):
+def load_for_inference(path: str, *, ema: bool | None = None):
   """`(model, variables, config)` for evaluation or prediction from any star-jax checkpoint.
 
   `path` may be:
@@ -424,9 +415,10 @@ def load_for_inference(path: str, *, ema: bool = True):
     - an inference directory written by `save_for_inference` (e.g. `<workdir>/best`, or the
       output of `python -m star_jax.convert`);
     - the `checkpoints/` directory of a run (latest readable step) or one step directory;
-    - an official STAR `.pkl` checkpoint (converted on the fly; `ema=False` gives the `"net"`
-      weights that the official tester loads, `ema=True` gives `"net_ema"`).
-  `ema=True` returns the EMA weights of star-jax training runs. The model is built for
+    - an official STAR `.pkl` checkpoint (converted on the fly; `"net"`, the weights the official
+      tester and evaluate.py load, unless `ema=True` asks for `"net_ema"`).
+  `ema=None` (default) means the EMA weights of star-jax runs and `"net"` of an official file;
+  `ema=False` gives the raw weights of star-jax runs. The model is built for
   inference (no BatchNorm synchronisation); `config` is the run's configuration (for an
   official checkpoint, the dataset's base configuration).
   """
@@ -434,13 +426,12 @@ def load_for_inference(path: str, *, ema: bool = True):
   if os.path.isfile(path):
     if path.endswith((".pkl", ".pth", ".pt")):
       from star_jax import convert
-      model, variables = convert.load_official_checkpoint(path, ema=ema)
-      if hasattr(convert, "config_for_model"):
-        return model, variables, convert.config_for_model(model)
-      return model, variables, _official_config(model)
+      model, variables = convert.load_official_checkpoint(path, ema=bool(ema))
+      return model, variables, convert.config_for_model(model)
     raise ValueError(f"{path} is a file but not an official .pkl checkpoint; pass a directory")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint path {path} does not exist")
+  ema = True if ema is None else ema
   if os.path.exists(os.path.join(path, MODEL_FILE)):
     return _load_inference_dir(path, ema)
   for name in (BEST_DIR, BEST_DIR + ".old"):

@@ -7,6 +7,7 @@ calls the same methods everywhere.
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import math
 import os
 import sys
@@ -17,6 +18,20 @@ import numpy as np
 import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class _DropLibraryChatter(py_logging.Filter):
+  """Drops INFO records logged from inside orbax (one line per file it writes)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Keeps the console to training progress: orbax's INFO records are dropped."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryChatter) for f in handler.filters):
+    handler.addFilter(_DropLibraryChatter())
 
 
 def _plain(value: Any) -> Any:

@@ -33,7 +33,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from absl import logging
 import flax
@@ -41,14 +41,17 @@ from flax import struct
 import jax
 from jax import lax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
 from star_jax import checkpointing
 from star_jax import datasets
+from star_jax import models
 from star_jax import logging_utils
 from star_jax import parallel
+
+if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the GPU check runs without it
+  import ml_collections
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -85,12 +88,7 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
   The parameters are drawn on the host by `star_jax.models.init_variables` (torch's default
   initialisation, deterministic in `rng`), which avoids compiling the initialisers.
   """
-  from star_jax import models
-  if hasattr(models, "init_variables"):
-    variables = models.init_variables(model, rng, image_size)
-  else:
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))(rng, images)
+  variables = models.init_variables(model, rng, image_size)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
@@ -291,12 +289,7 @@ def _default_eval_data(config, split, *, batch_size):
 def _default_train_size(config) -> int:
   """Examples in the training split (after carving the validation rows)."""
   from star_jax.data import pipeline
-  if hasattr(pipeline, "num_examples"):
-    return int(pipeline.num_examples(config, "train"))
-  if config.data.source == "tfds":
-    return int(pipeline._tfds_records(config, "train").cardinality())  # pylint: disable=protected-access
-  annotations, _ = pipeline.split_annotations(config, "train")
-  return len(annotations)
+  return pipeline.num_examples(config, "train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   split's annotations. They are parameters so that other sources can be plugged in.
   Raises `TrainingDiverged` when the loss becomes NaN or infinite.
   """
+  logging_utils.quiet_library_logs()
   parallel.initialize_distributed(bool(config.get("distributed", False)))
   _check_config(config)
   train_data_fn = train_data_fn or _default_train_data

@@ -205,6 +205,17 @@ def _table_tensors(ann: Annotations, rows: np.ndarray) -> dict[str, tf.Tensor]:
       index=tf.constant(np.asarray(rows, np.int64), tf.int64))
 
 
+def num_examples(config, split: str) -> int:
+  """How many examples `split` ('train', 'val' or 'test') of `config` holds."""
+  if config.data.source == "tfds":
+    count = int(_tfds_records(config, split).cardinality())
+    if count < 0:
+      raise ValueError(f"the TFDS {split} split of {config.dataset} has no known size")
+    return count
+  annotations, _ = split_annotations(config, split)
+  return len(annotations)
+
+
 def _tfds_records(config, split: str) -> tf.data.Dataset:
   from star_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
   return tfds_builders.load_records(config, split)
