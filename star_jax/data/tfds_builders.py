@@ -59,6 +59,13 @@ crop frame, `tags` (6,) int32, `index` int64, `offset` (2,) float64).
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+  # `python -m` would define (and register) the builders in a module named __main__, where TFDS
+  # cannot locate their resources: run the module imported under its real name instead.
+  from star_jax.data import tfds_builders as _builders  # pylint: disable=g-import-not-at-top
+  _builders.main()
+  raise SystemExit(0)
+
 import argparse
 import math
 import os
@@ -301,6 +308,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{builder.name}/{args.config} {name}: {info.num_examples} examples")
   print(f"written to {builder.data_dir}")
 
-
-if __name__ == "__main__":
-  main()
