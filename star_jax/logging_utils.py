@@ -20,15 +20,21 @@ import tqdm
 METRICS_FILE = "metrics.jsonl"
 
 
+# Libraries whose INFO records drown the console (orbax: several lines per checkpoint file;
+# jax: the platforms it probes).
+_CHATTY_PATHS = ("/orbax/", "/jax/_src/")
+
+
 class _DropLibraryChatter(py_logging.Filter):
-  """Drops INFO records logged from inside orbax (one line per file it writes)."""
+  """Drops INFO records logged from inside the libraries in _CHATTY_PATHS."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+    return (record.levelno >= py_logging.WARNING
+            or not any(p in record.pathname for p in _CHATTY_PATHS))
 
 
 def quiet_library_logs() -> None:
-  """Keeps the console to training progress: orbax's INFO records are dropped."""
+  """Keeps the console to our own progress: library INFO records are dropped (warnings stay)."""
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _DropLibraryChatter) for f in handler.filters):
     handler.addFilter(_DropLibraryChatter())
