@@ -9,23 +9,19 @@ data. Also times two memory-traffic references on the same tensor: one read (a s
 read + one write (`2 * h`): the loss needs about 3 reads and 1 write.
 
 A 51 MB output buffer costs about as much in page faults as in arithmetic on this CPU: glibc
-`malloc` maps every allocation this large afresh. `--tuned_malloc` reruns the measurement in a
-child process with `MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` raised, so freed buffers
-are reused (what tcmalloc/jemalloc do by default); both rows are recorded.
+`malloc` maps every allocation this large afresh. star-jax's entry points call
+`star_jax.host.tune_allocator()` so freed buffers are reused (what tcmalloc/jemalloc do by
+default); this benchmark does too, and `--default_malloc` measures without it for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 31 - 1),
-                    "MALLOC_TRIM_THRESHOLD_": str(2 ** 31 - 1)}
 
 
 def make_inputs(batch: int, points: int, size: int, seed: int = 0):
@@ -132,15 +128,17 @@ def main(argv=None):
   parser.add_argument("--size", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--no_record", action="store_true")
-  parser.add_argument("--tuned_malloc", action="store_true",
-                      help="also measure in a child process whose malloc reuses large buffers")
-  parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--default_malloc", action="store_true",
+                      help="leave glibc malloc as it is (no star_jax.host.tune_allocator)")
   args = parser.parse_args(argv)
 
   from benchmarks.common import record
+  from star_jax import host
 
+  tuned = not args.default_malloc and host.tune_allocator()
   rows = measure(args)
-  malloc = "glibc malloc reusing large buffers" if args._child else "default glibc malloc"
+  malloc = "star_jax.host.tune_allocator: malloc reuses large buffers" if tuned else (
+      "default glibc malloc")
   title = (f"STAR loss forward+backward, B={args.batch} N={args.points} "
            f"{args.size}x{args.size} float32 ({malloc})")
   load = os.getloadavg()[0]
@@ -148,11 +146,6 @@ def main(argv=None):
          notes=(f"1-min load average at the end {load:.1f} on {os.cpu_count()} cores; official "
                 "PyTorch loss measured at 0.173 s on this 2-core CPU (issue 2)"),
          write=not args.no_record)
-  if args.tuned_malloc and not args._child:
-    child = [sys.executable, "-m", "benchmarks.star_loss", "--_child",
-             f"--batch={args.batch}", f"--points={args.points}", f"--size={args.size}",
-             f"--repeats={args.repeats}"] + (["--no_record"] if args.no_record else [])
-    subprocess.run(child, check=True, env={**os.environ, **TUNED_MALLOC_ENV})
 
 
 if __name__ == "__main__":

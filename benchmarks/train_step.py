@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--image_size", type=int, default=256)
   parser.add_argument("--no_record", action="store_true", help="print only, skip RESULTS.md")
   args = parser.parse_args(argv)
+  from star_jax import host  # pylint: disable=g-import-not-at-top
+  host.tune_allocator()
 
   variants = {
       "default": {},

@@ -47,6 +47,7 @@ import optax
 from star_jax import checkpointing
 from star_jax import datasets
 from star_jax import models
+from star_jax import host
 from star_jax import logging_utils
 from star_jax import parallel
 
@@ -347,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   split's annotations. They are parameters so that other sources can be plugged in.
   Raises `TrainingDiverged` when the loss becomes NaN or infinite.
   """
+  host.tune_allocator()
   logging_utils.quiet_library_logs()
   parallel.initialize_distributed(bool(config.get("distributed", False)))
   _check_config(config)
