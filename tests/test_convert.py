@@ -339,22 +339,15 @@ def _rewrite_zip(src, dst, *, drop=None, cut=None):
       zout.writestr(info.filename, data)
 
 
-def test_missing_storage_member(tmp_path):
-  path = tmp_path / "missing_storage.pkl"
-  _rewrite_zip(CHECKPOINT, path, drop="checkpoint/data/0")
-  assert "checkpoint/data/0 is missing" in _error(path)
-
-
-def test_short_storage_member(tmp_path):
-  path = tmp_path / "short_storage.pkl"
-  _rewrite_zip(CHECKPOINT, path, cut="checkpoint/data/1")
-  assert "checkpoint/data/1 has 128 bytes, expected 256" in _error(path)
-
-
-def test_corrupt_pickle(tmp_path):
-  path = tmp_path / "corrupt_pickle.pkl"
-  _rewrite_zip(CHECKPOINT, path, cut="checkpoint/data.pkl")
-  assert "data.pkl is corrupt" in _error(path)
+@pytest.mark.parametrize("damage, message", [
+    (dict(drop="checkpoint/data/0"), "checkpoint/data/0 is missing"),
+    (dict(cut="checkpoint/data/1"), "checkpoint/data/1 has 128 bytes, expected 256"),
+    (dict(cut="checkpoint/data.pkl"), "data.pkl is corrupt"),
+])
+def test_damaged_zip_member(tmp_path, damage, message):
+  path = tmp_path / "damaged.pkl"
+  _rewrite_zip(CHECKPOINT, path, **damage)
+  assert message in _error(path)
 
 
 def test_not_a_torch_zip(tmp_path):
