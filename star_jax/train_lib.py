@@ -49,6 +49,7 @@ from star_jax import datasets
 from star_jax import models
 from star_jax import host
 from star_jax import logging_utils
+from star_jax import metrics as metrics_lib
 from star_jax import parallel
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the GPU check runs without it
@@ -241,17 +242,6 @@ def eval_step(state: TrainState, images: jnp.ndarray, *, model) -> dict[str, jnp
 # ---------------------------------------------------------------------------------------------
 # Validation.
 
-def _nme(pred: np.ndarray, gt: np.ndarray, spec, norm: str) -> np.ndarray:
-  try:
-    from star_jax import metrics
-    return metrics.nme(pred, gt, spec, norm)
-  except ImportError:  # pragma: no cover - the metrics module ships with the package
-    left, right = spec.norm_indices(norm)
-    end = lambda idx: gt[:, list(idx)].mean(1) if isinstance(idx, tuple) else gt[:, idx]
-    dist = np.linalg.norm(end(left) - end(right), axis=-1)
-    return np.linalg.norm(pred - gt, axis=-1).mean(-1) / dist
-
-
 def evaluate(p_eval_step, state_r: TrainState, batches: Iterable[Batch], spec,
              norm: str) -> dict[str, float]:
   """Mean NME of the EMA and raw weights over `batches` (padding masked out)."""
@@ -262,7 +252,7 @@ def evaluate(p_eval_step, state_r: TrainState, batches: Iterable[Batch], spec,
     mask = np.asarray(batch["mask"], bool) if "mask" in batch else np.ones(len(preds["ema"]), bool)
     gt = np.asarray(batch["landmarks"], np.float64)[mask]
     for name in nmes:
-      nmes[name].append(_nme(preds[name][mask], gt, spec, norm))
+      nmes[name].append(metrics_lib.nme(preds[name][mask], gt, spec, norm))
   if not nmes["ema"]:
     raise ValueError("the validation split is empty")
   ema = np.concatenate(nmes["ema"])
