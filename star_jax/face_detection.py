@@ -35,11 +35,11 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
+from star_jax.data import original_formats
+
 # Calibrated detector-box -> crop rule (see module docstring).
 DETECTOR_CENTER_SHIFT = 0.15   # landmark-box centre below the detection centre, x box size
 DETECTOR_SCALE = 1.0           # crop scale = DETECTOR_SCALE * box size / 200
-# The official demo's rule for a box tight around the landmarks.
-OFFICIAL_BOX_FACTOR = 1.05
 # Detection runs on a copy whose longer side is at most this many pixels (speed).
 DETECTION_MAX_SIDE = 640
 
@@ -145,23 +145,15 @@ def box_to_crop(box: Box, rule: str = "detector") -> tuple[float, np.ndarray]:
   `rule` is 'detector' (boxes from `detect_faces`) or 'official' (a box tight around the facial
   landmarks, as in the official demo); see the module docstring.
   """
-  cx = (box.x1 + box.x2) / 2.0
-  cy = (box.y1 + box.y2) / 2.0
   if rule == "official":
-    scale = min(box.width, box.height) / 200.0 * OFFICIAL_BOX_FACTOR
-    return float(scale), np.array([cx, cy], np.float64)
+    scale, cx, cy = original_formats.crop_params(None, "min", rect=(box.x1, box.y1, box.x2, box.y2))
+    return scale, np.array([cx, cy], np.float64)
   if rule == "detector":
     size = max(box.width, box.height)
+    cx, cy = (box.x1 + box.x2) / 2.0, (box.y1 + box.y2) / 2.0
     return (float(DETECTOR_SCALE * size / 200.0),
             np.array([cx, cy + DETECTOR_CENTER_SHIFT * size], np.float64))
   raise ValueError(f"unknown box rule {rule!r}; use 'detector' or 'official'")
-
-
-def landmarks_to_crop(landmarks: np.ndarray) -> tuple[float, np.ndarray]:
-  """The annotation convention: centre and `max(w, h) / 200 * 1.05` of the landmark box."""
-  lo, hi = np.min(landmarks, axis=0), np.max(landmarks, axis=0)
-  scale = float(np.max(hi - lo)) / 200.0 * OFFICIAL_BOX_FACTOR
-  return scale, ((lo + hi) / 2.0).astype(np.float64)
 
 
 def calibration_report(images: Sequence[np.ndarray], landmarks: Sequence[np.ndarray],

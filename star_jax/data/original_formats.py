@@ -93,7 +93,7 @@ class Record:
 # Crop parameters and TSV rows
 
 
-def crop_params(landmarks: np.ndarray, rule: str = "max",
+def crop_params(landmarks: np.ndarray | None, rule: str = "max",
                 rect: Sequence[float] | None = None) -> tuple[float, float, float]:
   """(scale, center_w, center_h) by the ADNet rule; see the module docstring for `rule`."""
   if rule not in CROP_RULES:
