@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import io
 
-import cv2
 import numpy as np
 import tensorflow as tf
+
+from star_jax import image_io
 
 JPEG_DCT_METHOD = "INTEGER_ACCURATE"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -36,27 +37,15 @@ def is_jpeg_tensor(data: tf.Tensor) -> tf.Tensor:
 
 def decode_bytes_numpy(data: bytes) -> np.ndarray:
   """Any image OpenCV or Pillow reads (JPEG, PNG, BMP, PPM/PGM, TIFF, WebP, GIF...) -> RGB uint8."""
-  buf = np.frombuffer(data, np.uint8)
-  image = cv2.imdecode(buf, cv2.IMREAD_COLOR)   # BGR, gray expanded to 3 channels
-  if image is not None and image.ndim == 3 and image.shape[2] == 3:
-    return np.ascontiguousarray(image[..., ::-1])
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  try:
-    with Image.open(io.BytesIO(data)) as pil:
-      pil.seek(0)   # first frame of animations, as the official GIF fallback
-      return np.asarray(pil.convert("RGB"), np.uint8).copy()
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"cannot decode image ({len(data)} bytes): {e}") from e
+  return image_io.decode_image(data)
 
 
 def read_image(path: str) -> np.ndarray:
   """Decodes the file at `path` to RGB uint8 (used outside tf.data, e.g. for visualisation)."""
-  with open(path, "rb") as f:
-    data = f.read()
   try:
-    return decode_bytes_numpy(data)
-  except ValueError as e:
-    raise ValueError(f"{path}: {e}") from None
+    return image_io.load_image(path)
+  except image_io.ImageError as e:
+    raise ValueError(str(e)) from None
 
 
 def image_size_numpy(data: bytes) -> np.ndarray:
