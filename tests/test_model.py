@@ -109,6 +109,37 @@ class InstanceNormTest(chex.TestCase):
     assert out.dtype == jnp.float32
 
 
+class MaxPoolTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_value_and_gradient_match_reduce_window_without_ties(self):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6, 8, 3)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 3, 4, 3)), jnp.float32)
+    reference = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                                                (1, 2, 2, 1), "VALID")
+    ours = self.variant(lambda x, g: jax.vjp(hourglass.max_pool_2x2, x)[1](g)[0])(x, g)
+    expected = jax.vjp(reference, x)[1](g)[0]
+    chex.assert_trees_all_equal(hourglass.max_pool_2x2(x), reference(x))
+    chex.assert_trees_all_equal(ours, expected)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ties_route_the_gradient_to_the_first_maximum_in_row_major_order(self):
+    # torch's max_pool2d keeps the first maximum it meets scanning each window by rows.
+    window = np.array([[[1.0, 3.0], [3.0, 3.0]],    # max at (0, 1) first
+                       [[2.0, 0.0], [2.0, 2.0]],    # max at (0, 0)
+                       [[0.0, -1.0], [5.0, 5.0]],   # max at (1, 0)
+                       [[0.0, 0.0], [0.0, 0.0]]])   # all equal: (0, 0)
+    x = jnp.asarray(window.transpose(1, 0, 2).reshape(1, 2, 8, 1))  # 4 windows side by side
+    g = jnp.asarray([[[[10.0], [20.0], [30.0], [40.0]]]])
+    grad = self.variant(lambda x, g: jax.vjp(hourglass.max_pool_2x2, x)[1](g)[0])(x, g)
+    expected = np.zeros((4, 2, 2))
+    expected[0, 0, 1], expected[1, 0, 0], expected[2, 1, 0], expected[3, 0, 0] = 10, 20, 30, 40
+    np.testing.assert_array_equal(np.asarray(grad).reshape(2, 4, 2).transpose(1, 0, 2),
+                                  expected)
+    np.testing.assert_array_equal(hourglass.max_pool_2x2(x).ravel(), [3, 2, 5, 0])
+
+
 def test_upsample_nearest_matches_repeat_and_resize():
   x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
   expected = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from star_jax import decoder
+from star_jax.models.batch_norm import BatchNorm
 
 # The official CoordConv switches the boundary channels on where the previous stack's heatmap
 # exceeds this value (strictly).
@@ -136,8 +137,49 @@ def instance_norm_relu(x: jnp.ndarray) -> jnp.ndarray:
   return jax.nn.relu(centred * jax.lax.rsqrt(var + IN_EPSILON))
 
 
+def _pool_windows(x: jnp.ndarray) -> jnp.ndarray:
+  """(B, H, W, C) -> (B, H/2, 2, W/2, 2, C): each 2x2 window on axes 2 and 4 (a free reshape)."""
+  b, h, w, c = x.shape
+  if h % 2 or w % 2:
+    raise ValueError(f"max_pool_2x2 needs even height and width, got {h}x{w}")
+  return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  """2x2 max-pool, stride 2 (torch's `F.max_pool2d(x, 2, 2)`) on (B, H, W, C).
+
+  The gradient goes to the first maximum of each window in row-major order, the element
+  torch's max_pool2d selects, also when a window holds ties. It is written as elementwise
+  compares on the window view because the generic gradient of `lax.reduce_window` lowers, on
+  XLA:CPU, to a variadic reduce-window over four int32 index maps of the input's size: about
+  12 % of the full CPU training step for the two pools of the stem and the hourglasses.
+  """
+  return jnp.max(_pool_windows(x), axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x):
+  y = max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _max_pool_2x2_bwd(residuals, g):
+  x, y = residuals
+  windows = _pool_windows(x)
+  hit = windows == y[:, :, None, :, None, :]
+  # Route to the first hit in the order (0, 0), (0, 1), (1, 0), (1, 1).
+  first00 = hit[:, :, 0, :, 0]
+  first01 = hit[:, :, 0, :, 1] & ~first00
+  first10 = hit[:, :, 1, :, 0] & ~(first00 | first01)
+  first11 = ~(first00 | first01 | first10)  # also takes windows without a hit (NaN)
+  zero = jnp.zeros((), g.dtype)
+  pick = lambda mask: jnp.where(mask, g, zero)
+  top = jnp.stack([pick(first00), pick(first01)], axis=3)
+  bottom = jnp.stack([pick(first10), pick(first11)], axis=3)
+  return (jnp.stack([top, bottom], axis=2).reshape(x.shape),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 def upsample_nearest_2x(x: jnp.ndarray) -> jnp.ndarray:
@@ -170,7 +212,8 @@ class Conv(nn.Module):
                       jnp.float32)
     x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
     if k == 1 and self.stride == 1:
-      y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0], precision=self.precision)
+      rows = x.reshape(-1, in_features)
+      y = jnp.dot(rows, kernel[0, 0], precision=self.precision).reshape(*x.shape[:-1], -1)
     else:
       pad = (k - 1) // 2
       y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride),
@@ -197,10 +240,11 @@ class UnusedConv1x1(nn.Module):
     self.param("bias", torch_default_bias_init(self.in_features), (self.features,), jnp.float32)
 
 
-def batch_norm(train: bool, axis_name: str | None, dtype: Dtype, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      axis_name=axis_name, dtype=dtype, param_dtype=jnp.float32,
-                      use_fast_variance=False, name=name)
+def batch_norm(train: bool, axis_name: str | None, dtype: Dtype, name: str, *,
+               relu: bool = False) -> BatchNorm:
+  """torch's BatchNorm2d (momentum 0.1, eps 1e-5), optionally followed by ReLU (fused)."""
+  return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                   axis_name=axis_name, dtype=dtype, relu=relu, name=name)
 
 
 class ResBlock(nn.Module):
@@ -225,8 +269,7 @@ class ResBlock(nn.Module):
         UnusedConv1x1(in_features, self.features, name="skip")()
     out = x
     for i, (width, kernel) in enumerate(((mid, 1), (mid, 3), (self.features, 1)), start=1):
-      out = batch_norm(train, self.bn_axis_name, self.dtype, f"bn{i}")(out)
-      out = jax.nn.relu(out)
+      out = batch_norm(train, self.bn_axis_name, self.dtype, f"bn{i}", relu=True)(out)
       out = Conv(width, kernel, dtype=self.dtype, precision=self.precision, name=f"conv{i}")(out)
     return out + residual
 
@@ -346,7 +389,7 @@ class StackedHourglass(nn.Module):
     x = add_coords(images.astype(self.dtype))
     x = Conv(STEM_CHANNELS, 7, stride=2, dtype=self.dtype, precision=self.precision,
              name="stem_conv")(x)
-    x = jax.nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, "stem_bn")(x))
+    x = batch_norm(train, self.bn_axis_name, self.dtype, "stem_bn", relu=True)(x)
     x = block(STEM_BLOCK_CHANNELS, "stem_block1")(x, train)
     x = max_pool_2x2(x)
     x = block(STEM_BLOCK_CHANNELS, "stem_block2")(x, train)
@@ -371,8 +414,8 @@ class StackedHourglass(nn.Module):
                      self.bn_axis_name, name=f"hourglass{i}")(x, boundary, train)
       feature = block(self.channels, f"features{i}")(hg, train)
       feature = conv(self.channels, f"features_conv{i}")(feature)
-      feature = jax.nn.relu(
-          batch_norm(train, self.bn_axis_name, self.dtype, f"features_bn{i}")(feature))
+      feature = batch_norm(train, self.bn_axis_name, self.dtype, f"features_bn{i}",
+                           relu=True)(feature)
 
       heatmaps = instance_norm_relu(conv(self.num_points, f"heatmap_head{i}")(feature))
       if self.use_aam:
