@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--no_record", action="store_true", help="print only, skip RESULTS.md")
   args = parser.parse_args(argv)
   from star_jax import host  # pylint: disable=g-import-not-at-top
-  host.tune_allocator()
+  host.tune_process()
 
   config = base.get_base_config("wflw")
   config.model.dtype = args.dtype

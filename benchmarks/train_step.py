@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--no_record", action="store_true", help="print only, skip RESULTS.md")
   args = parser.parse_args(argv)
   from star_jax import host  # pylint: disable=g-import-not-at-top
-  host.tune_allocator()
+  host.tune_process()
 
   variants = {
       "default": {},

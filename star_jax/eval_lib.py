@@ -286,7 +286,7 @@ def evaluate(config: Any, checkpoint: str | LoadedModel, output_dir: str | None 
     threshold: FR/AUC threshold (default: the dataset's, 0.05 for 300W, else 0.1).
     even_rule: Simpson rule for even sample counts (see star_jax.metrics).
   """
-  host.tune_allocator()
+  host.tune_process()
   logging_utils.quiet_library_logs()
   spec = get_spec(config.dataset)
   loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint,

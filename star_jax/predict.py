@@ -280,7 +280,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   from star_jax import host  # pylint: disable=g-import-not-at-top
-  host.tune_allocator()
+  host.tune_process()
   try:
     boxes = None if args.box is None else [Box.parse(args.box)]
   except ValueError as e:

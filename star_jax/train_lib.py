@@ -338,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   split's annotations. They are parameters so that other sources can be plugged in.
   Raises `TrainingDiverged` when the loss becomes NaN or infinite.
   """
-  host.tune_allocator()
+  host.tune_process()
   logging_utils.quiet_library_logs()
   parallel.initialize_distributed(bool(config.get("distributed", False)))
   _check_config(config)

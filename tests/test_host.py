@@ -1,0 +1,72 @@
+"""star_jax.host: the process settings the entry points apply before JAX starts.
+
+Each case runs in a fresh interpreter, because XLA reads XLA_FLAGS once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+
+_PROBE = """
+import json, os
+from star_jax import host
+import jax
+before = host.tune_xla_cpu()
+flags = os.environ.get("XLA_FLAGS", "")
+value = float(jax.numpy.arange(4.0).sum())  # XLA accepts the flags it was given
+after_start = host.tune_xla_cpu()
+print(json.dumps({"applied": before, "flags": flags, "value": value, "after": after_start,
+                  "allocator": host.tune_allocator()}))
+"""
+
+
+def _probe(**env_overrides) -> dict:
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "STAR_JAX_DEFAULT_XLA_CPU", "STAR_JAX_DEFAULT_MALLOC")}
+  env.update(env_overrides)
+  run = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_scheduler_flag_is_added_before_jax_starts_and_xla_accepts_it():
+  result = _probe()
+  assert result["applied"] is True
+  assert result["flags"].split() == [SCHEDULER]
+  assert result["value"] == 6.0
+  assert result["after"] is True  # idempotent: the flag is already in effect
+
+
+def test_user_flags_are_kept_and_a_user_scheduler_choice_wins():
+  kept = _probe(XLA_FLAGS="--xla_cpu_enable_fast_math=false")
+  assert kept["flags"].split() == ["--xla_cpu_enable_fast_math=false", SCHEDULER]
+  own = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"
+  chosen = _probe(XLA_FLAGS=own)
+  assert chosen["applied"] is False and chosen["flags"] == own
+
+
+@pytest.mark.parametrize("variable", ["STAR_JAX_DEFAULT_XLA_CPU", "STAR_JAX_DEFAULT_MALLOC"])
+def test_opt_out_variables(variable):
+  result = _probe(**{variable: "1"})
+  if variable == "STAR_JAX_DEFAULT_XLA_CPU":
+    assert result["applied"] is False and result["flags"] == ""
+  else:
+    assert result["allocator"] is False and result["applied"] is True
+
+
+def test_too_late_once_jax_has_started():
+  code = ("import jax, os\njax.devices()\nfrom star_jax import host\n"
+          "print(host.tune_xla_cpu(), repr(os.environ.get('XLA_FLAGS', '')))")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300, check=True)
+  assert run.stdout.split() == ["False", "''"]
