@@ -8,11 +8,17 @@ large freed blocks are kept for reuse. `tune_allocator` raises the thresholds at
 same as the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment variables, which must be
 set before the process starts).
 
-`tune_xla_cpu` selects XLA:CPU's memory-optimised instruction scheduler, which orders the
-training step's thousands of operations so that fewer large activations are alive at once. On
-the 2-core benchmark machine the full WFLW step (batch 4, float32) went from 2.22-2.24 s to
-2.14 s with it (benchmarks/RESULTS.md). It only changes the order of operations, not what they
-compute. `tune_process` applies both.
+`tune_xla_cpu` sets two XLA:CPU options, measured on the 2-core benchmark machine with the full
+WFLW training step (batch 4, float32; benchmarks/RESULTS.md):
+- the memory-optimised instruction scheduler, which orders the step's thousands of operations so
+  that fewer large activations are alive at once: 2.22-2.24 s -> 2.14 s;
+- YNNPACK for reductions only (`xla_cpu_experimental_ynn_fusion_type=reduce`), so that
+  convolutions and matrix products go to XLA's Eigen kernels: a 3x3 convolution's weight
+  gradient (4x64x64x128) takes 15.7 ms there against 27 ms in YNNPACK; the step went to
+  1.96-1.99 s, the forward pass at batch 1 from 101 to 97 ms.
+Both change which kernels run, not the mathematics (float32 results differ by rounding). The
+second is an experimental XLA option, so it is only set for the jaxlib release it was measured
+with. `tune_process` applies everything here.
 """
 
 from __future__ import annotations
@@ -55,8 +61,12 @@ def tune_allocator() -> bool:
 
 
 _XLA_OPT_OUT_ENV = "STAR_JAX_DEFAULT_XLA_CPU"
-_SCHEDULER_FLAG = "xla_cpu_scheduler_type"
-_SCHEDULER_VALUE = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+# (flag, value, jaxlib release prefixes it was measured with, or None for any release whose
+# binaries name the value).
+_XLA_CPU_FLAGS = (
+    ("xla_cpu_scheduler_type", "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED", None),
+    ("xla_cpu_experimental_ynn_fusion_type", "reduce", ("0.10.",)),
+)
 
 
 def _jax_backends_initialised() -> bool:
@@ -90,21 +100,41 @@ def _jaxlib_knows(value: bytes) -> bool:
   return False
 
 
-def tune_xla_cpu() -> bool:
-  """Adds XLA:CPU's memory-optimised scheduler to XLA_FLAGS. Idempotent.
+def _jaxlib_version() -> str:
+  try:
+    import jaxlib.version  # pylint: disable=g-import-not-at-top
+    return str(jaxlib.version.__version__)
+  except ImportError:
+    return ""
 
-  Left alone when XLA_FLAGS already chooses a scheduler, when STAR_JAX_DEFAULT_XLA_CPU=1, when
-  JAX's backends already started (too late for flags), or when the installed jaxlib does not
-  know the setting. Returns whether the flag is in effect for this process.
+
+def tune_xla_cpu() -> list[str]:
+  """Adds the XLA:CPU options above to XLA_FLAGS. Idempotent.
+
+  An option is left alone when XLA_FLAGS already sets that flag (the user's choice wins), when
+  STAR_JAX_DEFAULT_XLA_CPU=1, when JAX's backends already started (too late for flags), or when
+  the installed jaxlib is not one it applies to (XLA aborts on a flag value it does not know).
+  Returns the options in effect for this process.
   """
   flags = os.environ.get("XLA_FLAGS", "")
-  if f"--{_SCHEDULER_FLAG}={_SCHEDULER_VALUE}" in flags:
-    return True
-  if (os.environ.get(_XLA_OPT_OUT_ENV) or _SCHEDULER_FLAG in flags
-      or _jax_backends_initialised() or not _jaxlib_knows(_SCHEDULER_VALUE.encode())):
-    return False
-  os.environ["XLA_FLAGS"] = f"{flags} --{_SCHEDULER_FLAG}={_SCHEDULER_VALUE}".strip()
-  return True
+  in_effect = [f"--{name}={value}" for name, value, _ in _XLA_CPU_FLAGS
+               if f"--{name}={value}" in flags.split()]
+  if os.environ.get(_XLA_OPT_OUT_ENV) or _jax_backends_initialised():
+    return in_effect
+  added = []
+  for name, value, releases in _XLA_CPU_FLAGS:
+    option = f"--{name}={value}"
+    if name in flags:
+      continue
+    if releases is not None and not _jaxlib_version().startswith(releases):
+      continue
+    if not _jaxlib_knows(name.encode()) or (releases is None
+                                            and not _jaxlib_knows(value.encode())):
+      continue
+    added.append(option)
+  if added:
+    os.environ["XLA_FLAGS"] = " ".join([flags] + added).strip()
+  return in_effect + added
 
 
 def tune_process() -> None:
