@@ -59,6 +59,22 @@ def _value_and_grads(module, variables, x, cotangent, relu):
   return y, stats, grads
 
 
+def _with_torch_running_var(result, x, variables):
+  """flax's (y, stats, grads) with the running variance torch's rule gives instead of flax's.
+
+  torch (and star-jax) feed the unbiased batch variance `var * n / (n - 1)` into the running
+  average; flax feeds the biased one.
+  """
+  y, stats, grads = result
+  values = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+  n = values.shape[0]
+  old = np.asarray(variables["batch_stats"]["var"])
+  # momentum * old is a float32 product (the stored average is float32), as in both layers.
+  decayed = (np.float32(MOMENTUM) * old.astype(np.float32)).astype(np.float64)
+  running_var = decayed + (1 - MOMENTUM) * values.var(axis=0) * n / (n - 1)
+  return y, {**stats, "var": jnp.asarray(running_var, stats["var"].dtype)}, grads
+
+
 class BatchNormTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -68,8 +84,8 @@ class BatchNormTest(chex.TestCase):
       for relu in (True, False):
         ours = self.variant(lambda v, x, c: _value_and_grads(
             _ours(dtype=jnp.float64, relu=relu), v, x, c, relu))(variables, x, cotangent)
-        reference = self.variant(lambda v, x, c: _value_and_grads(
-            _reference(dtype=jnp.float64), v, x, c, relu))(variables, x, cotangent)
+        reference = _with_torch_running_var(self.variant(lambda v, x, c: _value_and_grads(
+            _reference(dtype=jnp.float64), v, x, c, relu))(variables, x, cotangent), x, variables)
         chex.assert_trees_all_close(ours, reference, atol=1e-12, rtol=1e-12)
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -77,8 +93,9 @@ class BatchNormTest(chex.TestCase):
     x, cotangent, variables = _inputs(jnp.float32)
     ours = self.variant(lambda v, x, c: _value_and_grads(_ours(), v, x, c, True))(
         variables, x, cotangent)
-    reference = self.variant(lambda v, x, c: _value_and_grads(_reference(), v, x, c, True))(
-        variables, x, cotangent)
+    reference = _with_torch_running_var(self.variant(
+        lambda v, x, c: _value_and_grads(_reference(), v, x, c, True))(variables, x, cotangent),
+                                        x, variables)
     chex.assert_trees_all_close(ours, reference, atol=2e-5, rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -89,14 +106,15 @@ class BatchNormTest(chex.TestCase):
             variables, x, cotangent)
     chex.assert_type([y, x_grad], jnp.bfloat16)
     chex.assert_type(jax.tree_util.tree_leaves((stats, param_grads)), jnp.float32)
-    ref = self.variant(lambda v, x, c: _value_and_grads(
-        _reference(dtype=jnp.bfloat16), v, x, c, True))(variables, x, cotangent)
+    ref = _with_torch_running_var(self.variant(lambda v, x, c: _value_and_grads(
+        _reference(dtype=jnp.bfloat16), v, x, c, True))(variables, x, cotangent), x, variables)
     chex.assert_trees_all_close((y, stats, (param_grads, x_grad)), ref, atol=0.05, rtol=0.02)
 
   def test_forward_matches_numpy_and_eval_mode_uses_running_averages(self):
     x, _, variables = _inputs(jnp.float32)
     xn = np.asarray(x, np.float64)
     mean, var = xn.mean(axis=(0, 1, 2)), xn.var(axis=(0, 1, 2))  # biased, as torch normalises
+    n = xn.size // xn.shape[-1]
     scale, bias = (np.asarray(variables["params"][k], np.float64) for k in ("scale", "bias"))
     expected = np.maximum((xn - mean) / np.sqrt(var + EPSILON) * scale + bias, 0)
     y, updates = _ours().apply(variables, x, mutable=["batch_stats"])
@@ -104,8 +122,10 @@ class BatchNormTest(chex.TestCase):
     running = variables["batch_stats"]
     np.testing.assert_allclose(updates["batch_stats"]["mean"],
                                MOMENTUM * running["mean"] + (1 - MOMENTUM) * mean, atol=1e-6)
+    # The running variance takes the unbiased batch variance, as torch's BatchNorm2d does.
     np.testing.assert_allclose(updates["batch_stats"]["var"],
-                               MOMENTUM * running["var"] + (1 - MOMENTUM) * var, atol=1e-6)
+                               MOMENTUM * running["var"] + (1 - MOMENTUM) * var * n / (n - 1),
+                               atol=1e-6)
     y_eval = _ours(train=False).apply(variables, x)
     expected_eval = np.maximum((xn - running["mean"]) / np.sqrt(running["var"] + EPSILON)
                                * scale + bias, 0)
@@ -147,8 +167,13 @@ def test_synchronised_statistics_and_gradients_equal_the_whole_batch():
                                   atol=1e-12)
     chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a: a.sum(0), param_grads),
                                 whole[2][0], atol=1e-12)
-    reference = sharded(_reference("data", jnp.float64), True)
-    chex.assert_trees_all_close((y, stats, (param_grads, x_grad)), reference, atol=1e-12)
+    reference_y, _, reference_grads = sharded(_reference("data", jnp.float64), True)
+    chex.assert_trees_all_close((y, (param_grads, x_grad)), (reference_y, reference_grads),
+                                atol=1e-12)
+    # n / (n - 1) with n the global count (both shards), not a shard's.
+    _, expected_stats, _ = _with_torch_running_var((None, whole[1], None), x, variables)
+    chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a: a[0], stats), expected_stats,
+                                atol=1e-12)
 
 
 def test_batch_statistics_are_two_pass_and_at_least_float32():

@@ -24,9 +24,9 @@ Faithful details (see docs/official-semantics.md, "Architecture"):
   channels).
 - The E2H transform is a constant built from `edge_points` (a buffer in the official model,
   not a parameter, so it is not counted).
-- BatchNorm mirrors torch defaults (momentum 0.1 -> flax 0.9, eps 1e-5); one difference in
-  training mode only: flax updates the running variance with the biased batch variance where
-  torch uses the unbiased one (a factor n/(n-1), n = batch * H * W, i.e. < 1e-5 at batch 128).
+- BatchNorm (`star_jax.models.batch_norm`) mirrors torch's SyncBatchNorm: momentum 0.1 (flax
+  convention 0.9), eps 1e-5, biased variance to normalise, unbiased variance of the global batch
+  in the running average.
 """
 
 from __future__ import annotations
