@@ -193,7 +193,9 @@ class Conv(nn.Module):
   """A convolution with bias, 'same' padding and torch's default initialisation.
 
   Parameters `kernel` (k, k, in, out) and `bias` (out,) are float32; the arithmetic runs in
-  `dtype`. 1x1 stride-1 convolutions are written as a matrix product (a plain dot for XLA).
+  `dtype`. 1x1 stride-1 convolutions are a 2-D matrix product over the flattened pixels: its
+  weight gradient is then a product contracting the pixel axis of both operands, which
+  XLA:CPU runs without the transposed copy of the incoming gradient it made for a 4-D einsum.
   """
 
   features: int
