@@ -215,13 +215,15 @@ class Conv(nn.Module):
     x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
     if k == 1 and self.stride == 1:
       rows = x.reshape(-1, in_features)
-      y = jnp.dot(rows, kernel[0, 0], precision=self.precision).reshape(*x.shape[:-1], -1)
-    else:
-      pad = (k - 1) // 2
-      y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride),
-                                       ((pad, pad), (pad, pad)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       precision=self.precision)
+      # The bias is added before the reshape so that its gradient reads the same 2-D array as
+      # the product's (one materialised gradient instead of a 2-D and a 4-D copy).
+      y = jnp.dot(rows, kernel[0, 0], precision=self.precision) + bias
+      return y.reshape(*x.shape[:-1], -1)
+    pad = (k - 1) // 2
+    y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride),
+                                     ((pad, pad), (pad, pad)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=self.precision)
     return y + bias
 
 
