@@ -30,6 +30,21 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10,
   return times
 
 
+def time_windows(run_window: Callable[[], object], *, windows: int, steps_per_window: int
+                 ) -> tuple[list[float], list[float]]:
+  """(wall, process CPU) seconds per step for each of `windows` calls of `run_window`.
+
+  `run_window` runs `steps_per_window` steps and returns once they have finished.
+  """
+  walls, cpus = [], []
+  for _ in range(windows):
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    run_window()
+    walls.append((time.perf_counter() - t0) / steps_per_window)
+    cpus.append((time.process_time() - cpu0) / steps_per_window)
+  return walls, cpus
+
+
 def median(xs: Sequence[float]) -> float:
   return statistics.median(xs)
 

@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import types
 from typing import Any
 
@@ -138,13 +137,13 @@ def official_step_fn(net, net_ema, optimizer, losses, batch, *, anomaly: bool,
 def time_steps(step, *, warmup: int, windows: int, steps_per_window: int) -> dict[str, Any]:
   for _ in range(warmup):
     step()
-  walls, cpus = [], []
-  for _ in range(windows):
-    t0, c0 = time.perf_counter(), time.process_time()
+
+  def run_window():
     for _ in range(steps_per_window):
       step()
-    walls.append((time.perf_counter() - t0) / steps_per_window)
-    cpus.append((time.process_time() - c0) / steps_per_window)
+
+  walls, cpus = common.time_windows(run_window, windows=windows,
+                                    steps_per_window=steps_per_window)
   return {"seconds": common.median(walls), "cpu_seconds": common.median(cpus), "all": walls}
 
 

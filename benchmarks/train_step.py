@@ -255,16 +255,17 @@ def time_train_step(config, *, steps_per_window: int = 2, windows: int = 3, warm
   for _ in range(max(warmup - 1, 0)):
     state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
-  per_step, cpu_per_step = [], []
-  for _ in range(windows):
-    t0, cpu0 = time.perf_counter(), time.process_time()
+
+  def run_window():
+    nonlocal state, metrics
     for _ in range(steps_per_window):
       state, metrics = step(state, batch)
       if sync_every_step:
         float(np.asarray(metrics["loss"])[0])
     jax.block_until_ready((state, metrics))
-    per_step.append((time.perf_counter() - t0) / steps_per_window)
-    cpu_per_step.append((time.process_time() - cpu0) / steps_per_window)
+
+  per_step, cpu_per_step = common.time_windows(run_window, windows=windows,
+                                               steps_per_window=steps_per_window)
   if profile_dir:
     try:
       with jax.profiler.trace(profile_dir):

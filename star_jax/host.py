@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import mmap
 import os
@@ -80,11 +81,12 @@ def _jax_backends_initialised() -> bool:
   return bool(getattr(xla_bridge, "_backends", True))
 
 
+@functools.lru_cache(maxsize=None)
 def _jaxlib_knows(value: bytes) -> bool:
   """Whether the installed jaxlib binaries contain `value` (an XLA flag value).
 
   XLA aborts the process on an unknown flag value, so a flag is only set when the library that
-  will parse it names it.
+  will parse it names it. Cached: a miss reads every binary (hundreds of MB).
   """
   try:
     import jaxlib  # pylint: disable=g-import-not-at-top
