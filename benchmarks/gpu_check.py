@@ -235,11 +235,11 @@ def enable_x64():
 def check_model() -> None:
   import jax
   import jax.numpy as jnp
-  from star_jax import convert
+  from star_jax import official
   reference = dict(np.load(os.path.join(FIXTURE, "outputs.npz")))
   # The official model reads BGR NCHW; ours RGB NHWC.
   images = np.load(os.path.join(FIXTURE, "input.npy")).transpose(0, 2, 3, 1)[..., ::-1].copy()
-  model, variables = convert.load_official_checkpoint(os.path.join(FIXTURE, "checkpoint.pkl"))
+  model, variables = official.load_official_checkpoint(os.path.join(FIXTURE, "checkpoint.pkl"))
   masks = [reference[f"net/boundary_mask_{i}"].astype(bool) for i in (1, 2, 3)]
   for precision in ("highest", "default"):
     with jax.default_matmul_precision(precision):

@@ -11,8 +11,10 @@ import os
 import cv2
 import numpy as np
 
+from star_jax.errors import DataError
 
-class ImageError(Exception):
+
+class ImageError(DataError):
   """An input image that could not be used; the message names the file and why."""
 
 

@@ -147,10 +147,10 @@ OFFICIAL_PKL = os.path.join(os.path.dirname(__file__), "fixtures", "official_wfl
 
 @pytest.mark.skipif(not os.path.exists(OFFICIAL_PKL), reason="official fixture not copied")
 def test_official_pkl_and_its_conversion_load_the_same_weights(tmp_path):
-  from star_jax import convert
+  from star_jax import official
   for ema, key in ((True, "net_ema"),):  # ema=False ("net") is the same code path
     model, variables, config = checkpointing.load_for_inference(OFFICIAL_PKL, ema=ema)
-    ref_model, ref_variables = convert.load_official_checkpoint(OFFICIAL_PKL, ema=ema)
+    ref_model, ref_variables = official.load_official_checkpoint(OFFICIAL_PKL, ema=ema)
     assert model == ref_model, key
     chex.assert_trees_all_equal(variables, ref_variables)
     assert config.dataset == "wflw" and config.model.channels == model.channels

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from star_jax import checkpointing, convert, datasets
+from star_jax import checkpointing, convert, datasets, official
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_small")
 CHECKPOINT = os.path.join(FIXTURE, "checkpoint.pkl")
@@ -38,7 +38,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def converted():
-  return {key: convert.load_official_checkpoint(CHECKPOINT, ema=ema) for key, ema in NETS}
+  return {key: official.load_official_checkpoint(CHECKPOINT, ema=ema) for key, ema in NETS}
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +82,12 @@ def test_inferred_architecture(converted):
 
 def test_first_conv_reads_rgb(converted):
   _, variables = converted["net"]
-  state = convert.select_state_dict(convert.read_torch_checkpoint(CHECKPOINT))
-  official = state["pre.0.conv.weight"].numpy()  # (64, 6, 7, 7): B, G, R, xx, yy, rr
+  state = official.select_state_dict(official.read_torch_checkpoint(CHECKPOINT))
+  weight = state["pre.0.conv.weight"].numpy()  # (64, 6, 7, 7): B, G, R, xx, yy, rr
   ours = np.asarray(variables["params"]["stem_conv"]["kernel"])  # (7, 7, 6, 64): R, G, B, ...
   for ours_channel, official_channel in enumerate((2, 1, 0, 3, 4, 5)):
     np.testing.assert_array_equal(ours[:, :, ours_channel, :],
-                                  official[:, official_channel].transpose(1, 2, 0))
+                                  weight[:, official_channel].transpose(1, 2, 0))
 
 
 @pytest.mark.parametrize("key", [k for k, _ in NETS])
@@ -219,7 +219,7 @@ def _write_torch_zip(path, obj):
 def official_state():
   """The fixture's `net` state dict as numpy arrays (read by the converter's own reader: what
   the tests below check is the handling of layouts and errors, not the reader)."""
-  state = convert.select_state_dict(convert.read_torch_checkpoint(CHECKPOINT))
+  state = official.select_state_dict(official.read_torch_checkpoint(CHECKPOINT))
   return collections.OrderedDict((k, v.numpy()) for k, v in state.items())
 
 
@@ -231,11 +231,11 @@ def _assert_same_variables(a, b):
 def test_bare_state_dict_with_module_prefix(tmp_path, official_state, converted):
   path = str(tmp_path / "bare.pth")
   _write_torch_zip(path, {"module." + k: v for k, v in official_state.items()})
-  model, variables = convert.load_official_checkpoint(path)
+  model, variables = official.load_official_checkpoint(path)
   assert model == converted["net"][0]
   _assert_same_variables(variables, converted["net"][1])
-  with pytest.raises(convert.CheckpointError, match="bare state dict has no 'net_ema'"):
-    convert.load_official_checkpoint(path, ema=True)
+  with pytest.raises(official.CheckpointError, match="bare state dict has no 'net_ema'"):
+    official.load_official_checkpoint(path, ema=True)
 
 
 def test_trainer_checkpoint_with_optimizer_state(tmp_path, official_state, converted):
@@ -246,10 +246,10 @@ def test_trainer_checkpoint_with_optimizer_state(tmp_path, official_state, conve
                "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1]}]}
   _write_torch_zip(path, {"net": official_state, "optimizer": optimizer,
                           "scheduler": {"milestones": {200: 1}, "last_epoch": 3}, "epoch": 3})
-  _, variables = convert.load_official_checkpoint(path)
+  _, variables = official.load_official_checkpoint(path)
   _assert_same_variables(variables, converted["net"][1])
-  with pytest.raises(convert.CheckpointError, match="has no 'net_ema' entry"):
-    convert.load_official_checkpoint(path, ema=True)
+  with pytest.raises(official.CheckpointError, match="has no 'net_ema' entry"):
+    official.load_official_checkpoint(path, ema=True)
 
 
 def test_other_point_count_and_depth_convert_without_settings(tmp_path, official_state, images,
@@ -271,7 +271,7 @@ def test_other_point_count_and_depth_convert_without_settings(tmp_path, official
   state["e2h_transform.bias"] = np.zeros((k,), np.float32)  # all 40 points lie on an edge
   path = str(tmp_path / "custom.pkl")
   _write_torch_zip(path, {"net": state})
-  model, variables = convert.load_official_checkpoint(path)
+  model, variables = official.load_official_checkpoint(path)
   assert (model.num_stacks, model.num_points, model.num_edges) == (1, k, 9)
   assert model.edge_points[0] == tuple(range(33)) and model.edge_points[1] == tuple(range(33, 40))
   assert convert.dataset_of_model(model) is None
@@ -303,8 +303,8 @@ def test_model_config_round_trip(converted):
 
 
 def _error(path, **kwargs) -> str:
-  with pytest.raises(convert.CheckpointError) as info:
-    convert.load_official_checkpoint(path, **kwargs)
+  with pytest.raises(official.CheckpointError) as info:
+    official.load_official_checkpoint(path, **kwargs)
   message = str(info.value)
   assert "\n" not in message
   assert str(path) in message

@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from star_jax.datasets import DatasetSpec
+from star_jax.errors import DataError
 
 NUM_TAGS = 6
 NUM_FIVE_POINT_VALUES = 10
@@ -50,7 +51,7 @@ OFFICIAL_PATH_PREFIXES = (
 _MAX_LISTED_MISSING = 10000
 
 
-class AnnotationError(ValueError):
+class AnnotationError(DataError):
   """An annotation file is malformed or refers to images that cannot be found."""
 
 

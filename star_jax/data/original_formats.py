@@ -62,6 +62,7 @@ import cv2
 import numpy as np
 
 from star_jax.datasets import get_spec
+from star_jax.errors import DataError
 
 CROP_RULES = ("max", "min", "height")
 
@@ -75,7 +76,7 @@ FIVE_POINTS = {
 TAG_HEADER = "tags"
 
 
-class FormatError(ValueError):
+class FormatError(DataError):
   """An original annotation file that does not have the expected format."""
 
 
