@@ -2,14 +2,14 @@
 
 Any config field can be overridden on the command line, e.g. `--config.optim.lr=1e-4`,
 `--config.num_train_steps=1000`, `--config.data.train_tsv=/data/wflw/train.tsv`. Running again
-with the same workdir resumes from its latest checkpoint.
+with the same workdir resumes from its latest checkpoint. SIGTERM or Ctrl-C saves a checkpoint
+at the current step and exits (143 / 130); a second Ctrl-C exits at once.
 """
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from star_jax import train_lib
+from star_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -19,10 +19,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  del argv
+  from star_jax import host
+  from star_jax import parallel
+  from star_jax import train_lib
+  host.configure_process(tensorflow=True)
+  parallel.initialize_distributed(_CONFIG.value)
+  with cli.graceful_stop() as stop:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value, should_stop=stop)
+  return stop.exit_code
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.absl_run(main)

@@ -4,51 +4,59 @@ Every field a module reads is declared here, so a typo in `--config.x.y=...` fai
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from star_jax.data.transforms import OFFICIAL_AUGMENT
 
 
 def get_base_config(dataset: str = "wflw") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.dataset = dataset          # key into star_jax.datasets.SPECS
+  # A built-in scheme ('wflw', '300w', 'cofw') or the path of a scheme .json file (README,
+  # "Train on your own data").
+  c.dataset = dataset
   c.seed = 0                   # params init, data order and augmentation draws
 
   # ---- data ----
   c.data = ml_collections.ConfigDict()
   # 'tsv': the files below; 'embedded': the synthetic dataset shipped with star-jax;
-  # 'tfds': the TFDS builder for `dataset` (manual download, see star_jax/data/tfds_builders.py).
+  # 'tfds': the TFDS builder for `dataset` (see star_jax/data/tfds_builders.py).
   c.data.source = "tsv"
   c.data.image_dir = f"data/{dataset}/images"
   c.data.train_tsv = f"data/{dataset}/train.tsv"
   c.data.val_tsv = ""          # empty: carve `val_fraction` of the training set
   c.data.val_fraction = 0.05
   c.data.test_tsv = f"data/{dataset}/test.tsv"
-  c.data.tfds_data_dir = ""    # source == 'tfds': TFDS data_dir ('' = TFDS default)
+  c.data.tfds_data_dir = ""    # source == 'tfds': TFDS data_dir ('' = $TFDS_DATA_DIR or TFDS's)
   c.data.embedded_dir = ""     # source == 'embedded': cache folder ('' = ~/.cache/star_jax)
+  # Decode every training image once before training starts and report all unreadable ones
+  # with their TSV lines (evaluation always does).
+  c.data.check_images = False
   c.data.image_size = 256      # network input (square); heatmaps are image_size // 4
   c.data.aug_prob = 1.0        # official: augmentation gate passes for every sample
-  c.data.augment = ml_collections.ConfigDict(dict(
-      flip=0.5, rotation_sigma_deg=18.0, scale_sigma=0.1, shift_sigma=0.05,
-      occlusion=0.4, blur=0.3, gamma=0.2, noise=0.2, gray=0.2))
+  c.data.augment = ml_collections.ConfigDict(OFFICIAL_AUGMENT)
   c.data.gaussian_sigma = 1.5  # point-map Gaussian at image_size resolution
   c.data.num_parallel_calls = -1  # tf.data.AUTOTUNE
   c.data.prefetch = 2
 
-  # ---- model (StackedHGNetV1 with AAM) ----
+  # ---- model ----
   c.model = ml_collections.ConfigDict()
-  c.model.num_stacks = 4
-  c.model.num_levels = 4
-  c.model.channels = 256
-  c.model.use_aam = True
+  c.model.name = "stacked_hourglass"  # star_jax.models registry (StackedHGNetV1 with AAM)
+  # Architecture: None means "from config.init_from's checkpoint, else the official value"
+  # (4 stacks, 4 levels, 256 channels, AAM heads); star_jax.finetune resolves them.
+  c.model.num_stacks = placeholder(int)
+  c.model.num_levels = placeholder(int)
+  c.model.channels = placeholder(int)
+  c.model.use_aam = placeholder(bool)
   c.model.dtype = "float32"    # compute dtype; 'bfloat16' for mixed precision (params stay f32)
+  c.model.precision = ""       # '' backend default; 'highest' for exact float32 on GPUs
 
-  # ---- loss, per stack i weighted 2^i / 2^(S-1) ----
+  # ---- loss: per stack i, 2^i / 2^(S-1) * sum(weight * term) ----
   c.loss = ml_collections.ConfigDict()
-  c.loss.star_weight = 1.0
-  c.loss.star_w = 1.0
-  c.loss.star_dist = "smoothl1"
-  c.loss.star_eps = 1e-5
-  c.loss.star_version = "v2"   # 'v2' (official default STARLoss_v2) or 'v1'
-  c.loss.pointmap_weight = 10.0
-  c.loss.edgemap_weight = 10.0
+  # name -> weight (star_jax.losses registry); 0 switches a term off. The official
+  # `--loss_func smoothl1` is `terms.star=0 terms.smoothl1=1`.
+  c.loss.terms = ml_collections.ConfigDict(dict(
+      star=1.0, pointmap=10.0, edgemap=10.0, smoothl1=0.0, l1=0.0, l2=0.0, wing=0.0))
+  c.loss.star = ml_collections.ConfigDict(dict(w=1.0, dist="smoothl1", eps=1e-5, version="v2"))
 
   # ---- optimisation ----
   c.optim = ml_collections.ConfigDict()
@@ -67,14 +75,27 @@ def get_base_config(dataset: str = "wflw") -> ml_collections.ConfigDict:
   c.ema.enabled = True
   c.ema.half_life_examples = 10000.0  # decay per step = 0.5 ** (batch_size / half_life)
 
-  # ---- cadence and logging ----
+  # ---- fine-tuning (README, "Train on your own data") ----
+  c.init_from = ""             # official .pkl, star-jax workdir or checkpoint; '' = from scratch
+  # 'default' (EMA of star-jax runs, 'net' of an official .pkl, as eval.py), 'ema' or 'raw'.
+  c.init_weights = "default"
+  # Parameters kept fixed: '' none, 'stem', or 'stem,stack0,...' (stem and the first stacks).
+  c.freeze = ""
+
+  # ---- cadence, model selection, logging ----
   c.log_every_steps = 50
   c.eval_every_steps = -1      # -1: once per epoch
   c.checkpoint_every_steps = -1  # -1: once per epoch
   c.keep_checkpoints = 3
   c.eval_batch_size = 32
-  c.nme_norm = "default"       # 'default', 'ocular' or 'pupil'
+  c.nme_norm = "default"       # 'default', 'ocular', 'pupil' or 'diagonal'
+  # Which weights the best model is chosen by: 'ema' (the validation NME of the EMA weights) or
+  # 'better' (the better of raw and EMA at each evaluation, the official rule).
+  c.best_weights = "ema"
 
-  # ---- multi-host ----
+  # ---- several processes (README, "Several processes") ----
   c.distributed = False        # call jax.distributed.initialize() at start
+  c.coordinator_address = ""   # 'host:port' of process 0 ('' = $JAX_COORDINATOR_ADDRESS / SLURM)
+  c.num_processes = -1         # -1: from the cluster environment
+  c.process_id = -1            # -1: from the cluster environment
   return c

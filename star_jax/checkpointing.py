@@ -1,30 +1,32 @@
-"""Checkpoints: training state (resume), the best model by validation NME, inference checkpoints.
+"""Checkpoints: training state (resume), the best model by validation NME, and loading any
+checkpoint for inference (`load_model`).
 
-Layout of a training workdir:
-  config.json                 the resolved configuration of the run
-  checkpoints/<step>/         orbax CheckpointManager step directories, items `state` (the full
-                              train state as a state dict) and `meta` (JSON: step, checksum,
-                              config, logging accumulators, best NME so far)
-  best/                       an inference checkpoint (below) of the best validation NME
-  metrics.jsonl, tensorboard/ logs (star_jax.logging_utils)
+Layout of a training workdir (the lock and config.json belong to `star_jax.workdir`):
+  checkpoints/<step>/   orbax CheckpointManager steps, items `state` (the train state as a state
+                        dict) and `meta` (JSON: step, checksum, config, model description, scheme,
+                        logging accumulators, best NME so far)
+  best/<step>/          orbax CheckpointManager keeping the step with the lowest validation NME
+                        (`best_fn`); an inference checkpoint (below)
+  corrupt_checkpoints/  steps that failed to restore, moved aside
 
-An inference checkpoint directory (`save_for_inference`) holds `model.json` (the model class and
-its fields), `config.json`, `variables/` (orbax; {"params", "batch_stats"}, the EMA weights for a
-training run) and optionally `variables_raw/` (the weights without EMA).
+An inference checkpoint is a directory with items `model` (JSON: the model description of
+`star_jax.models.describe`, the landmark scheme, the input size, optionally the run's config and
+extra facts such as the step and validation NME), `variables` ({"params", "batch_stats"}: the EMA
+weights of a training run) and optionally `variables_raw` (the weights without EMA). Everything
+in it is data: the network class comes from the model registry, never from the file.
 
 Atomicity: orbax writes every step into `<step>.orbax-checkpoint-tmp-*` and renames it when
-complete, and the manager ignores such directories, so a run killed at any moment leaves only
-complete steps behind. The best model is written the same way (temporary directory, rename).
-On top of that each step stores a CRC32 of the state; a step that fails to restore or whose
-checksum differs is moved to `<workdir>/corrupt_checkpoints/` with a warning and the previous
-step is used.
+complete, and the managers ignore such directories, so a run killed at any moment leaves only
+complete steps behind. Each training step also stores a CRC32 of the state; a step that fails to
+restore or whose checksum differs is moved to `corrupt_checkpoints/` with a one-line warning and
+the previous step is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
+import logging as py_logging
 import os
 import shutil
 import time
@@ -33,82 +35,61 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from star_jax import __version__
+from star_jax import datasets
+from star_jax import models
+from star_jax.errors import CheckpointError
 
 if TYPE_CHECKING:  # imported where used, so inference and the GPU check run without it
   import ml_collections
 
 PyTree = Any
 
-CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 CORRUPT_DIR = "corrupt_checkpoints"
-MODEL_FILE = "model.json"
-VARIABLES_DIR = "variables"
-RAW_VARIABLES_DIR = "variables_raw"
-BEST_META_FILE = "best.json"
+MODEL_ITEM = "model"
+VARIABLES_ITEM = "variables"
+RAW_VARIABLES_ITEM = "variables_raw"
+INFERENCE_ITEMS = (MODEL_ITEM, VARIABLES_ITEM, RAW_VARIABLES_ITEM)
+OFFICIAL_SUFFIXES = (".pkl", ".pth", ".pt")
+# Written by star-jax before the `model` item existed: model.json + variables/ (+ config.json).
+_LEGACY_MODEL_FILE = "model.json"
+_LEGACY_CONFIG_FILE = "config.json"
+_FORMAT = 2
+DEFAULT_IMAGE_SIZE = 256
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration files.
+# Configurations as JSON.
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
+def _tuples(value: Any) -> Any:
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """A ConfigDict from `config_to_json` output, typed like the base config where it can be."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  values = json.loads(text)
-  try:
-    from configs import base
-    config = base.get_base_config(values.get("dataset", "wflw"))
-    _merge(config, values)
-    return config
-  except ImportError:  # installed without the configs package
-    return ml_collections.ConfigDict(values)
-
-
-def _merge(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  for key, value in values.items():
-    if isinstance(value, Mapping) and key in config and isinstance(
-        config[key], ml_collections.ConfigDict):
-      _merge(config[key], value)
-      continue
-    if key in config and isinstance(config[key], tuple) and isinstance(value, list):
-      value = tuple(value)
-    with config.unlocked():
-      config[key] = value
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Writes the resolved configuration to `<workdir>/config.json` (atomically)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  _write_text_atomic(path, config_to_json(config))
-  return path
-
-
-def read_config(path: str) -> ml_collections.ConfigDict:
-  with open(path) as f:
-    return config_from_json(f.read())
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """A ConfigDict from `config_to_json` output (JSON lists become tuples, as configs write them)."""
+  import ml_collections
+  return ml_collections.ConfigDict(_tuples(json.loads(text)))
 
 
 # ---------------------------------------------------------------------------------------------
-# Training-state checkpoints.
+# orbax helpers.
+
+def _host_tree(tree: PyTree) -> PyTree:
+  return jax.tree.map(np.asarray, tree)
+
 
 def tree_checksum(tree: PyTree) -> int:
   """CRC32 over the bytes of every leaf in flattening order (detects silent corruption)."""
@@ -118,15 +99,55 @@ def tree_checksum(tree: PyTree) -> int:
   return crc
 
 
-def _host_tree(tree: PyTree) -> PyTree:
-  return jax.tree.map(np.asarray, tree)
-
-
 def _process_local() -> ocp.options.MultiprocessingOptions:
   """Orbax options for reads/writes that one process does alone (no cross-process barriers)."""
   me = jax.process_index()
   return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
 
+
+class _QuietOrbaxFailures(py_logging.Filter):
+  """Drops orbax's own error records while a failing read is reported by us in one line."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno < py_logging.ERROR
+
+
+def _read_item(directory: str, handler: Any, target: PyTree | None = None) -> Any:
+  """Restores one orbax item directory (JSON or arrays), raising CheckpointError when it fails."""
+  checkpointer = ocp.Checkpointer(handler, multiprocessing_options=_process_local())
+  quiet = _QuietOrbaxFailures()
+  root = py_logging.getLogger()
+  root.addFilter(quiet)
+  try:
+    if isinstance(handler, ocp.JsonCheckpointHandler):
+      return checkpointer.restore(directory)
+    if target is not None:
+      return _host_tree(checkpointer.restore(directory, args=ocp.args.StandardRestore(
+          _host_tree(target))))
+    return _host_tree(checkpointer.restore(directory, args=ocp.args.StandardRestore()))
+  except CheckpointError:
+    raise
+  except Exception as e:  # corrupt or truncated files surface as many error types
+    raise CheckpointError(f"{directory}: cannot be restored ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})"[:500]) from None
+  finally:
+    root.removeFilter(quiet)
+    checkpointer.close()
+
+
+def _read_json(directory: str) -> dict[str, Any]:
+  data = _read_item(directory, ocp.JsonCheckpointHandler())
+  if not isinstance(data, Mapping):
+    raise CheckpointError(f"{directory}: holds JSON that is not an object")
+  return dict(data)
+
+
+def _read_arrays(directory: str, target: PyTree | None = None) -> PyTree:
+  return _read_item(directory, ocp.StandardCheckpointHandler(), target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-state checkpoints.
 
 class TrainCheckpoints:
   """Periodic training checkpoints under `<workdir>/checkpoints/`, keeping the newest N.
@@ -167,35 +188,32 @@ class TrainCheckpoints:
 
   def restore_step(self, step: int, target: PyTree | None = None
                    ) -> tuple[PyTree, dict[str, Any]]:
-    """Restores one step (raises if unreadable or its checksum differs)."""
+    """Restores one step (raises CheckpointError if unreadable or its checksum differs)."""
     return restore_step_dir(os.path.join(self.directory, str(step)), target)
 
   def restore_latest(self, target: PyTree | None = None
                      ) -> tuple[PyTree, dict[str, Any]] | None:
     """The newest step that restores cleanly, or None when there is no step at all.
 
-    Newer steps that fail are reported with a warning and, once an older step has restored
-    (proof that the failure is the files', not the reader's), moved to
+    Newer steps that fail are reported with one warning line each and, once an older step has
+    restored (proof that the failure is the files', not the reader's), moved to
     `<workdir>/corrupt_checkpoints/` so that training can write those step numbers again.
-    Raises when steps exist but none can be read.
+    Raises CheckpointError when steps exist but none can be read.
     """
     failures = []
     for step in reversed(self.all_steps()):
       try:
         restored = self.restore_step(step, target)
-      except Exception as e:  # corrupt or truncated files surface as many error types
-        path = os.path.join(self.directory, str(step))
-        logging.warning("Checkpoint %s cannot be restored (%s: %s); falling back to the "
-                        "previous one.", path, type(e).__name__, e)
+      except CheckpointError as e:
+        logging.warning("%s; falling back to the previous checkpoint", e)
         failures.append((step, e))
         continue
       for bad_step, _ in failures:
         self._quarantine(bad_step)
       return restored
     if failures:
-      details = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in failures)
-      raise IOError(f"no checkpoint under {self.directory} can be restored ({details}); move "
-                    "the directory away to start afresh")
+      raise CheckpointError(f"no checkpoint under {self.directory} can be restored (newest: "
+                            f"{failures[0][1]}); move the directory away to start afresh")
     return None
 
   def _quarantine(self, step: int) -> None:
@@ -215,233 +233,308 @@ class TrainCheckpoints:
 
 def restore_step_dir(step_dir: str, target: PyTree | None = None
                      ) -> tuple[PyTree, dict[str, Any]]:
-  """Reads `state` and `meta` of one step directory and checks the state's checksum.
+  """Reads `state` and `meta` of one training step directory and checks the state's checksum.
 
   With `target` (a pytree of arrays of the expected structure, shapes and dtypes) the state is
   restored into that structure; without it, as nested dicts of numpy arrays.
   """
-  meta = _read_meta(step_dir)
-  checkpointer = ocp.StandardCheckpointer(multiprocessing_options=_process_local())
-  try:
-    if target is not None:
-      state = checkpointer.restore(os.path.join(step_dir, "state"), _host_tree(target))
-    else:
-      state = checkpointer.restore(os.path.join(step_dir, "state"))
-  finally:
-    checkpointer.close()
-  state = _host_tree(state)
+  meta_dir = os.path.join(step_dir, "meta")
+  if not os.path.isdir(meta_dir):
+    raise CheckpointError(f"{step_dir} has no 'meta' item: not a star-jax training checkpoint")
+  meta = _read_json(meta_dir)
+  state = _read_arrays(os.path.join(step_dir, "state"), target)
   expected = meta.get("checksum")
   if expected is not None and tree_checksum(state) != expected:
-    raise IOError(f"checksum mismatch in {step_dir}: the stored arrays were modified")
+    raise CheckpointError(f"{step_dir}: checksum mismatch: the stored arrays were modified")
   return state, meta
 
 
-def _read_meta(step_dir: str) -> dict[str, Any]:
-  meta_dir = os.path.join(step_dir, "meta")
-  if not os.path.isdir(meta_dir):
-    raise FileNotFoundError(f"{step_dir} has no 'meta' item: not a star-jax training checkpoint")
-  checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler(),
-                                  multiprocessing_options=_process_local())
-  try:
-    return dict(checkpointer.restore(meta_dir))
-  finally:
-    checkpointer.close()
+# ---------------------------------------------------------------------------------------------
+# What a loaded network comes with.
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A network ready for inference and the facts needed to use it."""
+
+  model: Any                  # a registered flax module (`star_jax.models`)
+  variables: PyTree           # {"params", "batch_stats"}
+  spec: datasets.DatasetSpec  # the landmark scheme it predicts
+  image_size: int             # square input side it was trained at
+  config: Any = None          # the run's ConfigDict (star-jax training runs), else None
+  source: str = ""            # the path it was loaded from
+  weights: str = ""           # 'ema', 'raw', or the official state-dict key
+  extra: dict = dataclasses.field(default_factory=dict)  # e.g. step and validation NME
+
+  @property
+  def num_points(self) -> int:
+    return int(self.spec.num_points)
+
+
+def model_record(model, spec: datasets.DatasetSpec, image_size: int,
+                 config: ml_collections.ConfigDict | None = None,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The JSON `model` item of an inference checkpoint."""
+  return {"format": _FORMAT, "star_jax_version": __version__, "model": models.describe(model),
+          "scheme": spec.to_dict(), "image_size": int(image_size),
+          "config": None if config is None else config_to_json(config),
+          "extra": dict(extra or {})}
+
+
+def _from_record(record: Mapping[str, Any], variables: PyTree, where: str, weights: str
+                 ) -> LoadedModel:
+  model = models.from_description(record.get("model"), where)
+  spec = datasets.scheme_from_dict(record.get("scheme"), where, for_training=False) if record.get(
+      "scheme") is not None else datasets.spec_for_num_points(model.num_points)
+  image_size = record.get("image_size", DEFAULT_IMAGE_SIZE)
+  if isinstance(image_size, bool) or not isinstance(image_size, int) or not 0 < image_size < 8192:
+    raise CheckpointError(f"{where}: image_size must be a positive integer, got {image_size!r}")
+  config_text = record.get("config")
+  config = config_from_json(config_text) if isinstance(config_text, str) else None
+  extra = record.get("extra") if isinstance(record.get("extra"), Mapping) else {}
+  return LoadedModel(model, variables, spec, image_size, config, where, weights, dict(extra))
 
 
 # ---------------------------------------------------------------------------------------------
 # Inference checkpoints.
 
-def _model_fields(model) -> dict[str, Any]:
-  fields = {}
-  for field in dataclasses.fields(model):
-    if field.name in ("parent", "name"):
-      continue
-    value = getattr(model, field.name)
-    if field.name == "dtype" or field.name.endswith("_dtype"):
-      value = None if value is None else jnp.dtype(value).name
-    elif field.name == "bn_axis_name":
-      value = None  # inference never synchronises statistics
-    fields[field.name] = _jsonable(value)
-  return fields
+def _inference_args(record: Mapping[str, Any], variables: PyTree,
+                    raw_variables: PyTree | None) -> ocp.args.Composite:
+  items = {MODEL_ITEM: ocp.args.JsonSave(dict(record)),
+           VARIABLES_ITEM: ocp.args.StandardSave(_host_tree(variables))}
+  if raw_variables is not None:
+    items[RAW_VARIABLES_ITEM] = ocp.args.StandardSave(_host_tree(raw_variables))
+  return ocp.args.Composite(**items)
 
 
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, (tuple, list)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, np.generic):
-    return value.item()
-  return value
-
-
-def _tuples(value: Any) -> Any:
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
-def _model_from_description(description: Mapping[str, Any]):
-  module_name, _, class_name = description["class"].rpartition(".")
-  cls = getattr(importlib.import_module(module_name), class_name)
-  fields = {}
-  for name, value in description["fields"].items():
-    if name == "dtype" or name.endswith("_dtype"):
-      value = None if value is None else jnp.dtype(value)
-    else:
-      value = _tuples(value)
-    fields[name] = value
-  return cls(**fields)
-
-
-def _save_variables(directory: str, variables: PyTree) -> None:
-  checkpointer = ocp.StandardCheckpointer(multiprocessing_options=_process_local())
-  try:
-    checkpointer.save(directory, _host_tree(variables))
-    checkpointer.wait_until_finished()
-  finally:
-    checkpointer.close()
-
-
-def _load_variables(directory: str) -> PyTree:
-  checkpointer = ocp.StandardCheckpointer(multiprocessing_options=_process_local())
-  try:
-    return _host_tree(checkpointer.restore(directory))
-  finally:
-    checkpointer.close()
-
-
-def save_for_inference(out_dir: str, model, variables: PyTree,
-                       config: ml_collections.ConfigDict | None = None, *,
+def save_for_inference(out_dir: str, model, variables: PyTree, *, spec: datasets.DatasetSpec,
+                       image_size: int, config: ml_collections.ConfigDict | None = None,
                        raw_variables: PyTree | None = None,
                        extra: Mapping[str, Any] | None = None) -> str:
-  """Writes a standalone inference checkpoint that `load_for_inference(out_dir)` reads.
+  """Writes an inference checkpoint directory that `load_model(out_dir)` reads.
 
   `variables` ({"params", "batch_stats"}) are the default weights (EMA for a training run);
-  `raw_variables`, when given, are what `load_for_inference(..., ema=False)` returns. `extra`
-  is stored in `best.json` (e.g. step and validation NME). An existing `out_dir` is replaced
-  only once the new one is complete.
+  `raw_variables`, when given, are what `load_model(..., weights="raw")` returns. An existing
+  `out_dir` is replaced (orbax writes the new one under a temporary name first).
   """
   out_dir = os.path.abspath(out_dir.rstrip("/"))
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = f"{out_dir}.tmp-{os.getpid()}-{int(time.time() * 1e3)}"
-  os.makedirs(tmp)
-  description = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
-                 "fields": _model_fields(model)}
-  _write_text_atomic(os.path.join(tmp, MODEL_FILE), json.dumps(description, indent=2))
-  if config is not None:
-    _write_text_atomic(os.path.join(tmp, CONFIG_FILE), config_to_json(config))
-  if extra is not None:
-    _write_text_atomic(os.path.join(tmp, BEST_META_FILE), json.dumps(dict(extra), indent=2))
-  _save_variables(os.path.join(tmp, VARIABLES_DIR), variables)
-  if raw_variables is not None:
-    _save_variables(os.path.join(tmp, RAW_VARIABLES_DIR), raw_variables)
-  # Swap in: the old directory survives under `.old` until the new one is in place.
-  old = f"{out_dir}.old"
-  if os.path.exists(old):
-    shutil.rmtree(old)
-  if os.path.exists(out_dir):
-    os.replace(out_dir, old)
-  os.replace(tmp, out_dir)
-  if os.path.exists(old):
-    shutil.rmtree(old)
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(),
+                                  multiprocessing_options=_process_local())
+  try:
+    checkpointer.save(out_dir, _inference_args(
+        model_record(model, spec, image_size, config, extra), variables, raw_variables),
+        force=True)
+  finally:
+    checkpointer.close()
   return out_dir
 
 
-def read_best_meta(workdir: str) -> dict[str, Any] | None:
-  """`best.json` of `<workdir>/best` (step, val_nme), or None when no best model exists yet."""
-  for name in (BEST_DIR, BEST_DIR + ".old"):
-    path = os.path.join(workdir, name, BEST_META_FILE)
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
-  return None
+class BestCheckpoints:
+  """`<workdir>/best/`: the inference checkpoint of the lowest validation NME seen so far.
+
+  An orbax CheckpointManager with `best_fn` (keeps the one step with the lowest `val_nme`).
+  """
+
+  def __init__(self, workdir: str):
+    self.directory = os.path.join(os.path.abspath(workdir), BEST_DIR)
+    # Only process 0 keeps the best model: no cross-process barriers.
+    os.makedirs(self.directory, exist_ok=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda metrics: metrics["val_nme"], best_mode="min",
+        enable_async_checkpointing=False, cleanup_tmp_directories=True, create=False,
+        multiprocessing_options=_process_local())
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=INFERENCE_ITEMS)
+
+  def save(self, step: int, val_nme: float, model, variables: PyTree, *,
+           spec: datasets.DatasetSpec, image_size: int, config: ml_collections.ConfigDict,
+           raw_variables: PyTree | None = None, extra: Mapping[str, Any] | None = None) -> None:
+    extra = dict(extra or {}, step=int(step), val_nme=float(val_nme))
+    record = model_record(model, spec, image_size, config, extra)
+    self.manager.save(int(step), args=_inference_args(record, variables, raw_variables),
+                      metrics={"val_nme": float(val_nme)}, force=True)
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
 
 
-def _load_inference_dir(path: str, ema: bool):
-  with open(os.path.join(path, MODEL_FILE)) as f:
-    model = _model_from_description(json.load(f))
-  config_path = os.path.join(path, CONFIG_FILE)
-  config = read_config(config_path) if os.path.exists(config_path) else None
-  raw_dir = os.path.join(path, RAW_VARIABLES_DIR)
-  if not ema and os.path.isdir(raw_dir):
-    variables = _load_variables(raw_dir)
+def _is_inference_dir(path: str) -> bool:
+  return (os.path.isdir(os.path.join(path, MODEL_ITEM))
+          and os.path.isdir(os.path.join(path, VARIABLES_ITEM))) or os.path.isfile(
+              os.path.join(path, _LEGACY_MODEL_FILE))
+
+
+def _numbered_subdirs(path: str) -> list[int]:
+  try:
+    names = os.listdir(path)
+  except OSError:
+    return []
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(path, n)))
+
+
+def _load_inference_dir(path: str, weights: str) -> LoadedModel:
+  raw_dir = os.path.join(path, RAW_VARIABLES_ITEM)
+  label = "raw" if weights == "raw" else "ema"
+  if os.path.isfile(os.path.join(path, _LEGACY_MODEL_FILE)):
+    record = _read_legacy_record(path)
   else:
-    if not ema:
-      logging.info("%s stores one set of weights; ema=False returns it", path)
-    variables = _load_variables(os.path.join(path, VARIABLES_DIR))
-  return model, variables, config
+    record = _read_json(os.path.join(path, MODEL_ITEM))
+  if weights == "raw" and os.path.isdir(raw_dir):
+    variables = _read_arrays(raw_dir)
+  else:
+    if weights == "raw":
+      logging.info("%s stores one set of weights; --weights raw returns it", path)
+      label = "single"
+    variables = _read_arrays(os.path.join(path, VARIABLES_ITEM))
+  return _from_record(record, variables, path, label)
 
 
-def _is_step_dir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta"))
+def _read_legacy_record(path: str) -> dict[str, Any]:
+  """The `model` record of a directory written before the `model` item existed."""
+  where = os.path.join(path, _LEGACY_MODEL_FILE)
+  try:
+    with open(where, encoding="utf-8") as f:
+      description = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{where}: cannot be read ({e})") from None
+  record: dict[str, Any] = {"model": description}
+  model = models.from_description(description, where)
+  config_path = os.path.join(path, _LEGACY_CONFIG_FILE)
+  if os.path.isfile(config_path):
+    with open(config_path, encoding="utf-8") as f:
+      record["config"] = f.read()
+    config = config_from_json(record["config"])
+    record["image_size"] = int(config.data.image_size)
+    record["scheme"] = datasets.get_spec(str(config.dataset)).to_dict()
+  else:
+    record["scheme"] = datasets.spec_for_num_points(model.num_points).to_dict()
+  best = os.path.join(path, "best.json")
+  if os.path.isfile(best):
+    with open(best, encoding="utf-8") as f:
+      record["extra"] = json.load(f)
+  return record
 
 
-def _model_from_config(config: ml_collections.ConfigDict):
-  from star_jax import datasets
-  from star_jax.models import create_model
-  return create_model(config.model, datasets.get_spec(config.dataset))
+def _best_step_dir(best_dir: str) -> str | None:
+  """The step directory of `best/` with the lowest recorded validation NME (else the newest)."""
+  candidates = []
+  for step in _numbered_subdirs(best_dir):
+    step_dir = os.path.join(best_dir, str(step))
+    if not _is_inference_dir(step_dir):
+      continue
+    try:
+      extra = _read_json(os.path.join(step_dir, MODEL_ITEM)).get("extra", {})
+      nme = float(extra.get("val_nme", np.inf))
+    except (CheckpointError, TypeError, ValueError):
+      nme = np.inf
+    candidates.append((nme, -step, step_dir))
+  return min(candidates)[2] if candidates else None
 
 
-def _from_train_state(state: Mapping[str, Any], meta: Mapping[str, Any], ema: bool, where: str):
-  config = config_from_json(meta["config"]) if "config" in meta else None
-  if config is None:
-    raise ValueError(f"{where}: the checkpoint stores no configuration")
-  prefix = "ema_" if ema and "ema_params" in state else ""
+def read_best_meta(workdir: str) -> dict[str, Any] | None:
+  """The `extra` facts (step, val_nme, ...) of `<workdir>/best`, or None when there is none."""
+  step_dir = _best_step_dir(os.path.join(workdir, BEST_DIR))
+  if step_dir is None:
+    return None
+  return dict(_read_json(os.path.join(step_dir, MODEL_ITEM)).get("extra", {}))
+
+
+def _from_train_state(state: Mapping[str, Any], meta: Mapping[str, Any], weights: str,
+                      where: str) -> LoadedModel:
+  if "config" not in meta:
+    raise CheckpointError(f"{where}: the checkpoint stores no configuration")
+  config = config_from_json(meta["config"])
+  use_ema = weights != "raw" and "ema_params" in state
+  prefix = "ema_" if use_ema else ""
   variables = {"params": state[prefix + "params"],
                "batch_stats": state.get(prefix + "batch_stats", {})}
-  return _model_from_config(config), variables, config
+  record = {"model": meta.get("model"), "scheme": meta.get("scheme"),
+            "image_size": int(config.data.image_size), "config": meta["config"],
+            "extra": {"step": int(meta.get("step", 0))}}
+  if record["model"] is None:  # written before descriptions were stored
+    spec = datasets.get_spec(str(config.dataset))
+    record["model"] = models.describe(models.create_model(config.model, spec))
+    record["scheme"] = spec.to_dict()
+  return _from_record(record, variables, where, "ema" if use_ema else "raw")
 
 
-def _latest_train_checkpoint(directory: str):
-  steps = sorted((int(n) for n in os.listdir(directory)
-                  if n.isdigit() and _is_step_dir(os.path.join(directory, n))), reverse=True)
+def _latest_train_checkpoint(directory: str, weights: str) -> LoadedModel:
+  steps = [s for s in reversed(_numbered_subdirs(directory))
+           if os.path.isdir(os.path.join(directory, str(s), "meta"))]
   if not steps:
-    raise FileNotFoundError(f"{directory} contains no complete checkpoint step directory")
+    raise CheckpointError(f"{directory}: no complete training checkpoint step in it")
+  errors = []
   for step in steps:
     step_dir = os.path.join(directory, str(step))
     try:
-      return restore_step_dir(step_dir), step_dir
-    except Exception as e:
-      logging.warning("Checkpoint %s cannot be restored (%s: %s); trying the previous one.",
-                      step_dir, type(e).__name__, e)
-  raise IOError(f"no checkpoint in {directory} could be restored")
+      state, meta = restore_step_dir(step_dir)
+      return _from_train_state(state, meta, weights, step_dir)
+    except CheckpointError as e:
+      logging.warning("%s; trying the previous checkpoint", e)
+      errors.append(e)
+  raise CheckpointError(f"{directory}: no training checkpoint can be restored (newest: "
+                        f"{errors[0]})")
 
 
-def load_for_inference(path: str, *, ema: bool | None = None):
-  """`(model, variables, config)` for evaluation or prediction from any star-jax checkpoint.
+def is_official_checkpoint(path: str) -> bool:
+  return os.path.isfile(path) and path.lower().endswith(OFFICIAL_SUFFIXES)
+
+
+def _load_official(path: str, weights: str) -> LoadedModel:
+  from star_jax import official
+  use_ema = weights == "ema"
+  arch, variables = official.read_official(path, ema=use_ema)
+  model = official.model_from_architecture(arch, precision="highest")
+  return LoadedModel(model, variables, official.scheme_of_architecture(arch),
+                     DEFAULT_IMAGE_SIZE, None, path,
+                     "net_ema" if use_ema else "net")
+
+
+WEIGHTS = ("default", "ema", "raw")
+
+
+def load_model(path: str, *, weights: str = "default") -> LoadedModel:
+  """Any checkpoint, ready for inference; the one loader behind eval, predict, export, convert.
 
   `path` may be:
     - a training workdir: its best model when present, else the latest training checkpoint;
-    - an inference directory written by `save_for_inference` (e.g. `<workdir>/best`, or the
-      output of `python -m star_jax.convert`);
-    - the `checkpoints/` directory of a run (latest readable step) or one step directory;
-    - an official STAR `.pkl` checkpoint (converted on the fly; `"net"`, the weights the official
-      tester and evaluate.py load, unless `ema=True` asks for `"net_ema"`).
-  `ema=None` (default) means the EMA weights of star-jax runs and `"net"` of an official file;
-  `ema=False` gives the raw weights of star-jax runs. The model is built for
-  inference (no BatchNorm synchronisation); `config` is the run's configuration (for an
-  official checkpoint, the dataset's base configuration).
+    - an inference checkpoint directory (`<workdir>/best/<step>`, the output of
+      `python -m star_jax.convert`);
+    - the `checkpoints/` or `best/` directory of a run, or one of their step directories;
+    - an official STAR `.pkl` (read as data and converted on the fly).
+  `weights`: 'default' (the EMA weights of star-jax runs; `"net"` of an official file, as the
+  official tester and evaluate.py use), 'ema' or 'raw' (for an official file: `"net_ema"` or
+  `"net"`). The model is built for inference (no BatchNorm synchronisation).
+  Raises CheckpointError (one line, naming the path) for anything that is not a readable
+  checkpoint.
   """
-  path = os.path.abspath(os.path.expanduser(path))
+  if weights not in WEIGHTS:
+    raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.isfile(path):
-    if path.endswith((".pkl", ".pth", ".pt")):
-      from star_jax import convert
-      model, variables = convert.load_official_checkpoint(path, ema=bool(ema))
-      return model, variables, convert.config_for_model(model)
-    raise ValueError(f"{path} is a file but not an official .pkl checkpoint; pass a directory")
+    if is_official_checkpoint(path):
+      return _load_official(path, weights)
+    raise CheckpointError(f"{path}: a file that is not an official STAR checkpoint "
+                          f"({', '.join(OFFICIAL_SUFFIXES)}); star-jax checkpoints are "
+                          "directories")
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"checkpoint path {path} does not exist")
-  ema = True if ema is None else ema
-  if os.path.exists(os.path.join(path, MODEL_FILE)):
-    return _load_inference_dir(path, ema)
-  for name in (BEST_DIR, BEST_DIR + ".old"):
-    best = os.path.join(path, name)
-    if os.path.exists(os.path.join(best, MODEL_FILE)):
-      return _load_inference_dir(best, ema)
-  if _is_step_dir(path):
+    raise CheckpointError(f"{path}: no such checkpoint file or directory")
+  if _is_inference_dir(path):
+    return _load_inference_dir(path, weights)
+  if os.path.isdir(os.path.join(path, "meta")) and os.path.isdir(os.path.join(path, "state")):
     state, meta = restore_step_dir(path)
-    return _from_train_state(state, meta, ema, path)
+    return _from_train_state(state, meta, weights, path)
+  best = _best_step_dir(os.path.join(path, BEST_DIR)) or _best_step_dir(path)
+  if best is not None:
+    return _load_inference_dir(best, weights)
+  legacy_best = os.path.join(path, BEST_DIR)
+  if _is_inference_dir(legacy_best):
+    return _load_inference_dir(legacy_best, weights)
   ckpt_dir = os.path.join(path, CHECKPOINTS_DIR)
-  directory = ckpt_dir if os.path.isdir(ckpt_dir) else path
-  (state, meta), step_dir = _latest_train_checkpoint(directory)
-  return _from_train_state(state, meta, ema, step_dir)
+  if os.path.isdir(ckpt_dir):
+    return _latest_train_checkpoint(ckpt_dir, weights)
+  if _numbered_subdirs(path):
+    return _latest_train_checkpoint(path, weights)
+  raise CheckpointError(f"{path}: not a star-jax checkpoint (expected a training workdir, a "
+                        "checkpoint directory or an official .pkl)")

@@ -6,7 +6,8 @@ A user mistake ends in one line on stderr and an exit code, never a traceback:
 
 - `star_jax.errors.StarJaxError` subclasses carry their exit code (2 usage, 1 data);
 - an `OSError` about a path (missing file, permission denied, disk full) is exit 1;
-- Ctrl-C is `interrupted` and exit 130 (training handles its signals itself: it saves first);
+- Ctrl-C is `interrupted` and exit 130 (training asks `graceful_stop` instead: it saves first,
+  then exits 130, or 143 for SIGTERM);
 - flag-parsing errors of absl entry points are exit 2.
 
 `STAR_JAX_DEBUG=1` re-raises instead, so the traceback is shown. Any other exception is a
@@ -15,9 +16,11 @@ programming error and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from star_jax import errors
 
@@ -75,6 +78,33 @@ def main_wrapper(fn: Callable[[Sequence[str] | None], int | None]
   return wrapped
 
 
+def _load_config_files() -> None:
+  """Loads every `config_flags` config file now, so that a missing or broken one is a usage
+  error naming the file (ml_collections otherwise defers the failure to first use)."""
+  from absl import flags
+  for name in list(flags.FLAGS):
+    flag = flags.FLAGS[name]
+    if not hasattr(flag, "config_filename") or flag.name != name:
+      continue
+    path = str(flag.config_filename).split(":")[0]
+    try:
+      value = flag.value
+      # A file that failed to load gives a stand-in that raises on first use.
+      failure = (object.__getattribute__(value, "_error")
+                 if type(value).__name__ == "_ErrorConfig" else None)
+    except Exception as e:  # config files are user code: any failure is theirs
+      failure = e
+    if failure is None:
+      continue
+    if debug_enabled():
+      raise failure
+    if path and not os.path.exists(path):
+      error_exit(f"--{name} {path}: no such config file", errors.UsageError.exit_code)
+    cause = failure.__cause__ or failure
+    error_exit(f"--{name} {path}: {type(cause).__name__}: {one_line(cause)}",
+               errors.UsageError.exit_code)
+
+
 def absl_run(main: Callable[[list[str]], int | None]) -> NoReturn:
   """`absl.app.run(main)` with flag errors as `error: ...` + exit 2 and `main` under `run`."""
   from absl import app
@@ -82,11 +112,20 @@ def absl_run(main: Callable[[list[str]], int | None]) -> NoReturn:
 
   def parse(argv: list[str]) -> list[str]:
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
     except flags.Error as e:
       if debug_enabled():
         raise
-      error_exit(e, errors.UsageError.exit_code)
+      root = e
+      while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+      if root is e:
+        error_exit(e, errors.UsageError.exit_code)
+      # A config file that raised: name the flag and the exception it raised.
+      error_exit(f"{one_line(e).split(': ')[0]}: {type(root).__name__}: {one_line(root)}",
+                 errors.UsageError.exit_code)
+    _load_config_files()
+    return rest
 
   def guarded(argv: list[str]) -> int:
     if len(argv) > 1:
@@ -95,3 +134,47 @@ def absl_run(main: Callable[[list[str]], int | None]) -> NoReturn:
 
   app.run(guarded, flags_parser=parse)
   sys.exit(0)  # app.run exits itself; this keeps type checkers and readers sure of it
+
+
+class StopRequest:
+  """Set by SIGTERM / SIGINT while `graceful_stop` is active; call it to ask whether to stop."""
+
+  def __init__(self):
+    self.signal: int | None = None
+
+  def __call__(self) -> bool:
+    return self.signal is not None
+
+  @property
+  def exit_code(self) -> int:
+    """128 + the signal number (143 for SIGTERM, 130 for Ctrl-C), 0 when none came."""
+    return 0 if self.signal is None else 128 + int(self.signal)
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[StopRequest]:
+  """SIGTERM and SIGINT ask the work to stop at its next safe point instead of killing it.
+
+  The first signal sets the returned `StopRequest` (the training loop then saves a checkpoint
+  and returns); a second one exits at once with 128 + its number. The previous handlers are
+  restored on exit. Entry points only: signal handlers belong to the process.
+  """
+  stop = StopRequest()
+
+  def handle(signum, frame):
+    del frame
+    if stop.signal is not None:
+      print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr)
+      sys.stderr.flush()
+      os._exit(128 + signum)
+    stop.signal = signum
+    print(f"\n{signal.Signals(signum).name}: finishing the current step and saving a "
+          "checkpoint (send it again to exit at once)", file=sys.stderr)
+    sys.stderr.flush()
+
+  previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield stop
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)

@@ -1,18 +1,28 @@
-"""Dataset facts: point counts, edges, flip pairs, NME normalisation, subsets.
+"""Landmark schemes: point counts, edges, flip pairs, NME normalisation, subsets.
 
-Every other module reads these tables; no point index is written anywhere else. The values are
-the ones the official STAR configuration (conf/alignment.py) uses for WFLW, 300W and COFW.
+Every other module reads these tables; no point index is written anywhere else. The built-in
+schemes are the ones the official STAR configuration (conf/alignment.py) uses for WFLW, 300W
+and COFW. A scheme of your own is a JSON file (`load_scheme`, format in the README, "Train on
+your own data"); `get_spec` takes a built-in name or the path of such a file, and checkpoints
+store the scheme they were trained with (`DatasetSpec.to_dict`), so evaluation and prediction
+need nothing else.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import json
+import os
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from star_jax.errors import UsageError
+
 # A normalisation end point is one landmark index or several whose mean is used.
 NormIndex = int | tuple[int, ...]
+# 'diagonal': the diagonal of the ground-truth landmarks' bounding box (schemes without eyes).
+NORMS = ("ocular", "pupil", "diagonal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,17 +42,23 @@ class DatasetSpec:
   num_points: int
   edges: tuple[Edge, ...]
   flip_pairs: tuple[tuple[int, int], ...]
-  # NME normalisers: (left, right) end points of the inter-ocular / inter-pupil distance.
-  ocular: tuple[NormIndex, NormIndex]
-  pupil: tuple[NormIndex, NormIndex]
+  # NME normalisers: (left, right) end points of the inter-ocular / inter-pupil distance; None
+  # when the scheme has no such points.
+  ocular: tuple[NormIndex, NormIndex] | None
+  pupil: tuple[NormIndex, NormIndex] | None
   # The normaliser the official code uses when norm_type == 'default'.
   default_norm: str
   # FR/AUC threshold the official evaluation uses for this dataset.
   failure_threshold: float
   # Names of the 0/1 attribute tags in the TSV (WFLW only); each defines a subset.
   attribute_tags: tuple[str, ...] = ()
-  # 300W: subsets defined by substrings of the image path (common/challenge/full).
+  # 300W: subsets defined by substrings of the image path (common/challenge/full), matched on
+  # the path relative to the image folder.
   path_subsets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+  # The horizontal mirror is `x -> W + flip_offset - x`: -1 for pixel centres; COFW's official
+  # models were trained with 0 (the official Flip chooses it by landmark count, 29 -> 0).
+  flip_offset: int = -1
+  point_names: tuple[str, ...] = ()
 
   @property
   def num_edges(self) -> int:
@@ -55,26 +71,40 @@ class DatasetSpec:
       perm[a], perm[b] = b, a
     return perm
 
-  def edge_to_point(self) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed E2H 1x1 convolution: weight `(num_edges, num_points)` and bias `(num_points,)`.
-
-    A point takes the sum of the edge maps it lies on; a point on no edge gets a constant 1.
-    """
-    weight = np.zeros((self.num_edges, self.num_points), np.float32)
-    for e, edge in enumerate(self.edges):
-      weight[e, list(edge.points)] = 1.0
-    bias = (weight.sum(axis=0) == 0).astype(np.float32)
-    return weight, bias
-
-  def norm_indices(self, norm: str = "default") -> tuple[NormIndex, NormIndex]:
-    """The (left, right) normalisation end points for `norm` in {'default','ocular','pupil'}."""
+  def resolve_norm(self, norm: str = "default") -> str:
+    """'default' -> the scheme's own normaliser; checks the scheme defines the one asked for."""
     if norm == "default":
       norm = self.default_norm
-    if norm == "ocular":
-      return self.ocular
-    if norm == "pupil":
-      return self.pupil
-    raise ValueError(f"unknown NME normalisation {norm!r}; use 'default', 'ocular' or 'pupil'")
+    if norm not in NORMS:
+      raise UsageError(f"unknown NME normalisation {norm!r}; use 'default', "
+                       + ", ".join(repr(n) for n in NORMS))
+    if norm != "diagonal" and getattr(self, norm) is None:
+      raise UsageError(f"scheme {self.name!r} defines no {norm} points; use "
+                       f"{self.default_norm!r} or 'diagonal'")
+    return norm
+
+  def norm_indices(self, norm: str = "default") -> tuple[NormIndex, NormIndex] | None:
+    """The (left, right) normalisation end points for `norm`; None for 'diagonal'."""
+    norm = self.resolve_norm(norm)
+    return None if norm == "diagonal" else getattr(self, norm)
+
+  def to_dict(self) -> dict[str, Any]:
+    """Plain JSON data that `scheme_from_dict` turns back into this spec."""
+    def index(i):
+      return list(i) if isinstance(i, tuple) else i
+    pair = lambda p: None if p is None else [index(p[0]), index(p[1])]
+    return {
+        "name": self.name, "num_points": self.num_points,
+        "point_names": list(self.point_names),
+        "edges": [{"name": e.name, "closed": e.closed, "points": list(e.points)}
+                  for e in self.edges],
+        "flip_pairs": [list(p) for p in self.flip_pairs],
+        "ocular": pair(self.ocular), "pupil": pair(self.pupil),
+        "default_norm": self.default_norm, "failure_threshold": self.failure_threshold,
+        "attribute_tags": list(self.attribute_tags),
+        "path_subsets": {name: list(keys) for name, keys in self.path_subsets},
+        "flip_offset": self.flip_offset,
+    }
 
 
 def _edges(table: Sequence[tuple[str, bool, Sequence[int]]]) -> tuple[Edge, ...]:
@@ -166,23 +196,138 @@ COFW = DatasetSpec(
     pupil=(16, 17),
     default_norm="pupil",
     failure_threshold=0.1,
+    flip_offset=0,
 )
 
 SPECS: dict[str, DatasetSpec] = {s.name: s for s in (WFLW, W300, COFW)}
 
 
+def _fail(where: str, what: str) -> None:
+  raise UsageError(f"{where}: {what}")
+
+
+def _int(value: Any, where: str, what: str, low: int = 0, high: int | None = None) -> int:
+  if isinstance(value, bool) or not isinstance(value, int):
+    _fail(where, f"{what} must be an integer, got {value!r}")
+  if value < low or (high is not None and value >= high):
+    _fail(where, f"{what} {value} is out of range [{low}, {high})")
+  return value
+
+
+def _norm_pair(value: Any, n: int, where: str, what: str) -> tuple[NormIndex, NormIndex] | None:
+  if value is None:
+    return None
+  if not isinstance(value, (list, tuple)) or len(value) != 2:
+    _fail(where, f"{what} must be [left, right] (an index or a list of indices each)")
+  out = []
+  for side in value:
+    if isinstance(side, (list, tuple)):
+      if not side:
+        _fail(where, f"{what}: an empty list of indices")
+      out.append(tuple(_int(i, where, f"{what} index", 0, n) for i in side))
+    else:
+      out.append(_int(side, where, f"{what} index", 0, n))
+  return out[0], out[1]
+
+
+def scheme_from_dict(data: Mapping[str, Any], where: str = "scheme", *,
+                     for_training: bool = True) -> DatasetSpec:
+  """A `DatasetSpec` from plain data (a scheme file, or `to_dict` output), validated.
+
+  `for_training=False` (schemes stored in checkpoints) also accepts edges of fewer than two
+  points, which converted official networks may have but training could not draw.
+  """
+  if not isinstance(data, Mapping):
+    _fail(where, "a scheme must be a JSON object")
+  known = {f.name for f in dataclasses.fields(DatasetSpec)}
+  unknown = sorted(set(data) - known)
+  if unknown:
+    _fail(where, f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+  for key in ("name", "num_points", "edges"):
+    if key not in data:
+      _fail(where, f"missing field {key!r}")
+  name = data["name"]
+  if not isinstance(name, str) or not name:
+    _fail(where, "name must be a non-empty string")
+  n = _int(data["num_points"], where, "num_points", 1, 100_000)
+  edges = []
+  for k, edge in enumerate(data["edges"] or []):
+    if isinstance(edge, Mapping):
+      edge_name, closed, points = edge.get("name", f"edge{k}"), edge.get("closed", False), \
+          edge.get("points")
+    else:
+      _fail(where, f"edges[{k}] must be an object {{name, closed, points}}")
+    if not isinstance(closed, bool):
+      _fail(where, f"edges[{k}].closed must be true or false")
+    if not isinstance(points, (list, tuple)) or (for_training and len(points) < 2):
+      _fail(where, f"edges[{k}].points must list at least 2 point indices")
+    edges.append(Edge(str(edge_name), closed,
+                      tuple(_int(p, where, f"edges[{k}] point", 0, n) for p in points)))
+  pairs = []
+  seen: set[int] = set()
+  for k, pair in enumerate(data.get("flip_pairs", []) or []):
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+      _fail(where, f"flip_pairs[{k}] must be [a, b]")
+    a, b = (_int(i, where, f"flip_pairs[{k}] index", 0, n) for i in pair)
+    if a == b or a in seen or b in seen:
+      _fail(where, f"flip_pairs[{k}] = [{a}, {b}]: each point may appear in one pair only")
+    seen |= {a, b}
+    pairs.append((a, b))
+  ocular = _norm_pair(data.get("ocular"), n, where, "ocular")
+  pupil = _norm_pair(data.get("pupil"), n, where, "pupil")
+  default_norm = data.get("default_norm", "ocular" if ocular else "diagonal")
+  threshold = data.get("failure_threshold", 0.1)
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+      0 < threshold <= 1):
+    _fail(where, f"failure_threshold must be a number in (0, 1], got {threshold!r}")
+  subsets = data.get("path_subsets", {}) or {}
+  if not isinstance(subsets, Mapping):
+    _fail(where, "path_subsets must map subset names to lists of path substrings")
+  names = tuple(str(x) for x in data.get("point_names", []) or [])
+  if names and len(names) != n:
+    _fail(where, f"point_names has {len(names)} names for {n} points")
+  spec = DatasetSpec(
+      name=name, num_points=n, edges=tuple(edges), flip_pairs=tuple(pairs), ocular=ocular,
+      pupil=pupil, default_norm=str(default_norm), failure_threshold=float(threshold),
+      attribute_tags=tuple(str(t) for t in data.get("attribute_tags", []) or []),
+      path_subsets=tuple((str(k), tuple(str(v).lower() for v in vs)) for k, vs in subsets.items()),
+      flip_offset=_int(data.get("flip_offset", -1), where, "flip_offset", -1, 1),
+      point_names=names)
+  try:
+    spec.resolve_norm("default")
+  except UsageError as e:
+    _fail(where, f"default_norm: {e}")
+  return spec
+
+
+def load_scheme(path: str) -> DatasetSpec:
+  """Reads and validates a scheme JSON file (errors name the file)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    raise UsageError(f"{path}: scheme file not found") from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UsageError(f"{path}: not a JSON scheme file ({e})") from None
+  return scheme_from_dict(data, path)
+
+
 def get_spec(name: str) -> DatasetSpec:
-  """Looks a dataset up by name ('wflw', '300w', 'cofw'; case-insensitive)."""
-  key = name.lower()
-  if key not in SPECS:
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(SPECS))}")
-  return SPECS[key]
+  """A built-in scheme by name ('wflw', '300w', 'cofw'; case-insensitive) or a scheme file."""
+  key = str(name).lower()
+  if key in SPECS:
+    return SPECS[key]
+  if key.endswith(".json") or os.path.sep in str(name):
+    return load_scheme(str(name))
+  raise UsageError(f"unknown dataset {name!r}; use one of {', '.join(sorted(SPECS))} or the "
+                   "path of a scheme .json file")
 
 
 def spec_for_num_points(num_points: int) -> DatasetSpec:
-  """The dataset whose layout has `num_points` landmarks (used when converting checkpoints)."""
+  """The built-in scheme with `num_points` landmarks (for checkpoints that name no scheme)."""
   for spec in SPECS.values():
     if spec.num_points == num_points:
       return spec
-  raise ValueError(f"no known dataset has {num_points} landmarks (known: "
-                   + ", ".join(f"{s.name}={s.num_points}" for s in SPECS.values()) + ")")
+  raise UsageError(f"no built-in scheme has {num_points} landmarks (known: "
+                   + ", ".join(f"{s.name}={s.num_points}" for s in SPECS.values())
+                   + "); the checkpoint must carry its scheme")

@@ -21,91 +21,60 @@ import os
 import sys
 from typing import Any, Callable, Iterable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from star_jax import host
-from star_jax import logging_utils
+from star_jax import checkpointing
 from star_jax import metrics as metrics_lib
 from star_jax import plots
+from star_jax.checkpointing import LoadedModel
 from star_jax.data import transforms
 from star_jax.datasets import DatasetSpec, get_spec
+from star_jax.errors import UsageError
 
-OFFICIAL_SUFFIXES = (".pkl", ".pth", ".pt")
+TTA_MODES = ("none", "flip")
 
 
 # ------------------------------------------------------------------------------------------
 # Checkpoints and inference
 # ------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class LoadedModel:
-  """A network ready for inference: module, variables, and the config it came with (if any)."""
-
-  model: Any
-  variables: Any
-  config: Any = None          # ml_collections.ConfigDict for star-jax checkpoints, else None
-  source: str = ""            # what was loaded, for reports
-  weights: str = ""           # 'ema', 'raw' or the official state-dict key
-
-  @property
-  def image_size(self) -> int:
-    if self.config is not None:
-      try:
-        return int(self.config.data.image_size)
-      except (AttributeError, KeyError):
-        pass
-    return 256
-
-  @property
-  def num_points(self) -> int:
-    return int(self.model.num_points)
-
-  @property
-  def landmark_fn(self) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
-    """`make_landmark_fn(model)`; shared by equal models, so compilations are reused."""
-    return make_landmark_fn(self.model)
-
-
-def is_official_checkpoint(path: str) -> bool:
-  return os.path.isfile(path) and path.lower().endswith(OFFICIAL_SUFFIXES)
-
-
-def load_model(path: str, *, weights: str = "default") -> LoadedModel:
-  """Loads a checkpoint for inference.
-
-  Args:
-    path: a training workdir, a star-jax checkpoint directory, or an official STAR `.pkl`
-      (converted on the fly; the architecture comes from its state dict).
-    weights: 'default' (EMA weights of star-jax checkpoints; the official `"net"` weights of a
-      `.pkl`, as the official tester and evaluate.py use), 'ema' or 'raw' (for a `.pkl`: the
-      `"net_ema"` or `"net"` state dict).
-  """
-  if weights not in ("default", "ema", "raw"):
-    raise ValueError(f"weights must be 'default', 'ema' or 'raw', got {weights!r}")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-  from star_jax import checkpointing
-  official = is_official_checkpoint(path)
-  ema = weights == "ema" if official else weights != "raw"
-  model, variables, config = checkpointing.load_for_inference(path, ema=ema)
-  label = ("net_ema" if ema else "net") if official else ("ema" if ema else "raw")
-  return LoadedModel(model, variables, config, path, label)
-
-
 @functools.lru_cache(maxsize=8)
-def make_landmark_fn(model: Any) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
+def make_landmark_fn(model: Any, tta: str = "none", flip_permutation: tuple[int, ...] = ()
+                     ) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
   """A jitted `(variables, images (B,S,S,3) RGB [-1,1]) -> (B, N, 2)` final-stack landmarks.
 
-  Variables are an argument (not baked-in constants) so compilation stays cheap; the function is
-  cached per (hashable, immutable) model definition, so equal models share compilations.
+  `tta='flip'`: test-time flip augmentation, the mean of the prediction and the un-flipped
+  prediction of the mirrored crop (mirroring a crop maps normalised x to -x, and the points
+  swap by `flip_permutation`, the scheme's flip pairs). Variables are an argument (not baked-in
+  constants) so compilation stays cheap; the function is cached per (hashable, immutable) model
+  definition, so equal models share compilations.
   """
+  if tta not in TTA_MODES:
+    raise UsageError(f"tta={tta!r}: use one of {', '.join(TTA_MODES)}")
+  perm = np.asarray(flip_permutation, np.int32)
+
+  def final(variables, images):
+    return model.apply(variables, images, train=False).landmarks[-1].astype(jnp.float32)
+
   @jax.jit
   def landmarks(variables, images):
-    out = model.apply(variables, images, train=False)
-    return out.landmarks[-1].astype(jnp.float32)
+    out = final(variables, images)
+    if tta == "none":
+      return out
+    mirrored = final(variables, images[:, :, ::-1])[:, perm]
+    return 0.5 * (out + mirrored * jnp.asarray([-1.0, 1.0], jnp.float32))
   return landmarks
+
+
+def landmark_fn_for(loaded: LoadedModel, tta: str = "none"):
+  """`make_landmark_fn` for a loaded checkpoint (its scheme's flip pairs for `tta='flip'`)."""
+  perm = tuple(int(i) for i in loaded.spec.flip_permutation()) if tta == "flip" else ()
+  if tta == "flip" and not loaded.spec.flip_pairs:
+    raise UsageError(f"--tta flip: scheme {loaded.spec.name!r} has no flip pairs")
+  return make_landmark_fn(loaded.model, tta, perm)
 
 
 def normalize_crops(crops_rgb_u8: np.ndarray) -> np.ndarray:
@@ -136,13 +105,13 @@ def compute_metrics(pred: np.ndarray, gt: np.ndarray, spec: DatasetSpec, *,
   threshold = spec.failure_threshold if threshold is None else float(threshold)
   nmes = metrics_lib.nme(pred, gt, spec, norm)
   masks = metrics_lib.subset_masks(spec, image_paths, tags, image_dir=image_dir)
-  left, right = spec.norm_indices(norm)
+  ends = spec.norm_indices(norm)
   overall = metrics_lib.summarize(nmes, threshold, even_rule=even_rule)
   result = {
       "dataset": spec.name,
-      "norm": norm if norm != "default" else spec.default_norm,
-      "norm_indices": [left if isinstance(left, int) else list(left),
-                       right if isinstance(right, int) else list(right)],
+      "norm": spec.resolve_norm(norm),
+      "norm_indices": None if ends is None else [
+          e if isinstance(e, int) else list(e) for e in ends],
       "failure_threshold": threshold,
       "auc_even_rule": even_rule,
       "num_images": int(nmes.size),
@@ -202,106 +171,106 @@ def _progress(iterable: Iterable, total: int | None, enabled: bool, desc: str):
 
 
 def predict_split(config: Any, loaded: LoadedModel, *, split: str = "test",
-                  batch_size: int | None = None, progress: bool = True
-                  ) -> dict[str, Any]:
+                  batch_size: int | None = None, progress: bool = True, tta: str = "none",
+                  source=None) -> dict[str, Any]:
   """Runs the network over a split: predictions and ground truth in original pixels.
 
-  Returns, in TSV order: `landmarks`, `landmarks_gt` (M, N, 2), `index` (M,), `tags` (M, 6),
-  `image_paths` (list), `image_dir`. Batches come from the data pipeline's `eval_dataset` (the
-  official evaluation crop, for TSV and TFDS sources alike).
+  Returns, in TSV order: `landmarks`, `landmarks_gt` (M, N, 2), `index` (M,), `tags` (M, T),
+  `image_paths` (as the TSV writes them) and `image_dir`. Batches come from the data
+  pipeline's `eval_dataset` (the official evaluation crop, for every source alike).
   """
-  from star_jax.data import pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
+  from star_jax.data import pipeline
+  from star_jax.data import sources
+  source = source or sources.source_for(config)
   batch_size = int(batch_size or config.eval_batch_size)
-  landmark_fn = loaded.landmark_fn
+  landmark_fn = landmark_fn_for(loaded, tta)
   if int(config.data.image_size) != loaded.image_size:
-    raise ValueError(f"config.data.image_size={config.data.image_size} but the checkpoint "
-                     f"expects {loaded.image_size}: pass --config.data.image_size="
-                     f"{loaded.image_size}")
-  if config.data.source == "tfds":
-    image_dir, path_of_row, total = None, None, None
-  else:
-    annotations, rows = pipeline.split_annotations(config, split)
-    image_dir = pipeline.resolve_data(config).image_dir
-    path_of_row = dict(zip(np.asarray(rows).tolist(), annotations.image_paths))
-    total = -(-len(annotations.image_paths) // batch_size)
-  batches = pipeline.eval_dataset(config, split, batch_size=batch_size)
-  preds, gts, indices, tags = [], [], [], []
+    if loaded.config is not None:  # a star-jax run knows the size it was trained at
+      raise UsageError(f"config.data.image_size={config.data.image_size} but the checkpoint "
+                       f"was trained at {loaded.image_size}: pass --config.data.image_size="
+                       f"{loaded.image_size}")
+    logging.warning("evaluating %s at %d pixels; it was trained at %d", loaded.source,
+                    int(config.data.image_size), loaded.image_size)
+  total = -(-source.num_examples(split) // batch_size)
+  batches = pipeline.eval_dataset(config, split, batch_size=batch_size, source=source)
+  parts: dict[str, list] = {k: [] for k in ("landmarks", "landmarks_gt", "index", "tags", "path")}
   for batch in _progress(batches, total, progress, f"eval {split}"):
     mask = np.asarray(batch["mask"], bool)
     images = np.asarray(batch["image"], np.float32)
     lm = np.asarray(landmark_fn(loaded.variables, images))
     pred_px = transforms.landmarks_to_original(lm, np.asarray(batch["matrix"]), images.shape[1])
-    preds.append(pred_px[mask])
-    gts.append(np.asarray(batch["landmarks_px"], np.float32)[mask])
-    indices.append(np.asarray(batch["index"], np.int64)[mask])
-    tags.append(np.asarray(batch["tags"], np.int32)[mask])
-  if not preds:
-    raise ValueError(f"the {split} split of {config.dataset} has no images")
-  index = np.concatenate(indices)
-  order = np.argsort(index, kind="stable")
-  if path_of_row is not None:
-    image_paths = [path_of_row[i] for i in index[order].tolist()]
-  else:
-    image_paths = _tfds_image_paths(config, split, index[order])
-  return {"landmarks": np.concatenate(preds)[order], "landmarks_gt": np.concatenate(gts)[order],
-          "index": index[order], "tags": np.concatenate(tags)[order],
-          "image_paths": image_paths, "image_dir": image_dir}
+    parts["landmarks"].append(pred_px[mask])
+    parts["landmarks_gt"].append(np.asarray(batch["landmarks_px"], np.float32)[mask])
+    parts["index"].append(np.asarray(batch["index"], np.int64)[mask])
+    parts["tags"].append(np.asarray(batch["tags"], np.int32)[mask])
+    parts["path"].append(np.asarray(batch["path"])[mask])
+  out = {k: np.concatenate(v) for k, v in parts.items()}
+  order = np.argsort(out["index"], kind="stable")
+  paths = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in out["path"][order]]
+  return {"landmarks": out["landmarks"][order], "landmarks_gt": out["landmarks_gt"][order],
+          "index": out["index"][order], "tags": out["tags"][order], "image_paths": paths,
+          "image_dir": source.image_dir()}
 
 
-def _tfds_image_paths(config: Any, split: str, index: np.ndarray) -> list[str]:
-  """Original image paths of TFDS records (their `image_path` feature), by TSV row `index`.
-
-  Falls back to `tfds:<dataset>/<split>/<row>` names when the records cannot be read.
-  """
-  try:
-    import tensorflow_datasets as tfds
-    from star_jax.data import tfds_builders
-    data_dir = config.data.get("tfds_data_dir", "") or None
-    found = {}
-    for name in ("jpeg", "png"):
-      builder = tfds_builders.builder_for(config.dataset, data_dir=data_dir, config=name)
-      if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-        ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-        for example in ds.map(lambda e: (e["index"], e["image_path"])).as_numpy_iterator():
-          found[int(example[0])] = example[1].decode("utf-8")
-        break
-    return [found[i] for i in index.tolist()]
-  except Exception:  # the paths only label outputs; metrics do not depend on them
-    return [f"tfds:{config.dataset}/{split}/{i}" for i in index.tolist()]
+def check_output_dir(output_dir: str | None) -> None:
+  """Fails before any work when `output_dir` cannot be created or written."""
+  if not output_dir:
+    return
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise UsageError(f"--output_dir {output_dir}: exists and is not a directory")
+  existing = os.path.abspath(output_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK):
+    raise UsageError(f"--output_dir {output_dir}: {existing} is not writable")
 
 
 def evaluate(config: Any, checkpoint: str | LoadedModel, output_dir: str | None = None, *,
              split: str = "test", norm: str | None = None, weights: str = "default",
              batch_size: int | None = None, threshold: float | None = None,
-             even_rule: str = "average", progress: bool = True, verbose: bool = True
-             ) -> EvalResult:
+             even_rule: str = "average", progress: bool = True, verbose: bool = True,
+             tta: str = "none", check_images: bool = False) -> EvalResult:
   """Evaluates `checkpoint` on `split` of the data `config` describes.
 
   Args:
     config: a star-jax config (configs/<dataset>.py with overrides); its data section says where
       the images and TSVs are; `config.nme_norm` is the normalisation unless `norm` is given.
-    checkpoint: a path for `load_model`, or an already loaded model.
+    checkpoint: a path for `checkpointing.load_model`, or an already loaded model.
     output_dir: where metrics.json, predictions.npz and ced.png go (None: write nothing).
     split: 'test' or 'val'.
-    threshold: FR/AUC threshold (default: the dataset's, 0.05 for 300W, else 0.1).
+    threshold: FR/AUC threshold in (0, 1] (default: the dataset's, 0.05 for 300W, else 0.1).
     even_rule: Simpson rule for even sample counts (see star_jax.metrics).
+    tta: 'none' or 'flip' (test-time flip augmentation, see `make_landmark_fn`).
+    check_images: decode every image once first and report all unreadable ones.
   """
-  host.tune_process()
-  logging_utils.quiet_library_logs()
+  from star_jax.data import sources
+  check_output_dir(output_dir)
+  if threshold is not None and not 0 < float(threshold) <= 1:
+    raise UsageError(f"--threshold {threshold}: must be in (0, 1] (a fraction of the "
+                     "normalising distance)")
+  if split not in ("val", "test"):
+    raise UsageError(f"--split {split!r}: use 'test' or 'val'")
   spec = get_spec(config.dataset)
-  loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint,
-                                                                             weights=weights)
+  norm = norm or config.get("nme_norm", "default")
+  spec.resolve_norm(norm)
+  loaded = (checkpoint if isinstance(checkpoint, LoadedModel)
+            else checkpointing.load_model(checkpoint, weights=weights))
   if loaded.num_points != spec.num_points:
-    raise ValueError(f"checkpoint {loaded.source!r} predicts {loaded.num_points} landmarks but "
+    raise UsageError(f"checkpoint {loaded.source!r} predicts {loaded.num_points} landmarks but "
                      f"config.dataset={config.dataset!r} has {spec.num_points}; pass the config "
                      "of the dataset the checkpoint was trained on")
-  norm = norm or config.get("nme_norm", "default")
-  out = predict_split(config, loaded, split=split, batch_size=batch_size, progress=progress)
+  source = sources.source_for(config)
+  if check_images:
+    sources.check_images(source, split, progress=progress,
+                         log=lambda line: print(f"unreadable: {line}", file=sys.stderr))
+  out = predict_split(config, loaded, split=split, batch_size=batch_size, progress=progress,
+                      tta=tta, source=source)
   image_paths = out["image_paths"]
   metrics, nmes, masks = compute_metrics(
       out["landmarks"], out["landmarks_gt"], spec, image_paths=image_paths, tags=out["tags"],
       image_dir=out["image_dir"], norm=norm, threshold=threshold, even_rule=even_rule)
-  metrics = {"split": split, "checkpoint": loaded.source, "weights": loaded.weights, **metrics}
+  metrics = {"split": split, "checkpoint": loaded.source, "weights": loaded.weights,
+             "tta": tta, **metrics}
   result = EvalResult(metrics, out["landmarks"], out["landmarks_gt"], nmes, image_paths,
                       out["index"])
   if output_dir:

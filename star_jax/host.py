@@ -1,4 +1,4 @@
-"""Host (CPU-side) process settings that make XLA's CPU buffers cheap.
+"""Process-wide settings: the host allocator, XLA:CPU options, TensorFlow and library logs.
 
 XLA on the CPU allocates every output and temporary with `malloc`. glibc serves allocations
 above its mmap threshold (32 MB at most by default) with fresh `mmap` calls and unmaps them on
@@ -16,20 +16,22 @@ WFLW training step (batch 4, float32; benchmarks/RESULTS.md):
   convolutions and matrix products go to XLA's Eigen kernels: a 3x3 convolution's weight
   gradient (4x64x64x128) takes 15.7 ms there against 27 ms in YNNPACK; the step went to
   1.96-1.99 s, the forward pass at batch 1 from 101 to 97 ms.
-Both change which kernels run, not the mathematics (float32 results differ by rounding). The
-second is an experimental XLA option, so it is only set for the jaxlib release it was measured
-with. `tune_process` applies everything here.
+Both change which kernels run, not the mathematics (float32 results differ by rounding). Both
+are only set for the jaxlib release they were measured with (XLA aborts on unknown flags).
+
+`configure_process` applies everything here; the entry points (train.py, eval.py, the
+`python -m star_jax.*` commands) and the benchmarks call it, library functions never do.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
-import glob
-import mmap
+import logging as py_logging
 import os
 import sys
+
+from absl import logging
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -62,49 +64,19 @@ def tune_allocator() -> bool:
 
 
 _XLA_OPT_OUT_ENV = "STAR_JAX_DEFAULT_XLA_CPU"
-# (flag, value, jaxlib release prefixes it was measured with, or None for any release whose
-# binaries name the value).
+# (flag, value, jaxlib release prefixes it was measured with). XLA aborts the process on a flag
+# it does not know, so an option is only set for the releases it was measured with.
 _XLA_CPU_FLAGS = (
-    ("xla_cpu_scheduler_type", "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED", None),
+    ("xla_cpu_scheduler_type", "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED", ("0.10.",)),
     ("xla_cpu_experimental_ynn_fusion_type", "reduce", ("0.10.",)),
 )
-
-
-def _jax_backends_initialised() -> bool:
-  """Whether XLA has already read XLA_FLAGS in this process (flags set later are ignored)."""
-  if "jax" not in sys.modules:
-    return False
-  try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return True  # unknown internals: assume too late rather than set flags that may not apply
-  return bool(getattr(xla_bridge, "_backends", True))
-
-
-@functools.lru_cache(maxsize=None)
-def _jaxlib_knows(value: bytes) -> bool:
-  """Whether the installed jaxlib binaries contain `value` (an XLA flag value).
-
-  XLA aborts the process on an unknown flag value, so a flag is only set when the library that
-  will parse it names it. Cached: a miss reads every binary (hundreds of MB).
-  """
-  try:
-    import jaxlib  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return False
-  for path in sorted(glob.glob(os.path.join(os.path.dirname(jaxlib.__file__), "*.so"))):
-    try:
-      with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data.find(value) >= 0:
-          return True
-    except (OSError, ValueError):
-      continue
-  return False
+# TensorFlow's C++ logging: warnings and errors only (it prints INFO lines at import otherwise).
+_TF_LOG_LEVEL = "1"
 
 
 def _jaxlib_version() -> str:
   try:
-    import jaxlib.version  # pylint: disable=g-import-not-at-top
+    import jaxlib.version
     return str(jaxlib.version.__version__)
   except ImportError:
     return ""
@@ -115,31 +87,68 @@ def tune_xla_cpu() -> list[str]:
 
   An option is left alone when XLA_FLAGS already sets that flag (the user's choice wins), when
   STAR_JAX_DEFAULT_XLA_CPU=1, when JAX's backends already started (too late for flags), or when
-  the installed jaxlib is not one it applies to (XLA aborts on a flag value it does not know).
-  Returns the options in effect for this process.
+  the installed jaxlib is not a release it was measured with. Returns the options in effect.
   """
+  from star_jax import jax_compat
   flags = os.environ.get("XLA_FLAGS", "")
   in_effect = [f"--{name}={value}" for name, value, _ in _XLA_CPU_FLAGS
                if f"--{name}={value}" in flags.split()]
-  if os.environ.get(_XLA_OPT_OUT_ENV) or _jax_backends_initialised():
+  if os.environ.get(_XLA_OPT_OUT_ENV) or jax_compat.backends_initialised():
     return in_effect
-  added = []
-  for name, value, releases in _XLA_CPU_FLAGS:
-    option = f"--{name}={value}"
-    if name in flags:
-      continue
-    if releases is not None and not _jaxlib_version().startswith(releases):
-      continue
-    if not _jaxlib_knows(name.encode()) or (releases is None
-                                            and not _jaxlib_knows(value.encode())):
-      continue
-    added.append(option)
+  release = _jaxlib_version()
+  added = [f"--{name}={value}" for name, value, releases in _XLA_CPU_FLAGS
+           if name not in flags and release.startswith(releases)]
   if added:
     os.environ["XLA_FLAGS"] = " ".join([flags] + added).strip()
   return in_effect + added
 
 
-def tune_process() -> None:
-  """`tune_allocator()` and `tune_xla_cpu()`: call first thing in an entry point."""
+def _quiet_tensorflow() -> None:
+  """Keeps TensorFlow (the input pipeline) off accelerators and quiet.
+
+  TensorFlow would otherwise reserve GPU memory next to JAX; it only decodes images here.
+  """
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _TF_LOG_LEVEL)
+  import tensorflow as tf
+  try:
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except (RuntimeError, ValueError):
+    pass  # already initialised, or no such device type
+
+
+# Libraries whose INFO records drown the console (orbax: several lines per checkpoint file;
+# jax: the platforms it probes).
+_CHATTY_PATHS = ("/orbax/", "/jax/_src/")
+
+
+class _DropLibraryChatter(py_logging.Filter):
+  """Drops INFO records logged from inside the libraries in _CHATTY_PATHS."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING
+            or not any(p in record.pathname for p in _CHATTY_PATHS))
+
+
+def _quiet_library_logs() -> None:
+  """Keeps the console to our own progress: library INFO records are dropped (warnings stay)."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryChatter) for f in handler.filters):
+    handler.addFilter(_DropLibraryChatter())
+
+
+
+def configure_process(*, tensorflow: bool = False) -> None:
+  """Every process-wide setting star-jax wants, applied by entry points and benchmarks only.
+
+  The allocator and XLA:CPU options above, TensorFlow's log level, quiet library loggers, and,
+  with `tensorflow=True` (commands that run the tf.data pipeline), TensorFlow kept off GPUs.
+  Library functions never change the process; a program that uses star-jax as a library calls
+  this once at its start if it wants the same settings.
+  """
   tune_allocator()
   tune_xla_cpu()
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _TF_LOG_LEVEL)
+  _quiet_library_logs()
+  if tensorflow:
+    _quiet_tensorflow()

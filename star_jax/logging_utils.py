@@ -1,43 +1,26 @@
 """Training logs: `<workdir>/metrics.jsonl`, TensorBoard event files, the console progress bar.
 
-Only process 0 writes; other processes get a writer that does nothing, so the training loop
-calls the same methods everywhere.
+Writers are CLU metric writers (`clu.metric_writers`): TensorBoard through CLU's SummaryWriter,
+and a small JSONL writer of ours, so that runs can be read back (and compared in tests) without
+TensorBoard. Only process 0 writes. `tensorboard --logdir <workdir>/tensorboard` shows the
+curves.
 """
 
 from __future__ import annotations
 
 import json
-import logging as py_logging
 import math
 import os
 import sys
 from typing import Any, Mapping
 
-from absl import logging
+from clu import metric_writers
+from clu.metric_writers import SummaryWriter
 import numpy as np
 import tqdm
 
 METRICS_FILE = "metrics.jsonl"
-
-
-# Libraries whose INFO records drown the console (orbax: several lines per checkpoint file;
-# jax: the platforms it probes).
-_CHATTY_PATHS = ("/orbax/", "/jax/_src/")
-
-
-class _DropLibraryChatter(py_logging.Filter):
-  """Drops INFO records logged from inside the libraries in _CHATTY_PATHS."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return (record.levelno >= py_logging.WARNING
-            or not any(p in record.pathname for p in _CHATTY_PATHS))
-
-
-def quiet_library_logs() -> None:
-  """Keeps the console to our own progress: library INFO records are dropped (warnings stay)."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryChatter) for f in handler.filters):
-    handler.addFilter(_DropLibraryChatter())
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _plain(value: Any) -> Any:
@@ -80,59 +63,76 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
   os.replace(tmp, path)
 
 
-class MetricWriter:
-  """Appends one JSON object per call to metrics.jsonl and mirrors scalars to TensorBoard."""
+class _TensorBoardWriter(SummaryWriter):
+  """CLU's TensorBoard writer, given only the numeric scalars (not the JSONL's flags)."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
-    self.enabled = enabled
-    self._jsonl = None
-    self._tb = None
-    if not enabled:
-      return
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    numeric = {k: float(v) for k, v in ((k, _plain(v)) for k, v in scalars.items())
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+      super().write_scalars(step, numeric)
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """CLU metric writer appending one JSON object per `write_scalars` call to metrics.jsonl.
+
+  Only scalars are written (the other kinds are TensorBoard's business); non-finite values are
+  stored as the strings 'nan' / 'inf' (JSON has no literal for them). Lines are flushed as
+  written, and `flush` also syncs the file, so a killed run loses at most the current line.
+  """
+
+  def __init__(self, workdir: str):
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", buffering=1)
-    if tensorboard:
-      try:
-        import tensorflow as tf
-        from tensorflow.core.framework import summary_pb2
-        self._tf = tf
-        # Scalar summaries in the TensorBoard "scalars" plugin format, written with TF core only
-        # (tf.summary.scalar itself needs the tensorboard package).
-        self._scalar_metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-      except Exception as e:  # pragma: no cover - TensorFlow missing or broken
-        logging.warning("TensorBoard logging disabled: %s", e)
+    self._file = open(os.path.join(workdir, METRICS_FILE), "a", buffering=1, encoding="utf-8")
 
-  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-    if not self.enabled:
-      return
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     record = {"step": int(step)}
     record.update({k: _plain(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
-    if self._tb is not None:
-      for name, value in scalars.items():
-        value = _plain(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-          with self._tb.as_default():
-            self._tf.summary.write(name, self._tf.constant(float(value), self._tf.float32),
-                                   step=int(step), metadata=self._scalar_metadata)
+    self._file.write(json.dumps(record) + "\n")
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
+    del step, point_clouds, point_colors, configs
+
+  def write_hparams(self, hparams):
+    del hparams
 
   def flush(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.flush()
-      os.fsync(self._jsonl.fileno())
-    if self._tb is not None:
-      self._tb.flush()
+    if self._file is not None:
+      self._file.flush()
+      os.fsync(self._file.fileno())
 
   def close(self) -> None:
-    if self._jsonl is not None:
+    if self._file is not None:
       self.flush()
-      self._jsonl.close()
-      self._jsonl = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+      self._file.close()
+      self._file = None
+
+
+def create_writer(workdir: str, *, enabled: bool = True) -> metric_writers.MetricWriter:
+  """metrics.jsonl + TensorBoard event files under `<workdir>/tensorboard` (process 0 only;
+  elsewhere a writer that does nothing, so the loop calls the same methods everywhere)."""
+  if not enabled:
+    return metric_writers.MultiWriter([])
+  return metric_writers.MultiWriter([
+      JsonlWriter(workdir), _TensorBoardWriter(os.path.join(workdir, TENSORBOARD_DIR))])
 
 
 def progress_bar(total: int, initial: int, *, enabled: bool = True) -> tqdm.tqdm:

@@ -1,4 +1,11 @@
-"""The STAR loss family: STAR (v2 and v1), AWing, Wing, smooth-L1, L1 and L2.
+"""The STAR loss family (STAR v2 and v1, AWing, Wing, smooth-L1, L1, L2) and the registry of
+loss terms the training objective is assembled from (`config.loss.terms`: name -> weight).
+
+A term of your own is a function registered with `@register_term("<name>")` in a module
+`star_jax/loss_terms/<name>.py` (imported the first time the name is asked for); one config line
+`config.loss.terms.<name> = weight` switches it on. Built-in terms: `star`, `pointmap`,
+`edgemap` (the official STAR recipe) and `smoothl1`, `l1`, `l2`, `wing` on the decoded landmarks
+(the official trainer's `--loss_func` alternatives).
 
 Everything is channels-last (`(B, H, W, N)` heatmaps, `(B, N, 2)` landmarks as `(x, y)` in
 [-1, 1] on the align_corners grid, pixel j of n at -1 + 2j/(n-1)) and jit/vmap/grad-safe.
@@ -25,7 +32,8 @@ and batch. Second moments are centred on 1-D marginals rather than formed from r
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+import importlib
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +41,7 @@ from jax import lax
 
 from star_jax import decoder
 from star_jax.decoder import MIN_MASS
+from star_jax.errors import UsageError
 
 # Official SmoothL1Loss threshold ("scale"); Huber with this beta on the projected error.
 SMOOTH_L1_BETA = 0.01
@@ -458,3 +467,107 @@ def awing_loss(pred: jnp.ndarray, target: jnp.ndarray, *, omega: float = 14.0,
   if use_weight_map:
     loss = loss * awing_weight_map(target)
   return loss.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss terms: the training objective, chosen by name.
+# ----------------------------------------------------------------------------------------------
+
+class StackPrediction(NamedTuple):
+  """One stack's outputs, what a loss term sees (maps channels-last, landmarks in [-1, 1])."""
+
+  landmarks: jnp.ndarray                 # (B, N, 2) soft-argmax of the fused heatmaps
+  heatmaps: jnp.ndarray                  # (B, H, W, N) fused heatmaps
+  pointmaps: jnp.ndarray | None          # (B, H, W, N), None without the AAM heads
+  edgemaps: jnp.ndarray | None           # (B, H, W, E), None without the AAM heads
+
+
+# A term maps (one stack's prediction, the batch, the term's options) to a scalar. The batch
+# holds `landmarks` (B, N, 2) normalised, and `pointmaps` / `edgemaps` targets.
+LossTerm = Callable[[StackPrediction, Mapping[str, Any], Mapping[str, Any]], jnp.ndarray]
+
+
+class _Term(NamedTuple):
+  fn: LossTerm
+  needs_aam: bool
+
+
+_TERMS: dict[str, _Term] = {}
+
+
+def register_term(name: str, *, needs_aam: bool = False) -> Callable[[LossTerm], LossTerm]:
+  """Decorator: makes `fn` available as `config.loss.terms.<name> = weight`.
+
+  `needs_aam`: the term reads point or edge maps, so it is skipped for networks without the
+  AAM heads (as the official trainer drops its AWing terms when use_AAM is off).
+  """
+  def add(fn: LossTerm) -> LossTerm:
+    if name in _TERMS and _TERMS[name].fn is not fn:
+      raise ValueError(f"loss term {name!r} is already registered")
+    _TERMS[name] = _Term(fn, needs_aam)
+    return fn
+  return add
+
+
+def term_names() -> list[str]:
+  return sorted(_TERMS)
+
+
+def get_term(name: str) -> _Term:
+  """The registered term `name`, importing `star_jax.loss_terms.<name>` on first use."""
+  if name not in _TERMS and name.isidentifier():
+    try:
+      importlib.import_module(f"star_jax.loss_terms.{name}")
+    except ModuleNotFoundError as e:
+      if e.name not in (f"star_jax.loss_terms.{name}",):
+        raise
+  if name not in _TERMS:
+    raise UsageError(f"config.loss.terms.{name}: no such loss term; known: "
+                     f"{', '.join(term_names())}")
+  return _TERMS[name]
+
+
+def _options(options: Mapping[str, Any], allowed: Sequence[str], term: str) -> dict[str, Any]:
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise UsageError(f"config.loss.{term}: unknown option(s) {', '.join(unknown)}; this term "
+                     f"takes {', '.join(allowed) or 'none'}")
+  return dict(options)
+
+
+@register_term("star")
+def _star_term(pred: StackPrediction, batch, options) -> jnp.ndarray:
+  """STAR loss on the fused heatmaps (official STARLoss_v2; options w, dist, eps, version)."""
+  kwargs = _options(options, ("w", "dist", "eps", "version"), "star")
+  return star_loss(pred.heatmaps, jnp.asarray(batch["landmarks"], pred.heatmaps.dtype),
+                   **{k: (float(v) if k in ("w", "eps") else str(v)) for k, v in kwargs.items()})
+
+
+@register_term("pointmap", needs_aam=True)
+def _pointmap_term(pred: StackPrediction, batch, options) -> jnp.ndarray:
+  """Adaptive Wing loss of the point maps against their Gaussian targets."""
+  _options(options, (), "pointmap")
+  return awing_loss(pred.pointmaps, jnp.asarray(batch["pointmaps"], pred.pointmaps.dtype))
+
+
+@register_term("edgemap", needs_aam=True)
+def _edgemap_term(pred: StackPrediction, batch, options) -> jnp.ndarray:
+  """Adaptive Wing loss of the edge maps against the drawn boundaries."""
+  _options(options, (), "edgemap")
+  return awing_loss(pred.edgemaps, jnp.asarray(batch["edgemaps"], pred.edgemaps.dtype))
+
+
+def _coordinate_term(name: str, fn: Callable[..., jnp.ndarray], allowed: Sequence[str]):
+  def term(pred: StackPrediction, batch, options) -> jnp.ndarray:
+    kwargs = {k: float(v) for k, v in _options(options, allowed, name).items()}
+    dtype = _compute_dtype(pred.landmarks)
+    return fn(pred.landmarks.astype(dtype), jnp.asarray(batch["landmarks"], dtype), **kwargs)
+  term.__doc__ = (f"The official `{name}` criterion on the decoded landmarks (`--loss_func "
+                  f"{name}` of the official trainer).")
+  return register_term(name)(term)
+
+
+_coordinate_term("smoothl1", smooth_l1_loss, ("beta",))
+_coordinate_term("l1", l1_loss, ())
+_coordinate_term("l2", l2_loss, ())
+_coordinate_term("wing", wing_loss, ("omega", "epsilon"))

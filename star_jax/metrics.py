@@ -43,9 +43,12 @@ def _end_point(landmarks: np.ndarray, index: NormIndex) -> np.ndarray:
 
 
 def normalizing_distance(gt: np.ndarray, spec: DatasetSpec, norm: str = "default") -> np.ndarray:
-  """`(M, N, 2)` ground truth -> `(M,)` inter-ocular or inter-pupil distance per image."""
-  left, right = spec.norm_indices(norm)
+  """`(M, N, 2)` ground truth -> `(M,)` inter-ocular, inter-pupil or box-diagonal distance."""
+  ends = spec.norm_indices(norm)
   gt = np.asarray(gt, np.float64)
+  if ends is None:  # 'diagonal': of the ground truth's bounding box
+    return np.linalg.norm(gt.max(axis=1) - gt.min(axis=1), axis=-1)
+  left, right = ends
   return np.linalg.norm(_end_point(gt, left) - _end_point(gt, right), axis=-1)
 
 
@@ -70,7 +73,8 @@ def nme(pred: np.ndarray, gt: np.ndarray, spec: DatasetSpec, norm: str = "defaul
   return np.linalg.norm(pred - gt, axis=-1).mean(axis=-1) / dist
 
 
-def ced(nmes: np.ndarray, threshold: float, step: float = CED_STEP) -> tuple[np.ndarray, np.ndarray]:
+def ced(nmes: np.ndarray, threshold: float, step: float = CED_STEP
+        ) -> tuple[np.ndarray, np.ndarray]:
   """Cumulative error distribution on the official grid: `(xs, ys)`, `ys[k] = P(nme <= xs[k])`."""
   nmes = np.asarray(nmes, np.float64).reshape(-1)
   if nmes.size == 0:
@@ -135,8 +139,9 @@ def fr_auc(nmes: np.ndarray, threshold: float, *, step: float = CED_STEP,
   return float(1.0 - ys[-1]), simpson(ys, xs, even_rule) / threshold
 
 
-def _path_keys(path: str, image_dir: str | None) -> str:
-  """The part of an image path that identifies its source set, lower-case with '/' separators."""
+def subset_key(path: str, image_dir: str | None = None) -> str:
+  """The part of an image path the subset rules read: lower case, '/' separators, and below
+  `image_dir` when the path lies there (the dataset folder's own name must not decide)."""
   path = path.replace("\\", "/")
   if image_dir:
     root = os.path.abspath(image_dir).replace("\\", "/").rstrip("/") + "/"
@@ -162,7 +167,7 @@ def subset_masks(spec: DatasetSpec, image_paths: Sequence[str] | None = None,
   if spec.path_subsets:
     if image_paths is None:
       raise ValueError(f"{spec.name} subsets are defined by image paths; none given")
-    keys = [_path_keys(p, image_dir) for p in image_paths]
+    keys = [subset_key(p, image_dir) for p in image_paths]
     for name, needles in spec.path_subsets:
       masks[name] = np.array([any(n in k for n in needles) for k in keys], bool)
     if not any(m.any() for m in masks.values()):

@@ -34,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from star_jax import datasets
-from star_jax.errors import CheckpointError
+from star_jax.errors import CheckpointError, UsageError
 from star_jax.models.hourglass import StackedHourglass, parameter_shapes
 
 # The first convolution sees [B, G, R, xx, yy, rr] in the official net and [R, G, B, xx, yy, rr]
@@ -319,7 +319,7 @@ def infer_architecture(state: Mapping[str, LazyTensor], path: str = "checkpoint"
 def _spec_or_none(num_points: int) -> datasets.DatasetSpec | None:
   try:
     return datasets.spec_for_num_points(num_points)
-  except ValueError:
+  except UsageError:
     return None
 
 
@@ -458,7 +458,7 @@ def convert_state_dict(state: Mapping[str, LazyTensor], arch: Architecture,
 def _official_name(arch: Architecture, flax_name: tuple[str, ...]) -> str:
   suffix = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
             "var": "running_var"}[flax_name[-1]]
-  for kind, official, ours in layer_mapping(arch):
+  for _, official, ours in layer_mapping(arch):
     if ours == flax_name[:-1]:
       return f"{official}.{suffix}"
   return "/".join(flax_name)
@@ -467,6 +467,31 @@ def _official_name(arch: Architecture, flax_name: tuple[str, ...]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Public entry points.
 # ---------------------------------------------------------------------------------------------
+
+
+def read_official(path: str, *, ema: bool = False) -> tuple[Architecture, dict[str, Any]]:
+  """`(architecture, variables)` of an official STAR checkpoint (see `load_official_checkpoint`)."""
+  path = os.fspath(path)
+  obj = read_torch_checkpoint(path)
+  state = select_state_dict(obj, ema=ema, path=path)
+  arch = infer_architecture(state, path)
+  variables = convert_state_dict(state, arch, path)
+  return arch, jax.tree_util.tree_map(jnp.asarray, variables)
+
+
+def scheme_of_architecture(arch: Architecture) -> datasets.DatasetSpec:
+  """The landmark scheme a converted official network predicts.
+
+  A known dataset when its points and E2H edges match one; otherwise a scheme with the stored
+  edges, no flip pairs and the box-diagonal NME (nothing else can be read from the weights).
+  """
+  if arch.dataset is not None:
+    return datasets.get_spec(arch.dataset)
+  edges = tuple(datasets.Edge(f"edge{k}", False, tuple(points))
+                for k, points in enumerate(arch.edge_points))
+  return datasets.DatasetSpec(name=f"official_{arch.num_points}pt", num_points=arch.num_points,
+                              edges=edges, flip_pairs=(), ocular=None, pupil=None,
+                              default_norm="diagonal", failure_threshold=0.1)
 
 
 def load_official_checkpoint(path: str, *, ema: bool = False,
@@ -479,12 +504,7 @@ def load_official_checkpoint(path: str, *, ema: bool = False,
   (with or without a `module.` prefix) is accepted too. The model's convolutions default to
   `precision="highest"` so the official float32 outputs are reproduced on GPUs too (whose
   default is TF32); `model.clone(precision=None)` trades that for speed. Raises
-  `CheckpointError` (a ValueError) with a one-line message naming what is wrong.
+  `CheckpointError` with a one-line message naming what is wrong.
   """
-  path = os.fspath(path)
-  obj = read_torch_checkpoint(path)
-  state = select_state_dict(obj, ema=ema, path=path)
-  arch = infer_architecture(state, path)
-  variables = convert_state_dict(state, arch, path)
-  variables = jax.tree_util.tree_map(jnp.asarray, variables)
+  arch, variables = read_official(path, ema=ema)
   return model_from_architecture(arch, precision=precision), variables

@@ -19,6 +19,9 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from star_jax import jax_compat
+from star_jax.errors import UsageError
+
 AXIS_NAME = "batch"
 
 PyTree = Any
@@ -42,7 +45,7 @@ def per_device_batch_size(global_batch_size: int, *, process_count: int | None =
                         else local_device_count)
   devices = process_count * local_device_count
   if global_batch_size % devices:
-    raise ValueError(
+    raise UsageError(
         f"config.batch_size={global_batch_size} must be divisible by the number of devices "
         f"({process_count} process(es) x {local_device_count} local device(s) = {devices}); "
         "the global batch stays fixed whatever the device count")
@@ -104,35 +107,55 @@ def unreplicate(tree: PyTree) -> PyTree:
   return jax.tree.map(first, tree)
 
 
-def initialize_distributed(enabled: bool, **kwargs) -> None:
-  """`jax.distributed.initialize(**kwargs)` when `enabled` (config.distributed).
+def initialize_distributed(config) -> None:
+  """`jax.distributed.initialize` for a multi-process run (`config.distributed=True`).
 
-  On clusters (SLURM, TPU pods, Kubernetes with the usual environment variables) no arguments
-  are needed; elsewhere pass coordinator_address, num_processes and process_id. Must run before
-  any other JAX call touches the devices.
+  Where each process's place comes from:
+    - `config.coordinator_address` ('host:port' of process 0), `config.num_processes` and
+      `config.process_id` when set (> 0 processes, >= 0 id);
+    - otherwise JAX's own detection: the JAX_COORDINATOR_ADDRESS environment variable, and
+      SLURM, Open MPI or TPU environments for the process count and id.
+  On CPUs the cross-process collectives use gloo. Called by train.py before any other JAX
+  call touches the devices; a missing setting is a one-line usage error.
   """
-  if not enabled:
+  if not bool(config.get("distributed", False)):
     return
-  jax.distributed.initialize(**kwargs)
+  address = str(config.get("coordinator_address", "") or "") or None
+  count = int(config.get("num_processes", -1))
+  index = int(config.get("process_id", -1))
+  kwargs = {"coordinator_address": address,
+            "num_processes": count if count > 0 else None,
+            "process_id": index if index >= 0 else None}
+  if kwargs["num_processes"] is not None and kwargs["process_id"] is not None and not (
+      kwargs["process_id"] < kwargs["num_processes"]):
+    raise UsageError(f"config.process_id={index} must be below config.num_processes={count}")
+  if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator_plugin():
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, TypeError) as e:
+    raise UsageError(
+        f"config.distributed=True: {e} Set --config.coordinator_address=HOST:PORT "
+        "--config.num_processes=N --config.process_id=I (or JAX_COORDINATOR_ADDRESS and a "
+        "SLURM/Open MPI launch); see the README, 'Several processes'") from None
   logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
 
 
-def sync_processes(name: str, timeout_s: float = 3600.0) -> None:
-  """Waits until every process reaches this point (no-op with one process).
+def _has_accelerator_plugin() -> bool:
+  """Whether a GPU/TPU JAX plugin is installed (then its own collectives are used)."""
+  import importlib.util
+  return any(importlib.util.find_spec(name) is not None
+             for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
 
-  Uses the coordination service of `jax.distributed`, not a device collective: the CPU (gloo)
-  collectives give up when processes arrive more than ~30 s apart, which happens when one
-  process compiles slower than another, so processes meet here before their first collective.
-  """
+
+def sync_processes(name: str, timeout_s: float = 3600.0) -> None:
+  """Waits until every process reaches this point (no-op with one process); see
+  `star_jax.jax_compat.wait_at_barrier` for why processes meet before their first collective."""
   if jax.process_count() == 1:
     return
-  from jax._src import distributed  # the client is not exposed publicly
-  client = distributed.global_state.client
-  if client is None:
-    return
-  client.wait_at_barrier(f"star_jax_{name}", int(timeout_s * 1000))
+  jax_compat.wait_at_barrier(name, timeout_s)
 
 
 def describe_devices() -> str:

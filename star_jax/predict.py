@@ -30,12 +30,13 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from star_jax import checkpointing
+from star_jax import cli
 from star_jax import eval_lib
 from star_jax import face_detection
 from star_jax import landmark_mappings
 from star_jax import plots
 from star_jax.data import transforms
-from star_jax.datasets import spec_for_num_points
 from star_jax.face_detection import Box
 from star_jax.image_io import ImageError, load_image
 
@@ -74,17 +75,18 @@ class Predictor:
   """Batched, jitted landmark prediction for whole images.
 
   Args:
-    checkpoint: path for `eval_lib.load_model`, or an `eval_lib.LoadedModel`.
-    weights: 'default', 'ema' or 'raw' (see `eval_lib.load_model`).
+    checkpoint: path for `checkpointing.load_model`, or a `checkpointing.LoadedModel`.
+    weights: 'default', 'ema' or 'raw' (see `checkpointing.load_model`).
     batch_size: faces per network call; calls are padded to it so one compilation serves all.
     detector: `image_rgb -> list[Box]` used when no boxes are given.
   """
 
   def __init__(self, checkpoint, *, weights: str = "default", batch_size: int = 8,
                detector: Callable[[np.ndarray], list[Box]] | None = None):
-    self.loaded = (checkpoint if isinstance(checkpoint, eval_lib.LoadedModel)
-                   else eval_lib.load_model(checkpoint, weights=weights))
-    self.spec = spec_for_num_points(self.loaded.num_points)
+    self.loaded = (checkpoint if isinstance(checkpoint, checkpointing.LoadedModel)
+                   else checkpointing.load_model(checkpoint, weights=weights))
+    self.spec = self.loaded.spec
+    self._landmark_fn = eval_lib.landmark_fn_for(self.loaded)
     self.image_size = self.loaded.image_size
     self.batch_size = int(batch_size)
     self.detector = detector or face_detection.detect_faces
@@ -103,7 +105,7 @@ class Predictor:
       if n < self.batch_size:  # pad: fixed shapes, one compilation
         chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:],
                                                 chunk.dtype)])
-      out.append(np.asarray(self.loaded.landmark_fn(self.loaded.variables, chunk))[:n])
+      out.append(np.asarray(self._landmark_fn(self.loaded.variables, chunk))[:n])
     if not out:
       return np.zeros((0, self.num_points, 2), np.float32)
     return np.concatenate(out)
@@ -277,10 +279,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
-  from star_jax import host  # pylint: disable=g-import-not-at-top
-  host.tune_process()
+  from star_jax import host
+  host.configure_process()
   try:
     boxes = None if args.box is None else [Box.parse(args.box)]
   except ValueError as e:
@@ -313,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   for path in errors:
     print(f"  unreadable: {path}")
   return 1 if errors else 0
+
+
+main = cli.main_wrapper(_main)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ What follows the official STAR trainer (ADNet lineage) and what deliberately dif
 - EMA: initialised as a copy of the network, then after every optimiser step
   `ema = d * ema + (1 - d) * new` with `d = 0.5 ** (batch_size / half_life_examples)`, no
   warm-up, applied to the parameters and the BatchNorm statistics (the official float buffers).
-- Loss per stack i of S: `2^i / 2^(S-1) * (star_weight * STAR(fused heatmaps, landmarks) +
-  pointmap_weight * AWing(point maps) + edgemap_weight * AWing(edge maps))`, landmarks in the
-  normalised [-1, 1] crop frame. With `use_aam=False` only the STAR term remains, applied to the
-  heatmaps (the official code indexes its label list wrongly in that mode; we do not mirror it).
+- Loss per stack i of S: `2^i / 2^(S-1) * sum_t weight_t * term_t`, the terms named in
+  `config.loss.terms` (star_jax.losses registry). The official recipe is STAR (fused heatmaps)
+  + 10 AWing (point maps) + 10 AWing (edge maps), landmarks in the normalised [-1, 1] crop
+  frame. Without the AAM heads the terms that need them are left out (the official code indexes
+  its label list wrongly in that mode; we do not mirror it).
 - Validation uses a split carved from the training set (or `data.val_tsv`), never the test set
-  (the official trainer picked its best epoch on the test set). The best model is selected by
-  the NME of the EMA weights; the raw weights are evaluated and stored beside them.
+  (the official trainer picked its best epoch on the test set). The best model is chosen by the
+  NME of the EMA weights, or (`best_weights='better'`) by the better of raw and EMA, the
+  official rule.
 - No anomaly detection; instead a non-finite loss stops the run with the step number and the
   offending batch saved to `<workdir>/nan_batch_step<N>.npz`.
 - Data parallel: the per-device step names its axis (`parallel.AXIS_NAME`) and averages
@@ -23,17 +25,20 @@ What follows the official STAR trainer (ADNet lineage) and what deliberately dif
   batch is fixed whatever the device count.
 - Resume: the state, the logging accumulators and the best NME are checkpointed; the data
   stream restarts at the checkpointed step (augmentation draws derive from the seed and the
-  example position), so a resumed run continues exactly.
+  example position), so a resumed run continues exactly. A stop request (SIGTERM / Ctrl-C,
+  through `should_stop`) ends the current step, saves a checkpoint at it and returns.
+- Fine-tuning (`init_from`): every variable whose path and shape match the checkpoint's is
+  loaded, the rest keeps its fresh initialisation (star_jax.finetune).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from absl import logging
 import flax
@@ -46,11 +51,13 @@ import optax
 
 from star_jax import checkpointing
 from star_jax import datasets
-from star_jax import models
-from star_jax import host
 from star_jax import logging_utils
+from star_jax import losses
 from star_jax import metrics as metrics_lib
+from star_jax import models
 from star_jax import parallel
+from star_jax import workdir as workdir_lib
+from star_jax.errors import StarJaxError, UsageError
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the GPU check runs without it
   import ml_collections
@@ -59,8 +66,8 @@ PyTree = Any
 Batch = Mapping[str, np.ndarray]
 
 
-class TrainingDiverged(FloatingPointError):
-  """Raised when the training loss becomes NaN or infinite."""
+class TrainingDiverged(StarJaxError, FloatingPointError):
+  """Raised when the training loss becomes NaN or infinite (exit 1 from train.py)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,14 +90,9 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
-                       image_size: int) -> TrainState:
-  """Initial state on the host: fresh parameters, EMA = a copy of them (as the official code).
-
-  The parameters are drawn on the host by `star_jax.models.init_variables` (torch's default
-  initialisation, deterministic in `rng`), which avoids compiling the initialisers.
-  """
-  variables = models.init_variables(model, rng, image_size)
+def create_train_state(variables: Mapping[str, PyTree], tx: optax.GradientTransformation
+                       ) -> TrainState:
+  """Initial state on the host from initial variables; EMA = a copy of them (as the official)."""
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
@@ -105,7 +107,7 @@ def steps_per_epoch(train_size: int, batch_size: int) -> int:
   """Full batches per epoch (the last partial batch is dropped, as the multi-GPU official run)."""
   steps = train_size // batch_size
   if steps < 1:
-    raise ValueError(f"the training set has {train_size} examples, fewer than one batch of "
+    raise UsageError(f"the training set has {train_size} examples, fewer than one batch of "
                      f"config.batch_size={batch_size}")
   return steps
 
@@ -126,16 +128,25 @@ def lr_schedule(config: ml_collections.ConfigDict, epoch_steps: int) -> optax.Sc
   return optax.piecewise_constant_schedule(float(config.optim.lr), boundaries)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, epoch_steps: int
+def make_optimizer(config: ml_collections.ConfigDict, epoch_steps: int,
+                   frozen: Callable[[PyTree], PyTree] | None = None
                    ) -> optax.GradientTransformation:
-  """Adam with torch semantics (L2 weight decay in the gradient when enabled)."""
+  """Adam with torch semantics (L2 weight decay in the gradient when enabled).
+
+  `frozen`, when given, maps the parameters to a tree of booleans: True leaves get no update
+  (fine-tuning with `config.freeze`).
+  """
   parts = []
   if config.optim.weight_decay and config.optim.weight_decay > 0:
     parts.append(optax.add_decayed_weights(float(config.optim.weight_decay)))
   parts.append(optax.scale_by_adam(b1=float(config.optim.b1), b2=float(config.optim.b2),
                                    eps=1e-8))
   parts.append(optax.scale_by_learning_rate(lr_schedule(config, epoch_steps)))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  if frozen is None:
+    return tx
+  labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "train", frozen(params))
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def ema_decay(config: ml_collections.ConfigDict) -> float:
@@ -146,13 +157,9 @@ def ema_decay(config: ml_collections.ConfigDict) -> float:
 
 
 def ema_update(ema: PyTree, new: PyTree, decay: float) -> PyTree:
-  """`decay * ema + (1 - decay) * new` leafwise (float leaves; others take the new value)."""
-  def mix(e, n):
-    if not jnp.issubdtype(jnp.asarray(n).dtype, jnp.floating):
-      return n
-    return (decay * e + (1.0 - decay) * n).astype(n.dtype)
-
-  return jax.tree.map(mix, ema, new)
+  """`decay * ema + (1 - decay) * new` leafwise (optax.incremental_update), dtypes kept."""
+  mixed = optax.incremental_update(new, ema, step_size=1.0 - decay)
+  return jax.tree.map(lambda m, n: m.astype(n.dtype), mixed, new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,35 +170,43 @@ def stack_weights(num_stacks: int) -> list[float]:
   return [2.0 ** i / 2.0 ** (num_stacks - 1) for i in range(num_stacks)]
 
 
+def loss_terms(config: ml_collections.ConfigDict, *, use_aam: bool = True
+               ) -> list[tuple[str, float, Callable, dict]]:
+  """(name, weight, term function, options) of every term with a non-zero weight."""
+  active = []
+  for name, weight in sorted(config.loss.terms.items()):
+    weight = float(weight)
+    if weight == 0.0:
+      continue
+    term = losses.get_term(name)
+    if term.needs_aam and not use_aam:
+      continue
+    options = config.loss.get(name, None)
+    active.append((name, weight, term.fn, dict(options) if options is not None else {}))
+  if not active:
+    raise UsageError("config.loss.terms: every term has weight 0; nothing to train")
+  return active
+
+
 def compute_loss(config: ml_collections.ConfigDict, outputs, batch: Batch
                  ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """Total loss (float32, or float64 for a float64 model) and its weighted parts (`star`, `pointmap`, `edgemap`, summed over stacks).
-
-  `outputs` is a `ModelOutput`; `batch` holds `landmarks` (normalised), `pointmaps`, `edgemaps`.
-  """
-  from star_jax import losses  # imported here so the module loads without the loss code
-
-  loss_cfg = config.loss
+  """Total loss (float32, or float64 for a float64 model) and its weighted parts per term
+  (summed over stacks). `outputs` is a `ModelOutput`; `batch` holds `landmarks` (normalised),
+  and `pointmaps` / `edgemaps` targets for the AAM terms."""
   num_stacks = len(outputs.heatmaps)
   use_aam = len(outputs.pointmaps) > 0
   # float32 for float32/bfloat16 compute (mixed precision keeps the loss in float32); float64
   # stays float64.
   dtype = jnp.promote_types(outputs.heatmaps[-1].dtype, jnp.float32)
-  landmarks = jnp.asarray(batch["landmarks"], dtype)
-  parts = {"star": jnp.zeros((), dtype)}
-  if use_aam:
-    parts["pointmap"] = jnp.zeros((), dtype)
-    parts["edgemap"] = jnp.zeros((), dtype)
-  for i, weight in enumerate(stack_weights(num_stacks)):
-    star = losses.star_loss(outputs.heatmaps[i].astype(dtype), landmarks,
-                            w=float(loss_cfg.star_w), dist=str(loss_cfg.star_dist),
-                            eps=float(loss_cfg.star_eps), version=str(loss_cfg.star_version))
-    parts["star"] += weight * float(loss_cfg.star_weight) * star
-    if use_aam:
-      parts["pointmap"] += weight * float(loss_cfg.pointmap_weight) * losses.awing_loss(
-          outputs.pointmaps[i].astype(dtype), jnp.asarray(batch["pointmaps"], dtype))
-      parts["edgemap"] += weight * float(loss_cfg.edgemap_weight) * losses.awing_loss(
-          outputs.edgemaps[i].astype(dtype), jnp.asarray(batch["edgemaps"], dtype))
+  terms = loss_terms(config, use_aam=use_aam)
+  parts = {name: jnp.zeros((), dtype) for name, _, _, _ in terms}
+  for i, stack_weight in enumerate(stack_weights(num_stacks)):
+    prediction = losses.StackPrediction(
+        landmarks=outputs.landmarks[i].astype(dtype), heatmaps=outputs.heatmaps[i].astype(dtype),
+        pointmaps=outputs.pointmaps[i].astype(dtype) if use_aam else None,
+        edgemaps=outputs.edgemaps[i].astype(dtype) if use_aam else None)
+    for name, weight, fn, options in terms:
+      parts[name] += stack_weight * weight * fn(prediction, batch, options)
   total = sum(parts.values())
   return total, parts
 
@@ -233,78 +248,92 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
 
 
 def eval_step(state: TrainState, images: jnp.ndarray, *, model) -> dict[str, jnp.ndarray]:
-  """Final-stack landmarks (normalised crop frame) of the EMA and the raw weights."""
-  ema = model.apply(state.variables(ema=True), images, train=False).landmarks[-1]
-  raw = model.apply(state.variables(ema=False), images, train=False).landmarks[-1]
-  return {"ema": ema.astype(jnp.float32), "raw": raw.astype(jnp.float32)}
+  """Landmarks (normalised crop frame) of every stack, `(S, B, N, 2)`, EMA and raw weights."""
+  ema = model.apply(state.variables(ema=True), images, train=False).landmarks
+  raw = model.apply(state.variables(ema=False), images, train=False).landmarks
+  stack = lambda out: jnp.stack([lm.astype(jnp.float32) for lm in out], axis=1)
+  return {"ema": stack(ema), "raw": stack(raw)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation.
 
-def evaluate(p_eval_step, state_r: TrainState, batches: Iterable[Batch], spec,
-             norm: str) -> dict[str, float]:
-  """Mean NME of the EMA and raw weights over `batches` (padding masked out)."""
-  nmes = {"ema": [], "raw": []}
+def evaluate(p_eval_step, state_r: TrainState, batches: Iterable[Batch],
+             spec: datasets.DatasetSpec, norm: str) -> dict[str, float]:
+  """Mean NME of the EMA and raw weights (final stack, and EMA per stack) over `batches`."""
+  nmes: dict[str, list] = {"ema": [], "raw": []}
   for batch in batches:
     preds = parallel.unshard(p_eval_step(state_r, parallel.shard(
         np.asarray(batch["image"], np.float32))))
-    mask = np.asarray(batch["mask"], bool) if "mask" in batch else np.ones(len(preds["ema"]), bool)
+    mask = (np.asarray(batch["mask"], bool) if "mask" in batch
+            else np.ones(len(preds["ema"]), bool))
     gt = np.asarray(batch["landmarks"], np.float64)[mask]
     for name in nmes:
-      nmes[name].append(metrics_lib.nme(preds[name][mask], gt, spec, norm))
+      per_stack = preds[name][mask]                            # (b, S, N, 2)
+      nmes[name].append(np.stack([metrics_lib.nme(per_stack[:, s], gt, spec, norm)
+                                  for s in range(per_stack.shape[1])], axis=1))
   if not nmes["ema"]:
-    raise ValueError("the validation split is empty")
-  ema = np.concatenate(nmes["ema"])
-  return {"val_nme": float(ema.mean()), "val_nme_raw": float(np.concatenate(nmes["raw"]).mean()),
-          "val_images": int(ema.size)}
+    raise UsageError("the validation split is empty")
+  ema, raw = (np.concatenate(nmes[k]) for k in ("ema", "raw"))  # (M, S)
+  result = {"val_nme": float(ema[:, -1].mean()), "val_nme_raw": float(raw[:, -1].mean()),
+            "val_images": int(ema.shape[0])}
+  if ema.shape[1] > 1:
+    result.update({f"val_nme_stack{s}": float(ema[:, s].mean()) for s in range(ema.shape[1])})
+  return result
 
 
 # ---------------------------------------------------------------------------------------------
-# Data hooks.
+# Data.
 
-def _default_train_data(config, *, start_step, process_index, process_count):
-  from star_jax.data import pipeline
-  return pipeline.train_dataset(config, start_step=start_step, process_index=process_index,
-                                process_count=process_count)
+class TrainingData(Protocol):
+  """What the loop reads: the training stream, validation batches and the epoch size."""
 
+  def num_train_examples(self) -> int: ...
 
-def _default_eval_data(config, split, *, batch_size):
-  from star_jax.data import pipeline
-  # Every process evaluates the whole (small) validation split, so all agree on the NME and
-  # the best model without a cross-process reduction.
-  return pipeline.eval_dataset(config, split, batch_size=batch_size, process_index=0,
-                               process_count=1)
+  def train_batches(self, *, start_step: int, process_index: int, process_count: int
+                    ) -> Iterator[Batch]: ...
+
+  def val_batches(self, *, batch_size: int) -> Iterable[Batch]: ...
 
 
-def _default_train_size(config) -> int:
-  """Examples in the training split (after carving the validation rows)."""
-  from star_jax.data import pipeline
-  return pipeline.num_examples(config, "train")
+class PipelineData:
+  """`TrainingData` from the tf.data pipelines over `config.data` (star_jax.data)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    from star_jax.data import sources
+    self.config = config
+    self.source = sources.source_for(config)
+
+  def num_train_examples(self) -> int:
+    return self.source.num_examples("train")
+
+  def check_images(self) -> None:
+    from star_jax.data import sources
+    for split in ("train", "val"):
+      sources.check_images(self.source, split, log=lambda line: logging.warning("%s", line))
+
+  def train_batches(self, *, start_step, process_index, process_count):
+    from star_jax.data import pipeline
+    return pipeline.train_dataset(self.config, start_step=start_step,
+                                  process_index=process_index, process_count=process_count,
+                                  source=self.source)
+
+  def val_batches(self, *, batch_size):
+    from star_jax.data import pipeline
+    # Every process evaluates the whole (small) validation split, so all agree on the NME and
+    # the best model without a cross-process reduction.
+    return pipeline.eval_dataset(self.config, "val", batch_size=batch_size, process_index=0,
+                                 process_count=1, source=self.source)
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
-def _cadence(value: int, epoch_steps: int) -> int:
-  return epoch_steps if value is None or value < 0 else int(value)
-
-
-def _check_config(config: ml_collections.ConfigDict) -> None:
-  if config.batch_size <= 0:
-    raise ValueError(f"config.batch_size must be positive, got {config.batch_size}")
-  if config.data.image_size % 4:
-    raise ValueError(f"config.data.image_size={config.data.image_size} must divide by 4")
-  if config.eval_batch_size % jax.local_device_count():
-    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} must be divisible by the "
-                     f"{jax.local_device_count()} local devices")
-
-
-def _save_nan_batch(workdir: str, step: int, batch: Batch) -> str:
-  suffix = "" if jax.process_index() == 0 else f"_process{jax.process_index()}"
-  path = os.path.join(workdir, f"nan_batch_step{step}{suffix}.npz")
-  np.savez(path, **{k: np.asarray(v) for k, v in batch.items()})
-  return path
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  step: int
+  stopped: bool               # True when `should_stop` ended the run before its last step
 
 
 class _Accumulator:
@@ -326,170 +355,264 @@ class _Accumulator:
     self.sums, self.count = {}, 0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       train_data_fn: Callable[..., Iterator[Batch]] | None = None,
-                       eval_data_fn: Callable[..., Iterable[Batch]] | None = None,
-                       train_size: int | None = None) -> TrainState:
-  """Trains (resuming from `<workdir>/checkpoints` when present) and returns the final state.
+def _cadence(value: int, epoch_steps: int) -> int:
+  return epoch_steps if value is None or value < 0 else max(int(value), 1)
 
-  The data hooks default to `star_jax.data.pipeline`: `train_data_fn(config, *, start_step,
-  process_index, process_count)` like `train_dataset`, `eval_data_fn(config, split, *,
-  batch_size)` like `eval_dataset`, and `train_size` (examples per epoch) from the training
-  split's annotations. They are parameters so that other sources can be plugged in.
-  Raises `TrainingDiverged` when the loss becomes NaN or infinite.
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Usage errors that can be found before any work."""
+  positive = {"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size,
+              "data.image_size": config.data.image_size}
+  for name, value in positive.items():
+    if int(value) <= 0:
+      raise UsageError(f"config.{name} must be positive, got {value}")
+  if config.data.image_size % 4:
+    raise UsageError(f"config.data.image_size={config.data.image_size} must divide by 4")
+  if config.eval_batch_size % jax.local_device_count():
+    raise UsageError(f"config.eval_batch_size={config.eval_batch_size} must be divisible by the "
+                     f"{jax.local_device_count()} local devices")
+  if config.best_weights not in ("ema", "better"):
+    raise UsageError(f"config.best_weights={config.best_weights!r}: use 'ema' or 'better'")
+  if not 0 <= float(config.data.val_fraction) < 1:
+    raise UsageError(f"config.data.val_fraction={config.data.val_fraction} must be in [0, 1)")
+
+
+def _save_nan_batch(workdir: str, step: int, batch: Batch) -> str:
+  suffix = "" if jax.process_index() == 0 else f"_process{jax.process_index()}"
+  path = os.path.join(workdir, f"nan_batch_step{step}{suffix}.npz")
+  np.savez(path, **{k: np.asarray(v) for k, v in batch.items()})
+  return path
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop's parts share: the setup of one training run."""
+
+  config: Any
+  workdir: str
+  spec: datasets.DatasetSpec
+  eval_model: Any
+  data: TrainingData
+  epoch_steps: int
+  num_steps: int
+  schedule: optax.Schedule
+  writer: Any
+  checkpoints: checkpointing.TrainCheckpoints
+  best: checkpointing.BestCheckpoints | None
+  p_train_step: Callable
+  p_eval_step: Callable
+  train_size: int
+  is_primary: bool
+  accumulator: _Accumulator = dataclasses.field(default_factory=_Accumulator)
+  best_nme: float = math.inf
+  window_start: float = dataclasses.field(default_factory=time.time)
+  window_steps: int = 0
+  step: int = 0                       # optimiser steps taken
+  state_r: Any = None                 # the replicated train state
+  pending: tuple | None = None        # (step, host batch, device metrics) not yet checked
+
+  def check_pending(self) -> None:
+    """Adds the pending step's metrics to the window; stops the run if its loss is not finite."""
+    if self.pending is None:
+      return
+    step, batch, device_metrics = self.pending
+    self.pending = None
+    scalars = {k: float(v) for k, v in parallel.unreplicate(device_metrics).items()}
+    if not math.isfinite(scalars["loss"]):
+      path = _save_nan_batch(self.workdir, step, batch)
+      self.writer.write_scalars(step, {"train_loss": scalars["loss"], "diverged": True})
+      self.writer.flush()
+      raise TrainingDiverged(
+          f"training loss is {scalars['loss']} at step {step} (the update that produced step "
+          f"{step}); the offending batch is saved in {path}. Lower config.optim.lr or inspect "
+          "the data.")
+    self.accumulator.add(scalars)
+
+  def log(self, bar) -> None:
+    self.check_pending()
+    step = self.step
+    elapsed = time.time() - self.window_start
+    means = self.accumulator.means()
+    record = {"train_" + k: v for k, v in means.items()}
+    record["lr"] = float(self.schedule(step - 1))
+    record["epoch"] = (step - 1) // self.epoch_steps
+    record["examples_per_sec"] = (self.window_steps * int(self.config.batch_size)
+                                  / max(elapsed, 1e-9))
+    self.writer.write_scalars(step, record)
+    bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}")
+    self.accumulator.reset()
+    self.restart_window()
+
+  def validate(self, step: int | None = None) -> None:
+    self.check_pending()
+    step, state_r = self.step if step is None else step, self.state_r
+    start = time.time()
+    batches = self.data.val_batches(batch_size=int(self.config.eval_batch_size))
+    result = evaluate(self.p_eval_step, state_r, batches, self.spec,
+                      str(self.config.nme_norm))
+    result["val_seconds"] = time.time() - start
+    self.writer.write_scalars(step, result)
+    self.writer.flush()
+    logging.info("step %d: val NME %.5f (EMA), %.5f (raw) on %d images", step,
+                 result["val_nme"], result["val_nme_raw"], result["val_images"])
+    use_raw = (self.config.best_weights == "better"
+               and result["val_nme_raw"] < result["val_nme"])
+    nme = result["val_nme_raw"] if use_raw else result["val_nme"]
+    if nme < self.best_nme:
+      self.best_nme = nme
+      if self.best is not None:
+        host = parallel.unreplicate(state_r)
+        self.best.save(step, nme, self.eval_model, host.variables(ema=not use_raw),
+                       spec=self.spec, image_size=int(self.config.data.image_size),
+                       config=self.config, raw_variables=host.variables(ema=False),
+                       extra={"val_nme_ema": result["val_nme"],
+                              "val_nme_raw": result["val_nme_raw"],
+                              "weights": "raw" if use_raw else "ema"})
+    self.restart_window()
+
+  def save(self) -> None:
+    self.check_pending()
+    step = self.step
+    host = parallel.unreplicate(self.state_r)
+    meta = {"config": checkpointing.config_to_json(self.config),
+            "model": models.describe(self.eval_model), "scheme": self.spec.to_dict(),
+            "log_sums": self.accumulator.sums, "log_count": self.accumulator.count,
+            "best_nme": self.best_nme, "train_size": self.train_size,
+            "saved_at": time.time()}
+    self.checkpoints.save(step, flax.serialization.to_state_dict(host), meta)
+    self.restart_window()
+
+  def restart_window(self) -> None:
+    self.writer.flush()
+    self.window_start = time.time()
+    self.window_steps = 0
+
+
+def _initial_state(config, eval_model, tx, spec) -> TrainState:
+  from star_jax import finetune
+  variables = models.init_variables(eval_model, jax.random.PRNGKey(int(config.seed)),
+                                    int(config.data.image_size))
+  if config.init_from:
+    variables = finetune.load_initial_variables(config, eval_model, spec, variables)
+  return create_train_state(variables, tx)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       data: TrainingData | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> TrainResult:
+  """Trains (resuming from `<workdir>/checkpoints` when present); returns the final state.
+
+  `data` defaults to the tf.data pipelines over `config.data` (`PipelineData`); tests pass
+  synthetic batches. `should_stop` is polled after every step: when it returns True the run
+  saves a checkpoint at that step and returns with `stopped=True` (the same call resumes it).
+  Raises `TrainingDiverged` when the loss becomes NaN or infinite, UsageError / WorkdirError /
+  DataError for problems with the command (before any work).
   """
-  host.tune_process()
-  logging_utils.quiet_library_logs()
-  parallel.initialize_distributed(bool(config.get("distributed", False)))
-  _check_config(config)
-  train_data_fn = train_data_fn or _default_train_data
-  eval_data_fn = eval_data_fn or _default_eval_data
+  from star_jax import finetune
+  check_config(config)
   workdir = os.path.abspath(workdir)
   is_primary = jax.process_index() == 0
-  if is_primary:
-    os.makedirs(workdir, exist_ok=True)
-    checkpointing.write_config(workdir, config)
-
   spec = datasets.get_spec(config.dataset)
-  from star_jax.models import create_model
-  train_model = create_model(config.model, spec, bn_axis_name=parallel.AXIS_NAME)
-  eval_model = create_model(config.model, spec)
+  config = finetune.resolve_model_config(config)
+  if is_primary:
+    workdir_lib.lock(workdir)
+    workdir_lib.prepare(workdir, config)
+  data = data or PipelineData(config)
+  if is_primary and bool(config.data.check_images) and hasattr(data, "check_images"):
+    data.check_images()
 
+  train_model = models.create_model(config.model, spec, bn_axis_name=parallel.AXIS_NAME)
+  eval_model = models.create_model(config.model, spec)
   global_batch = int(config.batch_size)
   parallel.per_device_batch_size(global_batch)  # validates divisibility
-  if train_size is None:
-    train_size = _default_train_size(config)
+  train_size = data.num_train_examples()
   epoch_steps = steps_per_epoch(train_size, global_batch)
   num_steps = total_train_steps(config, epoch_steps)
-  eval_every = _cadence(config.eval_every_steps, epoch_steps)
-  ckpt_every = _cadence(config.checkpoint_every_steps, epoch_steps)
-  log_every = max(int(config.log_every_steps), 1)
-  schedule = lr_schedule(config, epoch_steps)
-  tx = make_optimizer(config, epoch_steps)
-  decay = ema_decay(config)
+  tx = make_optimizer(config, epoch_steps, finetune.frozen_mask(config, eval_model))
+  state = _initial_state(config, eval_model, tx, spec)
 
-  state = create_train_state(eval_model, tx, jax.random.PRNGKey(int(config.seed)),
-                             int(config.data.image_size))
   parallel.sync_processes("checkpoint_manager")  # its creation runs a cross-process broadcast
-  checkpoints = checkpointing.TrainCheckpoints(workdir, keep=int(config.keep_checkpoints))
-  accumulator = _Accumulator()
-  best_nme = math.inf
-  restored = checkpoints.restore_latest(flax.serialization.to_state_dict(state))
+  run = _Run(config=config, workdir=workdir, spec=spec, eval_model=eval_model, data=data,
+             epoch_steps=epoch_steps, num_steps=num_steps,
+             schedule=lr_schedule(config, epoch_steps),
+             writer=None, checkpoints=checkpointing.TrainCheckpoints(
+                 workdir, keep=int(config.keep_checkpoints)),
+             best=checkpointing.BestCheckpoints(workdir) if is_primary else None,
+             p_train_step=parallel.map_over_devices(
+                 functools.partial(train_step, model=train_model, tx=tx,
+                                   decay=ema_decay(config),
+                                   loss_fn=functools.partial(compute_loss, config)),
+                 donate_argnums=(0,)),
+             p_eval_step=parallel.map_over_devices(functools.partial(eval_step,
+                                                                     model=eval_model)),
+             train_size=train_size, is_primary=is_primary)
+  restored = run.checkpoints.restore_latest(flax.serialization.to_state_dict(state))
   if restored is not None:
     state_dict, meta = restored
     state = flax.serialization.from_state_dict(state, state_dict)
-    accumulator = _Accumulator(meta.get("log_sums"), meta.get("log_count", 0))
-    best_nme = float(meta.get("best_nme", math.inf))
-  start_step = int(state.step)
-
+    run.accumulator = _Accumulator(meta.get("log_sums"), meta.get("log_count", 0))
+    run.best_nme = float(meta.get("best_nme", math.inf))
+  start_step = run.step = int(state.step)
   if is_primary:
     # Records after the checkpoint are re-logged by the resumed run (a fresh run drops all).
     logging_utils.truncate_metrics(workdir, start_step if start_step > 0 else -1)
-  writer = logging_utils.MetricWriter(workdir, enabled=is_primary)
+  run.writer = logging_utils.create_writer(workdir, enabled=is_primary)
   logging.info("%s", parallel.describe_devices())
   logging.info("train examples %d, global batch %d (%d per device), %d steps per epoch, "
                "%d steps in all; %s at step %d", train_size, global_batch,
                parallel.per_device_batch_size(global_batch), epoch_steps, num_steps,
                "resuming" if start_step else "starting", start_step)
+  try:
+    return _loop(run, state, start_step, should_stop or (lambda: False))
+  finally:
+    run.checkpoints.close()
+    if run.best is not None:
+      run.best.close()
+    run.writer.close()
 
-  p_train_step = parallel.map_over_devices(
-      functools.partial(train_step, model=train_model, tx=tx, decay=decay,
-                        loss_fn=functools.partial(compute_loss, config)),
-      donate_argnums=(0,))
-  p_eval_step = parallel.map_over_devices(functools.partial(eval_step, model=eval_model))
 
-  def run_validation(step: int) -> None:
-    nonlocal best_nme
-    batches = eval_data_fn(config, "val", batch_size=int(config.eval_batch_size))
-    t0 = time.time()
-    result = evaluate(p_eval_step, state_r, batches, spec, str(config.nme_norm))
-    result["val_seconds"] = time.time() - t0
-    writer.write(step, result)
-    writer.flush()
-    logging.info("step %d: val NME %.5f (EMA), %.5f (raw) on %d images", step,
-                 result["val_nme"], result["val_nme_raw"], result["val_images"])
-    if result["val_nme"] < best_nme:
-      best_nme = result["val_nme"]
-      if is_primary:
-        host = parallel.unreplicate(state_r)
-        checkpointing.save_for_inference(
-            os.path.join(workdir, checkpointing.BEST_DIR), eval_model,
-            host.variables(ema=True), config, raw_variables=host.variables(ema=False),
-            extra={"step": step, "val_nme": result["val_nme"],
-                   "val_nme_raw": result["val_nme_raw"]})
-
-  def save_checkpoint(step: int) -> None:
-    host = parallel.unreplicate(state_r)
-    meta = {"config": checkpointing.config_to_json(config), "log_sums": accumulator.sums,
-            "log_count": accumulator.count, "best_nme": best_nme,
-            "train_size": train_size, "saved_at": time.time()}
-    checkpoints.save(step, flax.serialization.to_state_dict(host), meta)
-
-  train_iter = iter(train_data_fn(config, start_step=start_step,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count()))
-  state_r = parallel.replicate(state)
+def _loop(run: _Run, state: TrainState, start_step: int, should_stop: Callable[[], bool]
+          ) -> TrainResult:
+  """Steps from `start_step` to the end; logging, validation and checkpoints as CLU periodic
+  actions. Each step's metrics are read back while the next step runs."""
+  from clu import periodic_actions
+  config, num_steps = run.config, run.num_steps
+  train_iter = iter(run.data.train_batches(start_step=start_step,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count()))
+  run.state_r = parallel.replicate(state)
   del state
   if start_step == 0:
-    run_validation(0)  # the untrained network's NME, the reference the run improves on
-
-  bar = logging_utils.progress_bar(num_steps, start_step, enabled=is_primary)
-  pending = None  # (step, host batch, device metrics) of the step not yet checked
-  window_start = time.time()
-  window_steps = 0
-
-  def resolve(entry) -> None:
-    step, batch, metrics = entry
-    scalars = {k: float(v) for k, v in parallel.unreplicate(metrics).items()}
-    if not math.isfinite(scalars["loss"]):
-      path = _save_nan_batch(workdir, step, batch)
-      writer.write(step, {"train_loss": scalars["loss"], "diverged": True})
-      writer.flush()
-      raise TrainingDiverged(
-          f"training loss is {scalars['loss']} at step {step} (the update that produced step "
-          f"{step}); the offending batch is saved in {path}. Lower config.optim.lr or inspect "
-          "the data.")
-    accumulator.add(scalars)
-
+    run.validate(0)  # the untrained network's NME, the reference the run improves on
+  bar = logging_utils.progress_bar(num_steps, start_step, enabled=run.is_primary)
+  every = lambda value, fn: periodic_actions.PeriodicCallback(
+      every_steps=value, on_steps=[num_steps], callback_fn=fn, pass_step_and_time=False)
+  # In this order: a step's log record, then its validation, then its checkpoint (which stores
+  # the best NME so far).
+  log = every(max(int(config.log_every_steps), 1), lambda: run.log(bar))
+  validate = every(_cadence(config.eval_every_steps, run.epoch_steps), run.validate)
+  save = every(_cadence(config.checkpoint_every_steps, run.epoch_steps), run.save)
+  stopped = False
   parallel.sync_processes("first_step")
   try:
     for step in range(start_step, num_steps):
       batch = next(train_iter)
-      state_r, metrics = p_train_step(state_r, parallel.shard(batch))
-      done = step + 1
-      if pending is not None:
-        resolve(pending)  # the previous step: overlaps with the one just dispatched
-      pending = (done, batch, metrics)
-      window_steps += 1
+      run.state_r, metrics = run.p_train_step(run.state_r, parallel.shard(batch))
+      run.check_pending()  # the previous step: overlaps with the one just dispatched
+      run.step, run.pending = step + 1, (step + 1, batch, metrics)
+      run.window_steps += 1
       bar.update(1)
-      is_last = done == num_steps
-      log_now = done % log_every == 0 or is_last
-      eval_now = done % eval_every == 0 or is_last
-      ckpt_now = done % ckpt_every == 0 or is_last
-      if not (log_now or eval_now or ckpt_now):
-        continue
-      resolve(pending)
-      pending = None
-      if log_now:
-        elapsed = time.time() - window_start
-        means = accumulator.means()
-        record = {"train_" + k: v for k, v in means.items()}
-        record["lr"] = float(schedule(done - 1))
-        record["epoch"] = (done - 1) // epoch_steps
-        record["examples_per_sec"] = window_steps * global_batch / max(elapsed, 1e-9)
-        writer.write(done, record)
-        bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}")
-        accumulator.reset()
-      if eval_now:
-        run_validation(done)
-      if ckpt_now:
-        save_checkpoint(done)
-      if log_now or eval_now or ckpt_now:
-        writer.flush()
-        window_start = time.time()
-        window_steps = 0
+      log(run.step)
+      validate(run.step)
+      saved = save(run.step)
+      if should_stop() and run.step < num_steps:
+        if not saved:
+          run.save()
+        stopped = True
+        logging.info("stop requested: checkpoint saved at step %d; run the same command to "
+                     "resume", run.step)
+        break
   finally:
     bar.close()
-    checkpoints.close()
-    writer.close()
-  return parallel.unreplicate(state_r)
+  run.check_pending()
+  return TrainResult(parallel.unreplicate(run.state_r), run.step, stopped)

@@ -82,10 +82,11 @@ class BatchNormTest(chex.TestCase):
     with jax.enable_x64(True):
       x, cotangent, variables = _inputs(jnp.float64)
       for relu in (True, False):
-        ours = self.variant(lambda v, x, c: _value_and_grads(
+        ours = self.variant(lambda v, x, c, relu=relu: _value_and_grads(
             _ours(dtype=jnp.float64, relu=relu), v, x, c, relu))(variables, x, cotangent)
-        reference = _with_torch_running_var(self.variant(lambda v, x, c: _value_and_grads(
-            _reference(dtype=jnp.float64), v, x, c, relu))(variables, x, cotangent), x, variables)
+        reference = _with_torch_running_var(self.variant(lambda v, x, c, relu=relu: (
+            _value_and_grads(_reference(dtype=jnp.float64), v, x, c, relu)))(
+                variables, x, cotangent), x, variables)
         chex.assert_trees_all_close(ours, reference, atol=1e-12, rtol=1e-12)
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -163,7 +164,7 @@ def test_synchronised_statistics_and_gradients_equal_the_whole_batch():
     np.testing.assert_allclose(y.reshape(x.shape), whole[0], atol=1e-12)
     np.testing.assert_allclose(x_grad.reshape(x.shape), whole[2][1], atol=1e-12)
     for shard in range(2):
-      chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a: a[shard], stats), whole[1],
+      chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a, s=shard: a[s], stats), whole[1],
                                   atol=1e-12)
     chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a: a.sum(0), param_grads),
                                 whole[2][0], atol=1e-12)

@@ -11,6 +11,8 @@ import pytest
 from configs import base
 from star_jax import checkpointing
 from star_jax import datasets
+from star_jax import models as models_lib
+from star_jax.errors import CheckpointError
 from star_jax.models import create_model
 
 
@@ -113,49 +115,114 @@ def _tiny_model_and_variables():
 def test_inference_checkpoint_roundtrip(tmp_path):
   config, model, variables = _tiny_model_and_variables()
   raw = jax.tree.map(lambda x: x + 1, variables)
-  out = checkpointing.save_for_inference(str(tmp_path / "inf"), model, variables, config,
-                                         raw_variables=raw, extra={"step": 7})
-  loaded_model, loaded_vars, loaded_config = checkpointing.load_for_inference(out)
-  assert loaded_model == model
-  chex.assert_trees_all_equal(loaded_vars, variables)
-  assert loaded_config.model.channels == 8
-  assert loaded_config.optim.milestones == config.optim.milestones
-  _, raw_loaded, _ = checkpointing.load_for_inference(out, ema=False)
-  chex.assert_trees_all_equal(raw_loaded, raw)
-  # Overwriting replaces the directory; a workdir with best/ resolves to it.
-  best = checkpointing.save_for_inference(str(tmp_path / "best"), model, raw, config,
-                                          extra={"step": 9, "val_nme": 0.5})
-  assert best.endswith("best")
-  _, vars_from_workdir, _ = checkpointing.load_for_inference(str(tmp_path))
-  chex.assert_trees_all_equal(vars_from_workdir, raw)
-  assert checkpointing.read_best_meta(str(tmp_path))["step"] == 9
+  wflw = datasets.get_spec("wflw")
+  out = checkpointing.save_for_inference(str(tmp_path / "inf"), model, variables, spec=wflw,
+                                         image_size=32, config=config, raw_variables=raw,
+                                         extra={"step": 7})
+  loaded = checkpointing.load_model(out)
+  assert loaded.model == model and loaded.spec == wflw and loaded.image_size == 32
+  chex.assert_trees_all_equal(loaded.variables, variables)
+  assert loaded.config.model.channels == 8 and loaded.extra == {"step": 7}
+  assert tuple(loaded.config.optim.milestones) == tuple(config.optim.milestones)
+  chex.assert_trees_all_equal(checkpointing.load_model(out, weights="raw").variables, raw)
+  # Overwriting replaces the directory.
+  checkpointing.save_for_inference(out, model, raw, spec=wflw, image_size=32)
+  chex.assert_trees_all_equal(checkpointing.load_model(out).variables, raw)
   # The loaded model runs.
-  out_lm = jax.jit(loaded_model.apply)(loaded_vars, jnp.zeros((1, 32, 32, 3))).landmarks[-1]
+  out_lm = jax.jit(loaded.model.apply)(loaded.variables, jnp.zeros((1, 32, 32, 3))).landmarks[-1]
   chex.assert_shape(out_lm, (1, 98, 2))
 
 
+def test_best_checkpoints_keep_the_lowest_nme_and_a_workdir_resolves_to_it(tmp_path):
+  config, model, variables = _tiny_model_and_variables()
+  wflw = datasets.get_spec("wflw")
+  best = checkpointing.BestCheckpoints(str(tmp_path))
+  for step, nme in ((1, 0.5), (2, 0.3)):
+    weights = jax.tree.map(lambda x, s=step: x + s, variables)
+    best.save(step, nme, model, weights, spec=wflw, image_size=32, config=config)
+  best.close()
+  assert sorted(os.listdir(tmp_path / "best")) == ["2"]
+  meta = checkpointing.read_best_meta(str(tmp_path))
+  assert meta["step"] == 2 and meta["val_nme"] == 0.3
+  loaded = checkpointing.load_model(str(tmp_path))
+  chex.assert_trees_all_equal(loaded.variables, jax.tree.map(lambda x: x + 2, variables))
+
+
+def test_legacy_inference_directory_still_loads(tmp_path):
+  """Directories written before the `model` item (model.json + variables/ + config.json)."""
+  import json
+  import orbax.checkpoint as ocp
+  config, model, variables = _tiny_model_and_variables()
+  legacy = tmp_path / "legacy"
+  legacy.mkdir()
+  fields = models_lib.describe(model)["fields"]
+  (legacy / "model.json").write_text(json.dumps(
+      {"class": "star_jax.models.hourglass.StackedHourglass", "fields": fields}))
+  (legacy / "config.json").write_text(checkpointing.config_to_json(config))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(str(legacy / "variables"), variables)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  loaded = checkpointing.load_model(str(legacy))
+  assert loaded.model == model and loaded.image_size == 32 and loaded.spec.name == "wflw"
+  chex.assert_trees_all_equal(loaded.variables, variables)
+
+
+@pytest.mark.parametrize("description, message", [
+    ({"class": "os.system", "fields": {"command": "touch /tmp/star_jax_pwned"}},
+     "not a star-jax model"),
+    ({"class": "builtins.eval", "fields": {}}, "not a star-jax model"),
+    ({"name": "subprocess", "fields": {}}, "not registered"),
+    ({"name": "stacked_hourglass", "fields": {"__class__": 1}}, "unknown field"),
+    ({"name": "stacked_hourglass", "fields": {"channels": "256; rm -rf /"}}, "non-negative"),
+    ({"name": "stacked_hourglass", "fields": {"dtype": "object"}}, "one of float32"),
+    ({"name": "stacked_hourglass", "fields": {"edge_points": [[0, "x"]]}}, "lists of integers"),
+    ([1, 2, 3], "not a JSON object"),
+])
+def test_tampered_model_description_is_data_not_code(tmp_path, description, message):
+  import json
+  marker = "/tmp/star_jax_pwned"
+  if os.path.exists(marker):
+    os.remove(marker)
+  config, model, variables = _tiny_model_and_variables()
+  out = checkpointing.save_for_inference(str(tmp_path / "inf"), model, variables,
+                                         spec=datasets.get_spec("wflw"), image_size=32)
+  # Rewrite the stored model record with the tampered description.
+  record_file = next(p for p in (tmp_path / "inf" / "model").iterdir() if p.is_file())
+  record = json.loads(record_file.read_text())
+  record["model"] = description
+  record_file.write_text(json.dumps(record))
+  with pytest.raises(CheckpointError, match=message) as info:
+    checkpointing.load_model(out)
+  assert "\n" not in str(info.value)
+  assert not os.path.exists(marker)
+
+
 def test_load_errors_name_the_path(tmp_path):
-  with pytest.raises(FileNotFoundError, match="does-not-exist"):
-    checkpointing.load_for_inference(str(tmp_path / "does-not-exist"))
-  with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-    checkpointing.load_for_inference(str(tmp_path))
+  with pytest.raises(CheckpointError, match="does-not-exist"):
+    checkpointing.load_model(str(tmp_path / "does-not-exist"))
+  with pytest.raises(CheckpointError, match="not a star-jax checkpoint"):
+    checkpointing.load_model(str(tmp_path))
+  text = tmp_path / "notes.txt"
+  text.write_text("hello")
+  with pytest.raises(CheckpointError, match="not an official STAR checkpoint"):
+    checkpointing.load_model(str(text))
 
 
 OFFICIAL_PKL = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_small",
                             "checkpoint.pkl")
 
 
-@pytest.mark.skipif(not os.path.exists(OFFICIAL_PKL), reason="official fixture not copied")
 def test_official_pkl_and_its_conversion_load_the_same_weights(tmp_path):
   from star_jax import official
-  for ema, key in ((True, "net_ema"),):  # ema=False ("net") is the same code path
-    model, variables, config = checkpointing.load_for_inference(OFFICIAL_PKL, ema=ema)
-    ref_model, ref_variables = official.load_official_checkpoint(OFFICIAL_PKL, ema=ema)
-    assert model == ref_model, key
-    chex.assert_trees_all_equal(variables, ref_variables)
-    assert config.dataset == "wflw" and config.model.channels == model.channels
+  loaded = checkpointing.load_model(OFFICIAL_PKL, weights="ema")
+  ref_model, ref_variables = official.load_official_checkpoint(OFFICIAL_PKL, ema=True)
+  assert loaded.model == ref_model and loaded.weights == "net_ema"
+  chex.assert_trees_all_equal(loaded.variables, ref_variables)
+  assert loaded.spec.name == "wflw" and loaded.config is None
   # A converted directory (what `python -m star_jax.convert --out` writes) reads back equal.
-  out = checkpointing.save_for_inference(str(tmp_path / "converted"), model, variables, config)
-  model2, variables2, config2 = checkpointing.load_for_inference(out)
-  assert model2 == model
-  chex.assert_trees_all_equal(variables2, jax.tree.map(np.asarray, variables))
+  out = checkpointing.save_for_inference(str(tmp_path / "converted"), loaded.model,
+                                         loaded.variables, spec=loaded.spec, image_size=256)
+  again = checkpointing.load_model(out)
+  assert again.model == loaded.model
+  chex.assert_trees_all_equal(again.variables, jax.tree.map(np.asarray, loaded.variables))

@@ -274,7 +274,8 @@ def test_other_point_count_and_depth_convert_without_settings(tmp_path, official
   model, variables = official.load_official_checkpoint(path)
   assert (model.num_stacks, model.num_points, model.num_edges) == (1, k, 9)
   assert model.edge_points[0] == tuple(range(33)) and model.edge_points[1] == tuple(range(33, 40))
-  assert convert.dataset_of_model(model) is None
+  scheme = checkpointing.load_model(path).spec
+  assert scheme.name == "official_40pt" and scheme.num_points == k and not scheme.flip_pairs
   out = jax.jit(model.apply)(variables, images)
   np.testing.assert_allclose(out.landmarks[0], reference["net/landmarks_0"][:, :k], atol=5e-4)
   assert _relative(_chsum(out.heatmaps[0]), reference["net/fusion_heatmaps_0_chsum"][:, :k]) < 1e-3
@@ -285,16 +286,34 @@ def test_other_point_count_and_depth_convert_without_settings(tmp_path, official
 def test_cli_writes_inference_checkpoint(tmp_path, converted, capsys):
   out_dir = str(tmp_path / "converted")
   assert convert.main([CHECKPOINT, "--out", out_dir, "--ema"]) == 0
-  assert "dataset=wflw" in capsys.readouterr().out
-  model, variables, config = checkpointing.load_for_inference(out_dir)
-  assert model == converted["net_ema"][0]
-  _assert_same_variables(variables, converted["net_ema"][1])
-  assert config.dataset == "wflw" and config.model.channels == 32
+  assert "scheme=wflw" in capsys.readouterr().out
+  loaded = checkpointing.load_model(out_dir)
+  assert loaded.model == converted["net_ema"][0]
+  _assert_same_variables(loaded.variables, converted["net_ema"][1])
+  assert loaded.spec == datasets.get_spec("wflw") and loaded.model.channels == 32
+  assert loaded.image_size == 256 and loaded.model.precision == "highest"
 
 
-def test_model_config_round_trip(converted):
+def test_cli_errors_are_one_line(tmp_path, capsys):
+  with pytest.raises(SystemExit) as info:
+    convert.main([str(tmp_path / "absent.pkl"), "--out", str(tmp_path / "x")])
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1 and "absent.pkl" in err
+  bad = tmp_path / "bad.pkl"
+  bad.write_bytes(b"not a checkpoint")
+  with pytest.raises(SystemExit) as info:
+    convert.main([str(bad), "--out", str(tmp_path / "x")])
+  assert info.value.code == 1
+  assert "not a zip archive" in capsys.readouterr().err
+
+
+def test_model_description_round_trip(converted):
+  from star_jax import models
   model = converted["net"][0]
-  assert convert.model_from_config(convert.model_config_from_model(model)) == model
+  description = models.describe(model)
+  assert description["name"] == "stacked_hourglass"
+  assert models.from_description(description) == model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,9 +43,15 @@ class SoftArgmaxTest(chex.TestCase):
     coords = np.asarray(decoder.soft_argmax(jnp.asarray(maps)))
     np.testing.assert_allclose(coords[0], [0.1, -0.1], rtol=1e-5)
 
-  def test_grid_matches_official(self):
-    official = np.arange(64, dtype=np.float32) / np.float32(63) * np.float32(2) - np.float32(1)
-    np.testing.assert_allclose(np.asarray(decoder.heatmap_grid(64)), official, atol=2e-7)
+  def test_grid_rounds_as_the_official_float32_division(self):
+    grid = np.asarray(decoder.heatmap_grid(64))
+    # Within float32 rounding of -1 + 2j/63 everywhere ...
+    np.testing.assert_allclose(grid, -1 + 2 * np.arange(64) / 63, atol=1.2e-7)
+    # ... and bit-exact where the official `j / 63 * 2 - 1` in float32 and a multiplication by
+    # the reciprocal 1/63 differ by one ulp (bit patterns of the official values, literal).
+    official_bits = {12: 3206445544, 13: 3205912934, 14: 3205380324, 15: 3204847714}
+    for j, bits in official_bits.items():
+      assert grid[j].view(np.uint32) == bits, j
 
   def test_official_fixture_landmarks(self):
     data = np.load(FIXTURE)

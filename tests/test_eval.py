@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import wflw as wflw_config
+from star_jax import checkpointing
 from star_jax import eval_lib
 from star_jax.data import pipeline
 from star_jax.data import transforms
@@ -38,7 +39,7 @@ def expected():
 
 @pytest.fixture(scope="module")
 def loaded():
-  return eval_lib.load_model(CHECKPOINT)
+  return checkpointing.load_model(CHECKPOINT)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_mapping_back_matches_official(expected):
 def test_stored_crop_reproduces_official_network_output(loaded, expected):
   crops = expected["crop_bgr_uint8"][..., ::-1]          # BGR -> RGB for the NHWC model
   images = eval_lib.normalize_crops(np.concatenate([crops, crops[:1]]))  # batch of BATCH
-  out = np.asarray(loaded.landmark_fn(loaded.variables, images))[:3]
+  out = np.asarray(eval_lib.landmark_fn_for(loaded)(loaded.variables, images))[:3]
   np.testing.assert_allclose(out, expected["net_landmarks"], atol=1e-4)
 
 
@@ -117,6 +118,9 @@ def test_evaluate_writes_metrics_predictions_and_ced(evaluation, expected):
 
   saved = np.load(os.path.join(out, "predictions.npz"))
   assert saved["landmarks"].shape == (3, 98, 2) and saved["landmarks"].dtype == np.float32
+  # Image paths as the TSV writes them.
+  assert list(saved["image_paths"]) == [r.split("\t")[0] for r in
+                                        open(TEST_TSV).read().splitlines()[1:]]
   names = [os.path.basename(p) for p in saved["image_paths"]]
   assert names == [os.path.basename(p) for p in expected["image_path"]]
   np.testing.assert_allclose(saved["landmarks"], expected["pred_landmarks"], atol=0.05)

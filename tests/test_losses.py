@@ -269,7 +269,8 @@ def test_isotropic_covariance_gives_scaled_isotropic_distance():
 def _degenerate_maps():
   rng = np.random.default_rng(6)
   size = 8
-  onehot = np.zeros((size, size)); onehot[2, 5] = 1.0
+  onehot = np.zeros((size, size))
+  onehot[2, 5] = 1.0
   yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
   iso = np.exp(-((xx - 3.5) ** 2 + (yy - 3.5) ** 2) / 3.0)
   maps = [np.zeros((size, size)), onehot, np.ones((size, size)), iso,
@@ -296,14 +297,16 @@ def test_degenerate_gradient_is_frame_fixed_derivative():
   # the whole gradient is finite and equal to the frame-fixed derivative, which for a map with
   # zero spread is the derivative along any perturbation that keeps the covariance diagonal.
   size = 8
-  onehot = np.zeros((1, size, size, 1)); onehot[0, 3, 4, 0] = 1.0
+  onehot = np.zeros((1, size, size, 1))
+  onehot[0, 3, 4, 0] = 1.0
   with enable_x64():
     h = jnp.asarray(onehot)
     gt = jnp.asarray([[[0.5, -0.25]]])
     grad = jax.jit(jax.grad(lambda m: losses.star_loss(m, gt, dist="l2")))(h)
     assert np.isfinite(np.asarray(grad)).all()
     # Perturb the mass along the x axis only: the covariance stays diagonal.
-    direction = np.zeros_like(onehot); direction[0, 3, 5, 0] = 1.0
+    direction = np.zeros_like(onehot)
+    direction[0, 3, 5, 0] = 1.0
     # Tiny step: near a one-hot map the unbiased denominator V1 - V2/V1 is itself ~eps.
     step = 1e-12
     fn = jax.jit(lambda m: losses.star_loss(m, gt, dist="l2"))
@@ -402,9 +405,12 @@ def test_awing_matches_official_and_reference(official):
 
 
 def test_awing_weight_map_and_finite_gradient_at_zero_error():
-  target = np.zeros((1, 5, 5, 1)); target[0, 0, 0, 0] = 0.2; target[0, 3, 3, 0] = 0.19
+  target = np.zeros((1, 5, 5, 1))
+  target[0, 0, 0, 0] = 0.2
+  target[0, 3, 3, 0] = 0.19
   weights = np.asarray(losses.awing_weight_map(jnp.asarray(target)))[0, :, :, 0]
-  expected = np.ones((5, 5)); expected[:2, :2] = 11.0    # dilated corner peak; 0.19 < 0.2
+  expected = np.ones((5, 5))
+  expected[:2, :2] = 11.0    # dilated corner peak; 0.19 < 0.2
   np.testing.assert_array_equal(weights, expected)
   grad = jax.grad(losses.awing_loss)(jnp.asarray(target), jnp.asarray(target))
   assert np.isfinite(np.asarray(grad)).all()

@@ -220,7 +220,7 @@ def test_train_mode_updates_batch_stats_and_gradients_flow(tiny):
   def loss_fn(params):
     out, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
                              images, train=True, mutable=["batch_stats"])
-    loss = sum(jnp.mean(l ** 2) for l in out.landmarks) + jnp.mean(out.pointmaps[-1])
+    loss = sum(jnp.mean(lm ** 2) for lm in out.landmarks) + jnp.mean(out.pointmaps[-1])
     return loss, state
 
   (loss, state), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])

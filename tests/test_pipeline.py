@@ -10,8 +10,9 @@ import pytest
 import tensorflow as tf
 
 from configs import base
-from star_jax.data import annotations, pipeline, targets, transforms
+from star_jax.data import annotations, pipeline, sources, targets, transforms
 from star_jax.datasets import get_spec
+from star_jax.errors import DataError, UsageError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_data")
 WFLW = get_spec("wflw")
@@ -58,7 +59,8 @@ def test_eval_batches_equal_official_test_path():
   np.testing.assert_array_equal(b["landmarks_px"][:3], expected["landmarks_gt"])
   np.testing.assert_array_equal(b["tags"][:3], expected["tags"])
   chex_shapes = {"image": (2, 256, 256, 3), "landmarks": (2, 98, 2), "matrix": (2, 3, 3),
-                 "landmarks_px": (2, 98, 2), "index": (2,), "tags": (2, 6), "mask": (2,)}
+                 "landmarks_px": (2, 98, 2), "index": (2,), "tags": (2, 6), "mask": (2,),
+                 "path": (2,)}
   assert {k: v.shape for k, v in batches[0].items()} == chex_shapes
 
 
@@ -167,8 +169,9 @@ def test_carved_validation_split_is_disjoint(tmp_path):
   config = _config()
   config.data.train_tsv = str(path)
   config.data.val_fraction = 0.1
-  train_ann, train_rows = pipeline.split_annotations(config, "train")
-  val_ann, val_rows = pipeline.split_annotations(config, "val")
+  source = sources.source_for(config)
+  train_ann, train_rows = source.annotations("train")
+  val_ann, val_rows = source.annotations("val")
   assert len(val_rows) == 3 and len(train_rows) == 27
   assert not set(train_rows) & set(val_rows)
   batches = list(pipeline.eval_dataset(config, "val", batch_size=2, process_index=0,
@@ -179,13 +182,42 @@ def test_carved_validation_split_is_disjoint(tmp_path):
 
 def test_headerless_tsv_keeps_first_row():
   config = _config()
-  ann, rows = pipeline.split_annotations(config, "test")   # test_noheader.tsv
+  ann, rows = sources.source_for(config).annotations("test")   # test_noheader.tsv
   assert len(ann) == 3
   np.testing.assert_array_equal(rows, [0, 1, 2])
 
 
-def test_tfds_records_with_offset_equal_tsv_eval(monkeypatch):
-  """A stored, margin-padded face crop with shifted labels gives the same eval batch."""
+class _RecordSource(sources.TfdsSource):
+  """TFDS-style records (stored crops with offsets) made in memory from the fixture TSV."""
+
+  def __init__(self, config, images, offsets, ann):
+    sources.Source.__init__(self, config)
+    self._images, self._offsets, self._ann = images, offsets, ann
+
+  def num_examples(self, split):
+    return len(self._images)
+
+  def _load(self, split):
+    images, offsets, ann = self._images, self._offsets, self._ann
+
+    def gen():
+      for i in range(len(images)):
+        off = np.asarray(offsets[i], np.float64)
+        yield dict(pixels=images[i], landmarks=ann.landmarks[i] - off.astype(np.float32),
+                   scale=ann.scale[i], center=ann.center[i] - off, tags=ann.tags[i],
+                   index=np.int64(i), offset=off, path=ann.raw_paths[i])
+    sig = dict(pixels=tf.TensorSpec([None, None, 3], tf.uint8),
+               landmarks=tf.TensorSpec([98, 2], tf.float32), scale=tf.TensorSpec([], tf.float64),
+               center=tf.TensorSpec([2], tf.float64), tags=tf.TensorSpec([6], tf.int32),
+               index=tf.TensorSpec([], tf.int64), offset=tf.TensorSpec([2], tf.float64),
+               path=tf.TensorSpec([], tf.string))
+    return tf.data.Dataset.from_generator(gen, output_signature=sig).apply(
+        tf.data.experimental.assert_cardinality(len(images)))
+
+
+def test_stored_crops_with_offset_equal_tsv_eval():
+  """A stored, margin-padded face crop with shifted labels (the TFDS source) gives the same eval
+  batch as the TSV source."""
   config = _config(256)
   ann = annotations.read_tsv(config.data.test_tsv, WFLW)
   images, offsets = [], []
@@ -194,42 +226,52 @@ def test_tfds_records_with_offset_equal_tsv_eval(monkeypatch):
     y0, x0 = 7 * i + 3, 5 * i + 1
     images.append(np.ascontiguousarray(image[y0:, x0:]))
     offsets.append((x0, y0))
-
-  def load_records(cfg, split):
-    def gen():
-      for i in range(len(images)):
-        off = np.asarray(offsets[i], np.float64)
-        yield dict(image=images[i], landmarks=ann.landmarks[i] - off.astype(np.float32),
-                   scale=ann.scale[i], center=ann.center[i] - off, tags=ann.tags[i],
-                   index=np.int64(i), offset=off)
-    sig = dict(image=tf.TensorSpec([None, None, 3], tf.uint8),
-               landmarks=tf.TensorSpec([98, 2], tf.float32), scale=tf.TensorSpec([], tf.float64),
-               center=tf.TensorSpec([2], tf.float64), tags=tf.TensorSpec([6], tf.int32),
-               index=tf.TensorSpec([], tf.int64), offset=tf.TensorSpec([2], tf.float64))
-    return tf.data.Dataset.from_generator(gen, output_signature=sig).apply(
-        tf.data.experimental.assert_cardinality(len(images)))
-
-  monkeypatch.setattr(pipeline, "_tfds_records", load_records)
+  records = _RecordSource(config, images, offsets, ann)
   tsv = list(pipeline.eval_dataset(config, "test", batch_size=4, process_index=0,
                                    process_count=1))[0]
-  config.data.source = "tfds"
   rec = list(pipeline.eval_dataset(config, "test", batch_size=4, process_index=0,
-                                   process_count=1))[0]
+                                   process_count=1, source=records))[0]
   np.testing.assert_array_equal(rec["mask"], tsv["mask"])
+  np.testing.assert_array_equal(rec["path"], tsv["path"])
   np.testing.assert_allclose(rec["matrix"], tsv["matrix"], atol=1e-4)
   np.testing.assert_allclose(rec["landmarks"][:3], tsv["landmarks"][:3], atol=1e-4)
   np.testing.assert_allclose(rec["landmarks_px"][:3], tsv["landmarks_px"][:3], atol=1e-3)
   diff = np.abs(rec["image"][:3] - tsv["image"][:3]) * 127.5
   assert diff.max() <= 2.01 and (diff > 0.5).mean() < 1e-3
   # Training from records runs and keeps the batch contract.
-  batch = next(pipeline.train_dataset(config, process_index=0, process_count=1))
+  batch = next(pipeline.train_dataset(config, process_index=0, process_count=1, source=records))
   assert batch["image"].shape == (4, 256, 256, 3) and batch["edgemaps"].shape == (4, 64, 64, 9)
 
 
-def test_resolve_data_sources():
+def test_source_for_each_kind():
   config = _config()
-  files = pipeline.resolve_data(config)
-  assert files.train_tsv == config.data.train_tsv and files.image_dir == FIXTURE
+  source = sources.source_for(config)
+  assert isinstance(source, sources.TsvSource) and source.image_dir() == FIXTURE
   config.data.source = "nope"
-  with pytest.raises(ValueError, match="config.data.source"):
-    pipeline.resolve_data(config)
+  with pytest.raises(UsageError, match="config.data.source='nope'"):
+    sources.source_for(config)
+
+
+def test_unreadable_image_is_named_with_its_tsv_line(tmp_path):
+  """A truncated image fails inside tf.data; the error names the TSV line and the file."""
+  rows = open(os.path.join(FIXTURE, "test_noheader.tsv")).read().splitlines()
+  for name in os.listdir(os.path.join(FIXTURE, "images")):
+    shutil.copy(os.path.join(FIXTURE, "images", name), tmp_path / name)
+  bad = rows[1].split("\t")[0]
+  data = (tmp_path / os.path.basename(bad)).read_bytes()
+  (tmp_path / os.path.basename(bad)).write_bytes(data[:len(data) // 3])
+  tsv = tmp_path / "train.tsv"
+  tsv.write_text("\n".join(os.path.basename(r.split("\t")[0]) + "\t" + r.split("\t", 1)[1]
+                           for r in rows) + "\n")
+  config = _config(64, batch_size=3)
+  config.data.train_tsv = str(tsv)
+  config.data.test_tsv = str(tsv)
+  config.data.image_dir = str(tmp_path)
+  for make in (lambda: next(pipeline.train_dataset(config, process_index=0, process_count=1)),
+               lambda: list(pipeline.eval_dataset(config, "test", batch_size=2,
+                                                  process_index=0, process_count=1))):
+    with pytest.raises(DataError) as info:
+      make()
+    assert f"{tsv}:2: " in str(info.value) and os.path.basename(bad) in str(info.value)
+  with pytest.raises(DataError, match=f"{tsv}:2: "):
+    sources.check_images(sources.source_for(config), "test", progress=False)

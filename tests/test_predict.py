@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from star_jax import eval_lib
+from star_jax import checkpointing
 from star_jax import face_detection
 from star_jax import predict
 from star_jax.data import annotations as annotations_lib
@@ -31,7 +31,7 @@ ASTRONAUT_FACE = (178, 85, 270, 172)
 
 @pytest.fixture(scope="module")
 def predictor():
-  return predict.Predictor(eval_lib.load_model(CHECKPOINT), batch_size=BATCH)
+  return predict.Predictor(checkpointing.load_model(CHECKPOINT), batch_size=BATCH)
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,9 @@ def test_steps_and_override():
   assert train_lib.total_train_steps(config, 58) == 1234
   with pytest.raises(ValueError, match="batch_size"):
     train_lib.steps_per_epoch(100, 128)
+  # With the validation split as the official full training set: 7500 // 128 = 58 steps per
+  # epoch; the default 5 % carve leaves 7125 images, 55 steps.
+  assert train_lib.steps_per_epoch(7500 - round(7500 * 0.05), 128) == 55
 
 
 def test_stack_weights():
@@ -110,17 +113,49 @@ def test_ema_decay_formula():
 
 def test_ema_update_is_official_accumulate():
   rng = np.random.default_rng(1)
-  ema = {"w": rng.normal(size=(3, 2)).astype(np.float32), "count": np.int32(3)}
-  new = {"w": rng.normal(size=(3, 2)).astype(np.float32), "count": np.int32(7)}
+  ema = {"w": rng.normal(size=(3, 2)).astype(np.float32),
+         "b": rng.normal(size=(4,)).astype(np.float64)}
+  new = {"w": rng.normal(size=(3, 2)).astype(np.float32),
+         "b": rng.normal(size=(4,)).astype(np.float64)}
   d = 0.5 ** (128 / 10000.0)
   out = jax.jit(lambda e, n: train_lib.ema_update(e, n, d))(ema, new)
-  # model1 = model1 * decay + model2 * (1 - decay); integer buffers are copied.
+  # The official accumulate_net: model1 = model1 * decay + model2 * (1 - decay).
   np.testing.assert_allclose(out["w"], ema["w"] * d + new["w"] * (1 - d), rtol=1e-6)
-  assert int(out["count"]) == 7
-  # After many identical updates the EMA converges to the target: half-life in examples.
-  steps = int(10000 / 128)
-  e = np.zeros(1)
-  for _ in range(steps):
-    e = e * d + 1.0 * (1 - d)
-  assert abs(e[0] - (1 - 0.5 ** (steps * 128 / 10000))) < 1e-9
+  assert out["w"].dtype == np.float32
   chex.assert_trees_all_close(train_lib.ema_update(new, new, d), new)
+
+
+def test_train_step_applies_the_ema_to_parameters_and_batch_statistics():
+  """One `train_step` of a tiny network: the new EMA is d * old EMA + (1 - d) * new weights,
+  for the parameters and the BatchNorm statistics alike, with the EMA starting as a copy."""
+  import functools
+  from star_jax import datasets, models, parallel
+  config = base.get_base_config("wflw")
+  config.model.num_stacks, config.model.num_levels, config.model.channels = 1, 1, 8
+  spec = datasets.get_spec("wflw")
+  model = models.create_model(config.model, spec, bn_axis_name=parallel.AXIS_NAME)
+  variables = models.init_variables(models.create_model(config.model, spec), 0, 32)
+  tx = train_lib.make_optimizer(config, 10)
+  state = train_lib.create_train_state(variables, tx)
+  chex.assert_trees_all_equal(state.ema_params, state.params)
+  # Make the EMA differ from the weights, so that the update's two inputs can be told apart.
+  state = state.replace(ema_params=jax.tree.map(lambda x: x + 0.5, state.params),
+                        ema_batch_stats=jax.tree.map(lambda x: x + 0.25, state.batch_stats))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(-1, 1, (1, 2, 32, 32, 3)).astype(np.float32),
+           "landmarks": rng.uniform(-0.8, 0.8, (1, 2, 98, 2)).astype(np.float32),
+           "pointmaps": rng.uniform(0, 1, (1, 2, 8, 8, 98)).astype(np.float32),
+           "edgemaps": rng.uniform(0, 1, (1, 2, 8, 8, 9)).astype(np.float32)}
+  d = 0.9
+  step = jax.pmap(functools.partial(train_lib.train_step, model=model, tx=tx, decay=d,
+                                    loss_fn=functools.partial(train_lib.compute_loss, config)),
+                  axis_name=parallel.AXIS_NAME)
+  new, _ = step(jax.tree.map(lambda x: np.asarray(x)[None], state), batch)
+  new = jax.tree.map(lambda x: np.asarray(x)[0], new)
+  assert not np.allclose(new.params["heatmap_head0"]["kernel"],
+                         state.params["heatmap_head0"]["kernel"])
+  for ema_old, fresh, ema_new in ((state.ema_params, new.params, new.ema_params),
+                                  (state.ema_batch_stats, new.batch_stats,
+                                   new.ema_batch_stats)):
+    expected = jax.tree.map(lambda e, n: d * e + (1 - d) * n, ema_old, fresh)
+    chex.assert_trees_all_close(ema_new, expected, rtol=1e-5, atol=1e-6)

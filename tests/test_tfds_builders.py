@@ -9,9 +9,10 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from configs import base  # pylint: disable=g-import-not-at-top
-from star_jax.data import embedded, original_formats  # pylint: disable=g-import-not-at-top
-from star_jax.data import tfds_builders as tb  # pylint: disable=g-import-not-at-top
+from configs import base  # noqa: E402
+from star_jax.data import embedded, original_formats  # noqa: E402
+from star_jax.data import tfds_builders as tb  # noqa: E402
+from star_jax.errors import DataError  # noqa: E402
 
 S = 256
 
@@ -92,15 +93,19 @@ def test_records_reproduce_the_original_crops(built, manual_dir, encoding):
   cfg = base.get_base_config("wflw")
   cfg.data.tfds_data_dir = built
   rows = _tsv_rows(manual_dir / "test.tsv")
-  records = list(tb.load_records(cfg, "test", builder_config=encoding).as_numpy_iterator())
+  builder = tb.prepared_builder(cfg, encoding)
+  records = list(tb.load_records(builder, "test").as_numpy_iterator())
   assert sorted(r["index"] for r in records) == list(range(len(rows)))
-  sigma = tb.OFFICIAL_SIGMAS
+  # The official augmentation spreads, written out (the margin must cover 3 sigma of them).
+  sigma = dict(rotation_sigma_deg=18.0, scale_sigma=0.1, shift_sigma=0.05)
   extremes = [(0.0, 1.0, (0.0, 0.0))] + [
       (a * math.radians(3 * sigma["rotation_sigma_deg"]), 1 - 3 * sigma["scale_sigma"],
        (sx * 3 * sigma["shift_sigma"] * (S - 1), sy * 3 * sigma["shift_sigma"] * (S - 1)))
       for a, sx, sy in ((1, 1, 1), (-1, -1, 1), (1, -1, -1), (-1, 1, -1))]
   for rec in records:
-    assert set(rec) == set(tb.RECORD_KEYS)
+    assert set(rec) == {"pixels", "landmarks", "scale", "center", "offset", "tags", "index",
+                        "path"}
+    rec["image"] = rec["pixels"]
     assert rec["image"].dtype == np.uint8 and rec["image"].shape[2] == 3
     row = rows[rec["index"]]
     original = cv2.imread(str(manual_dir / "images" / row[0]))[..., ::-1]  # RGB
@@ -111,6 +116,7 @@ def test_records_reproduce_the_original_crops(built, manual_dir, encoding):
     np.testing.assert_allclose(rec["center"] + rec["offset"], (cw, ch), atol=1e-9)
     assert rec["scale"] == pytest.approx(scale)
     np.testing.assert_array_equal(rec["tags"], [int(t) for t in row[6].split(",")])
+    assert rec["path"].decode() == row[0]
     # The stored crop is a real cut-out, smaller than the photo.
     assert rec["image"].shape[0] * rec["image"].shape[1] < original.shape[0] * original.shape[1]
     for angle, zoom, shift in extremes:
@@ -134,8 +140,9 @@ def test_records_reproduce_the_original_crops(built, manual_dir, encoding):
             else np.abs(want - got).mean()) <= limit
 
 
-def test_300w_test_subsets_follow_the_path_rule(tmp_path):
-  manual = tmp_path / "manual"
+def test_300w_test_subsets_follow_the_path_rule_below_the_dataset_root(tmp_path):
+  # The dataset root's own name contains 'ibug' (as many 300W downloads do): it must not decide.
+  manual = tmp_path / "ibug_300W_large_face_landmark_dataset"
   rng = np.random.default_rng(3)
   layout = {"train": ["afw/a.png", "lfpw/trainset/b.png"],
             "test": ["lfpw/testset/c.png", "ibug/d.png", "helen/testset/e.png"]}
@@ -148,12 +155,13 @@ def test_300w_test_subsets_follow_the_path_rule(tmp_path):
       lines.append(original_formats.format_row(rel, lm, None,
                                                five_points=original_formats.FIVE_POINTS["300w"]))
     (manual / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-  tb.main(["300w", "--manual-dir", str(manual), "--data-dir", str(tmp_path / "data"),
-           "--config", "png"])
+  assert tb.main(["300w", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "data"),
+                  "--config", "png"]) == 0
   cfg = base.get_base_config("300w")
   cfg.data.tfds_data_dir = str(tmp_path / "data")
+  builder = tb.prepared_builder(cfg)
   def indices(split):
-    return sorted(int(r["index"]) for r in tb.load_records(cfg, split).as_numpy_iterator())
+    return sorted(int(r["index"]) for r in tb.load_records(builder, split).as_numpy_iterator())
   assert indices("train") == [0, 1]
   assert indices("test") == [0, 1, 2]
   assert indices("test_common") == [0, 2]
@@ -163,5 +171,15 @@ def test_300w_test_subsets_follow_the_path_rule(tmp_path):
 def test_unprepared_dataset_error_says_how_to_build(tmp_path):
   cfg = base.get_base_config("cofw")
   cfg.data.tfds_data_dir = str(tmp_path)
-  with pytest.raises(FileNotFoundError, match="python -m star_jax.data.tfds_builders cofw"):
-    tb.load_records(cfg, "train")
+  with pytest.raises(DataError, match="python -m star_jax.data.tfds_builders cofw"):
+    tb.prepared_builder(cfg)
+
+
+def test_manual_dir_without_test_tsv_is_a_one_line_error(tmp_path, capsys):
+  (tmp_path / "manual").mkdir()
+  with pytest.raises(SystemExit) as info:
+    tb.main(["wflw", "--manual_dir", str(tmp_path / "manual"), "--data_dir",
+             str(tmp_path / "data")])
+  assert info.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "train.tsv is missing" in err and err.count("\n") == 1

@@ -6,7 +6,10 @@ compilation cache so the identical single-device programs compile once. Runs:
   B  2 devices (XLA_FLAGS=--xla_force_host_platform_device_count=2), same global batch
   C  1 device, killed with SIGKILL after its first checkpoint, then resumed to the end
   D  2 processes x 1 device with jax.distributed (gloo collectives on 127.0.0.1)
+  E  2 devices, sent SIGTERM mid-epoch (between checkpoints), then resumed to the end
   N  1 device with a NaN injected into one batch
+  L  a second run on E's workdir while E runs (refused by the lock)
+  M  A's workdir resumed with another model width (refused before anything is written)
 """
 
 import json
@@ -45,8 +48,8 @@ def _env(cache_dir, **extra):
   return env
 
 
-def _start(tmp, name, env, *extra_args):
-  workdir = os.path.join(tmp, name)
+def _start(tmp, name, env, *extra_args, workdir=None):
+  workdir = workdir or os.path.join(tmp, name)
   log = open(os.path.join(tmp, name + ".log"), "w")
   proc = subprocess.Popen([sys.executable, HARNESS, workdir, os.path.join(tmp, name + ".npz"),
                            "--steps", str(STEPS), *extra_args],
@@ -108,9 +111,39 @@ def runs(tmp_path_factory):
   results["C"] = (_wait(c2), c2)
   results["D"] = ([_wait(p) for p in d], d)
 
-  # Phase 3: divergence (cached programs).
+  # Phase 3: SIGTERM mid-epoch on two devices, a second run on its workdir, divergence.
+  two = dict(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  pause = os.path.join(tmp, "E.pause")
+  open(pause, "w").close()
+  e = _start(tmp, "E", _env(cache, STAR_TEST_SLOW_FROM_STEP="4", STAR_TEST_PAUSE_FILE=pause,
+                            **two))
   n = _start(tmp, "N", _env(cache, STAR_TEST_NAN_AT_STEP="1"))
+  # E holds before its fifth batch (checkpoint at 3, log at 4) while the pause file exists.
+  deadline = time.time() + START_TIMEOUT_S
+  while e.poll() is None and time.time() < deadline and not any(
+      r.get("step") == 4 and "train_loss" in r
+      for r in logging_utils.read_metrics(os.path.join(tmp, "E"))):
+    time.sleep(0.05)
+  lock_probe = _start(tmp, "L", _env(cache), workdir=os.path.join(tmp, "E"))
+  results["L"] = (_wait(lock_probe), lock_probe)
+  results["E_running_at_term"] = e.poll() is None
+  e.send_signal(signal.SIGTERM)
+  time.sleep(0.5)
+  os.remove(pause)
+  results["E_term"] = (_wait(e), e)
+  results["E_term_log"] = _log_tail(e, 10_000)
+  results["E_steps_at_term"] = sorted(
+      int(n) for n in os.listdir(os.path.join(tmp, "E", "checkpoints")) if n.isdigit())
+  e2 = _start(tmp, "E", _env(cache, **two))
+  results["E"] = (_wait(e2), e2)
   results["N"] = (_wait(n), n)
+
+  # Phase 4: resuming A's finished workdir with another model width.
+  config_before = open(os.path.join(tmp, "A", "config.json")).read()
+  m = _start(tmp, "M", _env(cache), "--channels", "16", workdir=os.path.join(tmp, "A"))
+  results["M"] = (_wait(m), m)
+  results["M_config_unchanged"] = open(os.path.join(tmp, "A", "config.json")).read() == \
+      config_before
   return results
 
 
@@ -155,16 +188,6 @@ def test_reference_run_learns_and_logs(runs):
   assert int(final["step"]) == STEPS
 
 
-def test_ema_follows_official_update(runs):
-  """With EMA initialised as a copy, after k steps the EMA differs from the raw weights."""
-  _assert_ok(runs, "A")
-  final = _load(runs["tmp"], "A")
-  ema_keys = [k for k in final if k.startswith("['ema_params']")]
-  raw = {k.replace("['ema_params']", "['params']"): k for k in ema_keys}
-  diffs = [np.max(np.abs(final[r] - final[e])) for r, e in raw.items() if final[r].size]
-  assert max(diffs) > 0
-
-
 def _first_loss(tmp, name):
   records = logging_utils.read_metrics(os.path.join(tmp, name))
   return next(r["train_loss"] for r in records if "train_loss" in r)
@@ -201,9 +224,7 @@ def test_sigkill_then_resume_is_exact(runs):
   a, c = _load(tmp, "A"), _load(tmp, "C")
   for k in a:
     np.testing.assert_array_equal(c[k], a[k], err_msg=k)
-  strip = lambda rs: [{k: v for k, v in r.items()
-                       if k not in ("examples_per_sec", "val_seconds")} for r in rs]
-  assert strip(logging_utils.read_metrics(os.path.join(tmp, "C"))) == strip(
+  assert _strip_timing(logging_utils.read_metrics(os.path.join(tmp, "C"))) == _strip_timing(
       logging_utils.read_metrics(os.path.join(tmp, "A")))
 
 
@@ -218,29 +239,72 @@ def test_nan_loss_stops_with_step_and_batch(runs):
     assert batch["landmarks"].shape[1:] == (98, 2)
 
 
-def test_load_for_inference_from_training_runs(runs):
+def test_load_model_from_training_runs(runs):
   _assert_ok(runs, "A")
   tmp = runs["tmp"]
   final = _load(tmp, "A")
   ema = {k: v for k, v in final.items() if k.startswith("['ema_params']")}
   # The latest step of checkpoints/ holds the final EMA weights.
-  model, variables, config = checkpointing.load_for_inference(
-      os.path.join(tmp, "A", "checkpoints"))
-  assert config.num_train_steps == STEPS and model.num_stacks == 1 and model.bn_axis_name is None
+  loaded = checkpointing.load_model(os.path.join(tmp, "A", "checkpoints"))
+  assert loaded.config.num_train_steps == STEPS and loaded.model.num_stacks == 1
+  assert loaded.model.bn_axis_name is None and loaded.image_size == 32
+  assert loaded.spec.name == "wflw" and loaded.extra["step"] == STEPS
   for key, value in ema.items():
-    leaf = variables
+    leaf = loaded.variables
     for part in key[2:-2].split("']['"):
       leaf = leaf[part if part != "ema_params" else "params"]
     np.testing.assert_array_equal(leaf, value)
-  _, raw, _ = checkpointing.load_for_inference(os.path.join(tmp, "A", "checkpoints", "6"),
-                                               ema=False)
-  np.testing.assert_array_equal(
-      raw["params"]["heatmap_head0"]["kernel"], final["['params']['heatmap_head0']['kernel']"])
+  raw = checkpointing.load_model(os.path.join(tmp, "A", "checkpoints", "6"), weights="raw")
+  np.testing.assert_array_equal(raw.variables["params"]["heatmap_head0"]["kernel"],
+                                final["['params']['heatmap_head0']['kernel']"])
   # The workdir resolves to the best model (the one with the lowest validation NME).
   best = checkpointing.read_best_meta(os.path.join(tmp, "A"))
   val = {r["step"]: r["val_nme"] for r in logging_utils.read_metrics(os.path.join(tmp, "A"))
          if "val_nme" in r}
   assert best["val_nme"] == pytest.approx(min(val.values()))
   assert best["step"] == min(val, key=val.get)
-  model, variables, _ = checkpointing.load_for_inference(os.path.join(tmp, "A"))
-  assert "params" in variables and "batch_stats" in variables
+  loaded = checkpointing.load_model(os.path.join(tmp, "A"))
+  assert loaded.extra["step"] == best["step"]
+  assert "params" in loaded.variables and "batch_stats" in loaded.variables
+
+
+def _strip_timing(records):
+  return [{k: v for k, v in r.items() if k not in ("examples_per_sec", "val_seconds")}
+          for r in records]
+
+
+def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(runs):
+  _assert_ok(runs, "B")
+  assert runs["E_running_at_term"], "the run finished before it could be signalled"
+  rc, proc = runs["E_term"]
+  assert rc == 143, runs["E_term_log"][-3000:]
+  assert "SIGTERM: finishing the current step" in runs["E_term_log"]
+  # Stopped between the checkpoints of steps 3 and 6, with a checkpoint where it stopped.
+  steps = runs["E_steps_at_term"]
+  assert steps[0] == 3 and 3 < steps[-1] < STEPS, steps
+  _assert_ok(runs, "E")
+  tmp = runs["tmp"]
+  b, e = _load(tmp, "B"), _load(tmp, "E")
+  for k in b:
+    np.testing.assert_array_equal(e[k], b[k], err_msg=k)
+  final = lambda name, key: [r[key] for r in logging_utils.read_metrics(os.path.join(tmp, name))
+                             if key in r][-1]
+  assert final("E", "train_loss") == final("B", "train_loss")
+  assert final("E", "val_nme") == final("B", "val_nme")
+  assert _strip_timing(logging_utils.read_metrics(os.path.join(tmp, "E"))) == _strip_timing(
+      logging_utils.read_metrics(os.path.join(tmp, "B")))
+
+
+def test_second_run_on_a_workdir_is_refused_by_the_lock(runs):
+  rc, proc = runs["L"]
+  log = _log_tail(proc, 200)
+  assert rc == 1, log
+  assert "is in use by another training run (pid" in log and "Traceback" not in log
+
+
+def test_resume_with_another_model_is_refused_before_writing(runs):
+  rc, proc = runs["M"]
+  log = _log_tail(proc, 200)
+  assert rc == 1, log
+  assert "model.channels: 8 -> 16" in log and "Traceback" not in log
+  assert runs["M_config_unchanged"]

@@ -13,7 +13,10 @@ from star_jax.datasets import get_spec
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_data")
 WFLW = get_spec("wflw")
-AUG = transforms.DEFAULT_AUGMENT
+# The official augmentation parameters (lib/dataset/augmentation.py as alignmentDataset.py calls
+# it), written out here: a wrong default in the library cannot hide behind its own value.
+AUG = dict(flip=0.5, rotation_sigma_deg=18.0, scale_sigma=0.1, shift_sigma=0.05, occlusion=0.4,
+           blur=0.3, gamma=0.2, noise=0.2, gray=0.2)
 N_DRAWS = 4000
 
 
@@ -236,3 +239,11 @@ def test_source_window_covers_every_read_pixel(ann):
     diff = np.abs(part.astype(int) - full.astype(int))
     # Only OpenCV's 1/32-pixel rounding of the moved matrix can differ (rarely, by a level).
     assert diff.max() <= 2 and (diff > 0).mean() < 1e-3
+
+
+def test_official_augmentation_defaults_in_library_and_configs():
+  from configs import base, demo
+  assert transforms.OFFICIAL_AUGMENT == AUG
+  for config in (base.get_base_config("wflw"), base.get_base_config("cofw"), demo.get_config()):
+    assert dict(config.data.augment) == AUG
+    assert config.data.aug_prob == 1.0 and config.data.gaussian_sigma == 1.5

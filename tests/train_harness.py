@@ -1,9 +1,12 @@
 """A tiny training run on synthetic batches, runnable as a subprocess by the training tests.
 
+It runs train_and_evaluate as train.py does (error contract, SIGTERM / Ctrl-C handling).
+
 Usage: python tests/train_harness.py WORKDIR OUT.npz [--steps N] [--coordinator HOST:PORT
        --num_processes P --process_id I]
 Environment: STAR_TEST_NAN_AT_STEP=k puts a NaN in the image of step k's batch;
-STAR_TEST_SLOW_FROM_STEP=k makes every batch from step k on take a second.
+STAR_TEST_SLOW_FROM_STEP=k makes every batch from step k on take a second, and wait while the
+file STAR_TEST_PAUSE_FILE exists.
 
 The batches are a pure function of (seed, global example index), like the real pipeline, so a
 resumed run and runs on different device or process counts see the same global batches.
@@ -66,39 +69,48 @@ def _example(seed: int, index: int, num_points: int, num_edges: int, split: str)
   return image, landmarks, pointmaps, edgemaps
 
 
-def fake_train_data(config, *, start_step=0, process_index=None, process_count=None):
-  """Per-process batches of the global stream: process p takes its slice of every batch."""
-  from star_jax import datasets
-  spec = datasets.get_spec(config.dataset)
-  process_index = 0 if process_index is None else process_index
-  process_count = 1 if process_count is None else process_count
-  local = config.batch_size // process_count
-  step = start_step
-  while True:
-    first = step * config.batch_size + process_index * local
-    parts = [_example(config.seed, (first + j) % NUM_TRAIN + (first + j) // NUM_TRAIN * 1000,
-                      spec.num_points, spec.num_edges, "train") for j in range(local)]
-    image, landmarks, pointmaps, edgemaps = (np.stack(x) for x in zip(*parts))
-    if os.environ.get("STAR_TEST_NAN_AT_STEP") == str(step):
-      image[0, 0, 0, 0] = np.nan
-    if step >= int(os.environ.get("STAR_TEST_SLOW_FROM_STEP", 1 << 30)):
-      time.sleep(1.0)  # leaves time to kill the run between checkpoints
-    yield {"image": image, "landmarks": landmarks, "pointmaps": pointmaps,
-           "edgemaps": edgemaps, "index": np.arange(first, first + local, dtype=np.int64)}
-    step += 1
+class FakeData:
+  """`train_lib.TrainingData` of synthetic batches: the global stream is a pure function of
+  (seed, global example index); process p takes its slice of every batch."""
 
+  def __init__(self, config):
+    from star_jax import datasets
+    self.config = config
+    self.spec = datasets.get_spec(config.dataset)
 
-def fake_eval_data(config, split, *, batch_size):
-  from star_jax import datasets
-  assert split == "val"
-  spec = datasets.get_spec(config.dataset)
-  for start in range(0, NUM_VAL, batch_size):
-    idx = [min(i, NUM_VAL - 1) for i in range(start, start + batch_size)]
-    parts = [_example(config.seed, i, spec.num_points, spec.num_edges, "val") for i in idx]
-    image, landmarks, _, _ = (np.stack(x) for x in zip(*parts))
-    yield {"image": image, "landmarks": landmarks,
-           "mask": np.asarray([start + j < NUM_VAL for j in range(batch_size)]),
-           "index": np.asarray(idx, np.int64)}
+  def num_train_examples(self):
+    return NUM_TRAIN
+
+  def train_batches(self, *, start_step, process_index, process_count):
+    config, spec = self.config, self.spec
+    local = config.batch_size // process_count
+    step = start_step
+    while True:
+      first = step * config.batch_size + process_index * local
+      parts = [_example(config.seed, (first + j) % NUM_TRAIN + (first + j) // NUM_TRAIN * 1000,
+                        spec.num_points, spec.num_edges, "train") for j in range(local)]
+      image, landmarks, pointmaps, edgemaps = (np.stack(x) for x in zip(*parts))
+      if os.environ.get("STAR_TEST_NAN_AT_STEP") == str(step):
+        image[0, 0, 0, 0] = np.nan
+      if step >= int(os.environ.get("STAR_TEST_SLOW_FROM_STEP", 1 << 30)):
+        time.sleep(1.0)  # leaves time to kill the run between checkpoints
+        # ... or holds it here while the pause file exists (signals are handled meanwhile).
+        while os.path.exists(os.environ.get("STAR_TEST_PAUSE_FILE", "/nonexistent")):
+          time.sleep(0.05)
+      yield {"image": image, "landmarks": landmarks, "pointmaps": pointmaps,
+             "edgemaps": edgemaps, "index": np.arange(first, first + local, dtype=np.int64)}
+      step += 1
+
+  def val_batches(self, *, batch_size):
+    spec = self.spec
+    for start in range(0, NUM_VAL, batch_size):
+      idx = [min(i, NUM_VAL - 1) for i in range(start, start + batch_size)]
+      parts = [_example(self.config.seed, i, spec.num_points, spec.num_edges, "val")
+               for i in idx]
+      image, landmarks, _, _ = (np.stack(x) for x in zip(*parts))
+      yield {"image": image, "landmarks": landmarks,
+             "mask": np.asarray([start + j < NUM_VAL for j in range(batch_size)]),
+             "index": np.asarray(idx, np.int64)}
 
 
 def main(argv=None):
@@ -108,6 +120,7 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=6)
   parser.add_argument("--lr", type=float, default=None)
   parser.add_argument("--dtype", default=None, help="override the compute dtype")
+  parser.add_argument("--channels", type=int, default=None, help="override the model width")
   parser.add_argument("--coordinator", default=None)
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
@@ -121,21 +134,35 @@ def main(argv=None):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
+  from star_jax import cli
   from star_jax import train_lib
   config = tiny_config(args.steps)
   if args.lr is not None:
     config.optim.lr = args.lr
   if args.dtype is not None:
     config.model.dtype = args.dtype
-  state = train_lib.train_and_evaluate(config, args.workdir, train_data_fn=fake_train_data,
-                                       eval_data_fn=fake_eval_data, train_size=NUM_TRAIN)
-  flat = {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(
-              {"params": state.params, "batch_stats": state.batch_stats,
-               "ema_params": state.ema_params, "ema_batch_stats": state.ema_batch_stats})}
-  if jax.process_index() == 0:
-    np.savez(args.out, step=np.asarray(state.step), **flat)
+  if args.channels is not None:
+    config.model.channels = args.channels
+
+  def train():
+    with cli.graceful_stop() as stop:
+      result = train_lib.train_and_evaluate(config, args.workdir, data=FakeData(config),
+                                            should_stop=stop)
+    state = result.state
+    flat = {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(
+                {"params": state.params, "batch_stats": state.batch_stats,
+                 "ema_params": state.ema_params, "ema_batch_stats": state.ema_batch_stats})}
+    if jax.process_index() == 0 and not result.stopped:
+      np.savez(args.out, step=np.asarray(state.step), **flat)
+    return stop.exit_code
+
+  # The entry points' error contract, except for divergence (its traceback is what the NaN
+  # test reads).
+  if os.environ.get("STAR_TEST_NAN_AT_STEP"):
+    return train()
+  return cli.run(train)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -9,9 +9,11 @@ One line per face, tab-separated, in this column order:
   5. center_w, 6. center_h (face box centre, pixels)
   7. optional: 6 attribute tags `largepose,expression,illumination,makeup,occlusion,blur` (0/1)
 
-A header line is optional. The first line is a header exactly when its landmark column does not
-parse as numbers; every other line is data. (The official loader hands the file to pandas, which
-always takes the first line as a header and so loses the first face of a header-less file.)
+A header line is optional. The first line is a header exactly when no field of its landmark
+column is a number; every other line is data, so a first row with one malformed number is an
+error naming line 1, never a silently dropped face. (The official loader hands the file to pandas,
+which always takes the first line as a header and so loses the first face of a header-less
+file.)
 
 Image paths. Each path is rewritten as the official loader does, then made absolute:
 
@@ -25,12 +27,17 @@ Image paths. Each path is rewritten as the official loader does, then made absol
     `0--Parade/a.jpg`) until `image_dir/<rest>` exists, so TSVs written for another folder layout
     resolve without editing. Paths that resolve nowhere are reported together in one error.
 
-Errors are `AnnotationError`s that name the file and the 1-based line.
+Errors are `AnnotationError`s (star_jax.errors.DataError) that name the file and the 1-based
+line. Besides the format, values are checked: numbers finite; scale positive and its `scale *
+200` face box 0.2-20 times the landmarks' extent; the centre within a box size of the landmarks;
+tags 0 or 1; with `check_images`, landmarks within one image size of their image (a little
+outside, as faces cut by the image border are in WFLW, is one warning line).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from typing import Sequence
@@ -39,6 +46,8 @@ import numpy as np
 
 from star_jax.datasets import DatasetSpec
 from star_jax.errors import DataError
+
+_log = logging.getLogger(__name__)
 
 NUM_TAGS = 6
 NUM_FIVE_POINT_VALUES = 10
@@ -55,12 +64,23 @@ class AnnotationError(DataError):
   """An annotation file is malformed or refers to images that cannot be found."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DataFiles:
+  """Where a dataset's images and TSV files are. TSV image paths are relative to `image_dir`."""
+
+  image_dir: str
+  train_tsv: str
+  val_tsv: str
+  test_tsv: str
+
+
 @dataclasses.dataclass
 class Annotations:
   """The parsed rows of one TSV file (M faces, N landmarks each)."""
 
   tsv_path: str
   image_paths: list[str]           # absolute paths
+  raw_paths: list[str]             # as written (after the official rewrite), for subset rules
   landmarks: np.ndarray            # (M, N, 2) float32, original-image pixels (x, y)
   scale: np.ndarray                # (M,) float64
   center: np.ndarray               # (M, 2) float64 (center_w, center_h)
@@ -78,6 +98,7 @@ class Annotations:
     return Annotations(
         tsv_path=self.tsv_path,
         image_paths=[self.image_paths[i] for i in rows],
+        raw_paths=[self.raw_paths[i] for i in rows],
         landmarks=self.landmarks[rows], scale=self.scale[rows], center=self.center[rows],
         tags=self.tags[rows], five_points=self.five_points[rows],
         line_numbers=self.line_numbers[rows], has_tags=self.has_tags)
@@ -126,12 +147,79 @@ def _parse_numbers(text: str, what: str, where: str, expected: int | None) -> np
   return values
 
 
-def _is_numeric_list(text: str) -> bool:
+def _looks_like_header(text: str) -> bool:
+  """A first line is a header when no field of its landmark column is a number.
+
+  A row with one malformed number among many is data (its error names line 1), never a header
+  that would silently drop a face.
+  """
+  for field in text.strip().split(","):
+    try:
+      float(field)
+      return False
+    except ValueError:
+      continue
+  return True
+
+
+# Sanity bounds (README, "Errors and recovery"). The face box of the official crop is
+# `scale * 200` pixels; real annotations put it at 0.9-1.3 times the landmarks' extent.
+BOX_TO_LANDMARKS = (0.2, 20.0)     # allowed box / landmark-extent ratios: else an error
+LANDMARKS_OUTSIDE_IMAGE = 1.0      # error beyond this many image sizes outside; a warning below
+
+
+def _check_geometry(where: str, landmarks: np.ndarray, scale: float, center: tuple[float, float]
+                    ) -> None:
+  """Errors for a crop box that cannot belong to the landmarks (absurd scale or centre)."""
+  lo, hi = landmarks.min(axis=0), landmarks.max(axis=0)
+  extent = float(max(hi - lo))
+  box = scale * 200.0
+  if extent > 0:
+    low, high = BOX_TO_LANDMARKS
+    if not low <= box / extent <= high:
+      raise AnnotationError(
+          f"{where}: scale {scale:g} gives a {box:.4g}-pixel face box for landmarks spanning "
+          f"{extent:.4g} pixels (expected {low:g}-{high:g} times as large); is the scale "
+          "column right?")
+  middle = (lo + hi) / 2
+  distance = float(np.max(np.abs(np.asarray(center) - middle)))
+  if distance > max(box, extent):
+    raise AnnotationError(
+        f"{where}: centre ({center[0]:.6g}, {center[1]:.6g}) is {distance:.4g} pixels from the "
+        f"landmarks' centre ({middle[0]:.1f}, {middle[1]:.1f}); is the centre column right?")
+
+
+def _image_size(path: str) -> tuple[int, int] | None:
+  """(width, height) from the image header, or None when it cannot be read cheaply."""
   try:
-    [float(f) for f in text.strip().split(",") if f.strip()]
-  except ValueError:
-    return False
-  return bool(text.strip())
+    from PIL import Image
+    with Image.open(path) as image:
+      return image.size
+  except Exception:  # unreadable images are reported by the image check, not here
+    return None
+
+
+def _check_inside_images(path: str, images: list[str], landmarks: list[np.ndarray],
+                         line_numbers: list[int]) -> None:
+  """Landmarks far outside their image are errors; a little outside (faces cut by the image
+  border, as in WFLW) one warning line with the count."""
+  outside = []
+  for image, lm, line_no in zip(images, landmarks, line_numbers):
+    size = _image_size(image)
+    if size is None:
+      continue
+    w, h = size
+    over = max(float(-lm[:, 0].min()) / w, float(lm[:, 0].max() - (w - 1)) / w,
+               float(-lm[:, 1].min()) / h, float(lm[:, 1].max() - (h - 1)) / h)
+    if over > LANDMARKS_OUTSIDE_IMAGE:
+      raise AnnotationError(f"{path}:{line_no}: landmarks lie up to {over:.3g} image sizes "
+                            f"outside {image} ({w}x{h}); are the coordinates in pixels of "
+                            "this image?")
+    if over > 0:
+      outside.append(line_no)
+  if outside:
+    _log.warning("%s: %d row(s) have landmarks outside their image (first: line %d); kept, "
+                 "as faces cut by the image border are", path, len(outside), outside[0])
 
 
 def read_tsv(path: str, spec: DatasetSpec, *, image_dir: str | None = None,
@@ -154,8 +242,15 @@ def read_tsv(path: str, spec: DatasetSpec, *, image_dir: str | None = None,
     raise AnnotationError(f"{path}: annotation file not found")
   if image_dir is None or image_dir == "":
     image_dir = os.path.dirname(os.path.abspath(path))
-  with open(path, "r", encoding="utf-8-sig") as f:
-    lines = f.read().splitlines()
+  try:
+    with open(path, "r", encoding="utf-8-sig") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise AnnotationError(f"{path}: not a text TSV file (byte {e.start} is not UTF-8)") from None
+  if "\x00" in text:
+    raise AnnotationError(f"{path}:{text[:text.index(chr(0))].count(chr(10)) + 1}: "
+                          "NUL byte: not a text TSV file")
+  lines = text.splitlines()
 
   n = spec.num_points
   paths, landmarks, scales, centers, tags, fives, line_numbers = [], [], [], [], [], [], []
@@ -171,7 +266,7 @@ def read_tsv(path: str, spec: DatasetSpec, *, image_dir: str | None = None,
     where = f"{path}:{line_no}"
     if first_content:
       first_content = False
-      if len(columns) >= 3 and not _is_numeric_list(columns[2]):
+      if len(columns) >= 3 and _looks_like_header(columns[2]):
         continue  # header line
     if len(columns) not in (6, 7):
       raise AnnotationError(
@@ -193,9 +288,13 @@ def read_tsv(path: str, spec: DatasetSpec, *, image_dir: str | None = None,
     ch = _parse_numbers(columns[5], "center_h", where, 1)[0]
     if len(columns) == 7:
       t = _parse_numbers(columns[6], "tag column", where, NUM_TAGS)
+      if not np.isin(t, (0, 1)).all():
+        raise AnnotationError(f"{where}: tag column: attribute tags must be 0 or 1, got "
+                              f"{columns[6].strip()!r}")
       has_tags = True
     else:
       t = np.zeros(NUM_TAGS)
+    _check_geometry(where, lm.reshape(n, 2), scale, (cw, ch))
     paths.append(image_path)
     # The official loader parses landmarks to float32 and scale/center to Python floats.
     landmarks.append(lm.astype(np.float32).reshape(n, 2))
@@ -217,11 +316,14 @@ def read_tsv(path: str, spec: DatasetSpec, *, image_dir: str | None = None,
   if missing:
     listed = "\n".join(missing[:_MAX_LISTED_MISSING])
     raise AnnotationError(f"{path}: {len(missing)} of {len(paths)} image files not found "
-                          f"(image_dir={image_dir}):\n{listed}")
+                          f"(image_dir={image_dir}); first: {missing[0].strip()}\n{listed}")
+  if check_images:
+    _check_inside_images(path, resolved, landmarks, line_numbers)
 
   return Annotations(
       tsv_path=os.path.abspath(path),
       image_paths=resolved,
+      raw_paths=[rewrite_image_path(p) for p in paths],
       landmarks=np.stack(landmarks).astype(np.float32),
       scale=np.asarray(scales, np.float64),
       center=np.asarray(centers, np.float64),

@@ -56,6 +56,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from star_jax.data.annotations import DataFiles
 from star_jax.data.original_formats import format_row
 from star_jax.datasets import WFLW
 
@@ -73,16 +74,6 @@ TAG_NAMES = WFLW.attribute_tags
 
 _SUBPIXEL_SHIFT = 4  # cv2 drawing with 1/16 pixel precision
 _SUBPIXEL = float(1 << _SUBPIXEL_SHIFT)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataFiles:
-  """Where a dataset's images and TSV files are. TSV image paths are relative to `image_dir`."""
-
-  image_dir: str
-  train_tsv: str
-  val_tsv: str
-  test_tsv: str
 
 
 # ----------------------------------------------------------------------------------------------

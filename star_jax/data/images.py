@@ -1,4 +1,5 @@
-"""Image decoding: JPEG through TensorFlow (whole or a window), every other format via OpenCV/Pillow.
+"""Image decoding in tf.data: JPEG through TensorFlow (whole or a window), other formats through
+OpenCV/Pillow.
 
 All decoders return uint8 RGB `(H, W, 3)`. JPEGs decode with libjpeg's accurate integer DCT and
 fancy upsampling, which is bit-identical to `cv2.imread` (what the official loader uses). Decoding
@@ -50,12 +51,12 @@ def read_image(path: str) -> np.ndarray:
 
 def image_size_numpy(data: bytes) -> np.ndarray:
   """(height, width) int32 of encoded bytes, reading only the header where Pillow can."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   try:
     with Image.open(io.BytesIO(data)) as pil:
       w, h = pil.size
       return np.asarray([h, w], np.int32)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return np.asarray(decode_bytes_numpy(data).shape[:2], np.int32)
 
 

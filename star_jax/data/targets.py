@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 
 import cv2
@@ -116,7 +115,7 @@ def fit_curve(points: np.ndarray, closed: bool, name: str = "edge") -> np.ndarra
     if not np.all(np.isfinite(curve)):
       raise ValueError("non-finite spline")
     return curve
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     with _fallback_lock:
       first = _fallbacks[name] == 0
       _fallbacks[name] += 1

@@ -16,24 +16,27 @@ Manual download. Put the images and the official-format TSVs (as written by
 
   <manual_dir>/train.tsv
   <manual_dir>/test.tsv
+  <manual_dir>/val.tsv           optional: a `val` split (otherwise training carves one from
+                                 `train` by the rule of star_jax.data.sources)
   <manual_dir>/images/...        TSV image paths are relative to this folder (if it exists;
                                  otherwise to <manual_dir> itself)
 
 (the embedded dataset's folder has exactly this layout). Build with
 
-  python -m star_jax.data.tfds_builders wflw --manual-dir DIR [--data-dir DIR] [--config png]
+  python -m star_jax.data.tfds_builders wflw --manual_dir DIR [--data_dir DIR] [--config png]
 
 or `tfds.builder("star_wflw", data_dir=...).download_and_prepare(download_config=
 tfds.download.DownloadConfig(manual_dir=DIR))`. The 300W test subsets follow the path rule of
-`star_jax.datasets.W300.path_subsets` (common: 'lfpw' or 'helen' in the path, challenge: 'ibug').
+`star_jax.datasets.W300.path_subsets` (common: 'lfpw' or 'helen' in the path, challenge: 'ibug'),
+matched on the paths as the TSV writes them, below the image folder.
 
 What one example stores. Decoding whole photos (WFLW: about 1000x800 JPEGs, the face a third of
 the width) dominates an input pipeline, so each example keeps only the face region: the part of
 the image that any crop the training can draw reads, cut out around the (scale, center) box.
 Features: `image` (the stored crop), `landmarks` (N, 2) float32 and `center` (2,) float64 in the
 crop frame, `offset` (2,) float64 (x, y of the crop's top-left pixel in the original image),
-`scale` float64, `tags` (6,) int32, `index` int64 (row in the TSV), `image_path` (the original
-image, as resolved on the building machine) and `image_size` (2,) int32 (original height, width).
+`scale` float64, `tags` (6,) int32, `index` int64 (row in the TSV), `image_path` (the image path
+as the TSV writes it) and `image_size` (2,) int32 (original height, width).
 
 The margin. The training warp is `G @ C`: C maps the `L = scale * 200` pixel face box onto the
 S x S crop, G rotates by theta and scales by s about the crop centre and shifts by t pixels. A
@@ -62,9 +65,8 @@ from __future__ import annotations
 if __name__ == "__main__":
   # `python -m` would define (and register) the builders in a module named __main__, where TFDS
   # cannot locate their resources: run the module imported under its real name instead.
-  from star_jax.data import tfds_builders as _builders  # pylint: disable=g-import-not-at-top
-  _builders.main()
-  raise SystemExit(0)
+  from star_jax.data import tfds_builders as _builders
+  raise SystemExit(_builders.main())
 
 import argparse
 import math
@@ -78,20 +80,20 @@ import tensorflow_datasets as tfds
 
 from star_jax.data.annotations import read_tsv
 from star_jax.data.images import read_image
+from star_jax.data.transforms import OFFICIAL_AUGMENT
+from star_jax import cli
+from star_jax import metrics
 from star_jax.datasets import DatasetSpec, get_spec
+from star_jax.errors import DataError, UsageError
 
 MARGIN_SIGMAS = 3.0
-# The official augmentation parameters the stored margin covers (lib/dataset/alignmentDataset.py).
-OFFICIAL_SIGMAS = dict(rotation_sigma_deg=18.0, scale_sigma=0.1, shift_sigma=0.05)
 BILINEAR_PAD = 2
 JPEG_QUALITY = 95
 
-BUILDER_NAMES = {"wflw": "star_wflw", "300w": "star_300w", "cofw": "star_cofw"}
 
-
-def margin_factor(rotation_sigma_deg: float = OFFICIAL_SIGMAS["rotation_sigma_deg"],
-                  scale_sigma: float = OFFICIAL_SIGMAS["scale_sigma"],
-                  shift_sigma: float = OFFICIAL_SIGMAS["shift_sigma"],
+def margin_factor(rotation_sigma_deg: float = OFFICIAL_AUGMENT["rotation_sigma_deg"],
+                  scale_sigma: float = OFFICIAL_AUGMENT["scale_sigma"],
+                  shift_sigma: float = OFFICIAL_AUGMENT["shift_sigma"],
                   n_sigma: float = MARGIN_SIGMAS) -> float:
   """Half-width of the stored crop in face boxes (`scale * 200` pixels); see the docstring."""
   theta = math.radians(n_sigma * rotation_sigma_deg)
@@ -184,26 +186,31 @@ class _StarBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual = os.fspath(dl_manager.manual_dir)
+    for required in ("train.tsv", "test.tsv"):
+      if not os.path.exists(os.path.join(manual, required)):
+        raise DataError(f"{os.path.join(manual, required)} is missing; the manual dir needs "
+                        "train.tsv and test.tsv (val.tsv optional) and the images under "
+                        "images/ (README, 'TFDS')")
     splits = {"train": self._generate_examples(manual, "train.tsv", None),
               "test": self._generate_examples(manual, "test.tsv", None)}
+    if os.path.exists(os.path.join(manual, "val.tsv")):
+      splits["val"] = self._generate_examples(manual, "val.tsv", None)
     for name, keys in self._test_subsets().items():
       splits[f"test_{name}"] = self._generate_examples(manual, "test.tsv", keys)
     return splits
 
   def _generate_examples(self, manual_dir: str, tsv_name: str, path_keys):
     tsv = os.path.join(manual_dir, tsv_name)
-    if not os.path.exists(tsv):
-      raise FileNotFoundError(f"{tsv} is missing; the manual dir needs train.tsv and test.tsv "
-                              f"plus the images (see {__name__})")
-    image_dir = os.path.join(manual_dir, "images")
-    if not os.path.isdir(image_dir):
-      image_dir = manual_dir
+    image_dir = manual_image_dir(manual_dir)
     ann = read_tsv(tsv, self.spec, image_dir=image_dir, check_images=True)
     factor = margin_factor()
     encoding = self.builder_config.encoding
     for row in range(len(ann)):
       path = ann.image_paths[row]
-      if path_keys is not None and not any(k in path.lower() for k in path_keys):
+      # Subsets by the path as the TSV writes it, below the image folder: the folder's own
+      # location (e.g. '.../ibug_300W_large_face_landmark_dataset/') must not decide them.
+      key = metrics.subset_key(ann.raw_paths[row], image_dir)
+      if path_keys is not None and not any(k in key for k in path_keys):
         continue
       image = read_image(path)
       h, w = image.shape[:2]
@@ -218,9 +225,15 @@ class _StarBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           "scale": float(ann.scale[row]),
           "tags": ann.tags[row].astype(np.int32),
           "index": row,
-          "image_path": path,
+          "image_path": ann.raw_paths[row],
           "image_size": np.array([h, w], np.int32),
       }
+
+
+def manual_image_dir(manual_dir: str) -> str:
+  """Where a manual dir's TSV image paths are relative to: `images/` if it exists, else itself."""
+  image_dir = os.path.join(manual_dir, "images")
+  return image_dir if os.path.isdir(image_dir) else manual_dir
 
 
 class StarWflw(_StarBuilder):
@@ -249,62 +262,72 @@ class StarCofw(_StarBuilder):
 
 BUILDERS = {"wflw": StarWflw, "300w": Star300w, "cofw": StarCofw}
 
-RECORD_KEYS = ("image", "landmarks", "scale", "center", "tags", "index", "offset")
-
-
 def builder_for(dataset: str, *, data_dir: str | None = None,
                 config: str | None = None) -> tfds.core.DatasetBuilder:
-  """The builder of `dataset` ('wflw', '300w', 'cofw') over `data_dir` ('' / None: default)."""
-  key = get_spec(dataset).name
+  """The builder of `dataset` ('wflw', '300w', 'cofw') over `data_dir` ('' / None: TFDS's
+  default, which is $TFDS_DATA_DIR when set, else ~/tensorflow_datasets)."""
+  spec = get_spec(dataset)
+  if spec.name not in BUILDERS:
+    raise UsageError(f"no TFDS builder for dataset {dataset!r}; TFDS sources exist for "
+                     f"{', '.join(sorted(BUILDERS))} (other schemes: use TSV files)")
   kwargs = {"data_dir": data_dir or None}
   if config:
     kwargs["config"] = config
-  return BUILDERS[key](**kwargs)
+  return BUILDERS[spec.name](**kwargs)
 
 
-def load_records(config, split: str, *, decode_image: bool = True,
-                 shuffle_files: bool = False,
-                 builder_config: str | None = None) -> tf.data.Dataset:
-  """Sample dicts of `split` from the prepared TFDS dataset of `config.dataset`.
-
-  Reads `config.data.tfds_data_dir` ('' = the TFDS default). `split` is any TFDS split string:
-  'train', 'test', 'test_common', 'train[:95%]', ... . `builder_config` picks 'jpeg' or 'png';
-  None takes the first of them that is prepared. With `decode_image=False` the `image` entry is
-  the encoded crop (a string) for callers that decode it themselves.
-  """
+def prepared_builder(config, builder_config: str | None = None) -> tfds.core.DatasetBuilder:
+  """The prepared builder of `config.dataset` in `config.data.tfds_data_dir` ('jpeg' first)."""
   data_dir = config.data.get("tfds_data_dir", "") or None
   names = [builder_config] if builder_config else [c.name for c in _CONFIGS]
   for name in names:
     builder = builder_for(config.dataset, data_dir=data_dir, config=name)
     if tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-      break
-  else:
-    raise FileNotFoundError(
-        f"TFDS dataset {builder.name} is not prepared in {builder.data_dir}; build it with "
-        f"`python -m star_jax.data.tfds_builders {get_spec(config.dataset).name} --manual-dir "
-        f"DIR{' --data-dir ' + data_dir if data_dir else ''}`")
+      return builder
+  raise DataError(
+      f"TFDS dataset {builder.name} is not prepared in {os.path.dirname(builder.data_dir)}; "
+      f"build it with `python -m star_jax.data.tfds_builders {get_spec(config.dataset).name} "
+      f"--manual_dir DIR{' --data_dir ' + data_dir if data_dir else ''}`")
+
+
+def load_records(builder: tfds.core.DatasetBuilder, split: str, *,
+                 decode_image: bool = True) -> tf.data.Dataset:
+  """Source records (star_jax.data.sources) of `split`: `pixels` (the stored crop; encoded bytes
+  with `decode_image=False`), `landmarks`, `scale`, `center` in the crop frame, `offset`,
+  `tags`, `index` and `path` (the image path as its TSV wrote it)."""
   decoders = None if decode_image else {"image": tfds.decode.SkipDecoding()}
-  ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, decoders=decoders)
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
 
   def to_record(example):
-    return {key: example[key] for key in RECORD_KEYS}
+    return {"pixels": example["image"], "landmarks": example["landmarks"],
+            "scale": example["scale"], "center": example["center"],
+            "offset": example["offset"], "tags": example["tags"], "index": example["index"],
+            "path": example["image_path"]}
 
   return ds.map(to_record, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m star_jax.data.tfds_builders",
-                                   description="Builds a star-jax TFDS dataset from a manual dir.")
+                                   description="Builds a star-jax TFDS dataset from a manual dir "
+                                               "(train.tsv, test.tsv, optional val.tsv, images/).")
   parser.add_argument("dataset", choices=sorted(BUILDERS))
-  parser.add_argument("--manual-dir", required=True,
-                      help="folder with train.tsv, test.tsv and images/")
-  parser.add_argument("--data-dir", default=None, help="TFDS data_dir (default: TFDS's)")
+  parser.add_argument("--manual_dir", "--manual-dir", required=True,
+                      help="folder with train.tsv, test.tsv (val.tsv) and images/")
+  parser.add_argument("--data_dir", "--data-dir", default=None,
+                      help="TFDS data_dir (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets); "
+                           "training reads it as --config.data.tfds_data_dir")
   parser.add_argument("--config", default="jpeg", choices=[c.name for c in _CONFIGS])
   args = parser.parse_args(argv)
+  if not os.path.isdir(args.manual_dir):
+    raise UsageError(f"--manual_dir {args.manual_dir}: no such directory")
   builder = builder_for(args.dataset, data_dir=args.data_dir, config=args.config)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
   for name, info in builder.info.splits.items():
     print(f"{builder.name}/{args.config} {name}: {info.num_examples} examples")
   print(f"written to {builder.data_dir}")
+  return 0
 
+
+main = cli.main_wrapper(_main)

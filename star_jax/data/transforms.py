@@ -23,16 +23,16 @@ from typing import Mapping
 import cv2
 import numpy as np
 
-from star_jax.datasets import COFW, DatasetSpec
+from star_jax.datasets import DatasetSpec
 
 # The official face box is `scale * 200` pixels; the crop operation keeps a face scale of 1.
 FACE_BOX_UNIT = 200.0
 TARGET_FACE_SCALE = 1.0
 
-# Official defaults (conf/alignment.py + lib/dataset/alignmentDataset.py); the pipeline reads
-# the values from `config.data.augment`, these serve callers without a config.
-DEFAULT_AUGMENT = dict(flip=0.5, rotation_sigma_deg=18.0, scale_sigma=0.1, shift_sigma=0.05,
-                       occlusion=0.4, blur=0.3, gamma=0.2, noise=0.2, gray=0.2)
+# The official augmentation parameters (lib/dataset/augmentation.py as the STAR dataset calls
+# it): the one copy; configs/base.py and the TFDS margin read it from here.
+OFFICIAL_AUGMENT = dict(flip=0.5, rotation_sigma_deg=18.0, scale_sigma=0.1, shift_sigma=0.05,
+                        occlusion=0.4, blur=0.3, gamma=0.2, noise=0.2, gray=0.2)
 
 _UINT64 = (1 << 64) - 1
 
@@ -139,23 +139,17 @@ def translation(dx: float, dy: float) -> np.ndarray:
 # Horizontal flip
 
 
-def flip_offset(spec: DatasetSpec) -> int:
-  """The official mirror is `x -> W + offset - x`: offset -1 (pixel centres), but 0 for COFW.
-
-  The official Flip chooses by landmark count (29 -> 0); COFW models were trained that way.
-  """
-  return 0 if spec.num_points == COFW.num_points else -1
-
-
 def flip_landmarks(landmarks: np.ndarray, width: int, spec: DatasetSpec) -> np.ndarray:
-  """Landmarks of the mirrored image: swap the flip pairs, then `x -> W + offset - x`."""
+  """Landmarks of the mirrored image: swap the flip pairs, then `x -> W + spec.flip_offset - x`
+  (the official mirror about pixel centres; 0 instead of -1 for COFW, as its models were
+  trained)."""
   flipped = landmarks[spec.flip_permutation()].copy()
-  flipped[:, 0] = (width + flip_offset(spec)) - flipped[:, 0]
+  flipped[:, 0] = (width + spec.flip_offset) - flipped[:, 0]
   return flipped
 
 
 def flip_center_w(center_w: float, width: int, spec: DatasetSpec) -> float:
-  return width + flip_offset(spec) - center_w
+  return width + spec.flip_offset - center_w
 
 
 # ---------------------------------------------------------------------------------------------

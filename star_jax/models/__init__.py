@@ -1,7 +1,162 @@
-"""The landmark networks: the stacked hourglass of STAR and its output structure."""
+"""The landmark networks: a registry by name, and their description as plain data.
 
+`config.model.name` picks the network class. A network is one module
+`star_jax/models/<name>.py` that defines a flax `nn.Module` with a
+`from_config(model_config, spec, *, bn_axis_name=None)` classmethod, registers it with
+`@registry.register("<name>")` and returns a `ModelOutput`; `create_model` imports that module
+the first time the name is asked for, so nothing else needs editing.
+
+A trained network is stored as its description, `{"name": ..., "fields": {...}}`: the registry
+name and the dataclass fields as JSON numbers, strings, booleans and lists. `from_description`
+rebuilds it: the class comes from the registry of networks already imported (never from the
+file, which cannot make star-jax import or call anything), and every field is checked against
+the type of the class's own default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from star_jax.errors import CheckpointError, UsageError
+from star_jax.models import registry
 from star_jax.models.hourglass import (ModelOutput, StackedHourglass, count_parameters,
-                                       create_model, init_variables, parameter_shapes)
+                                       init_variables, parameter_shapes)
 
-__all__ = ["ModelOutput", "StackedHourglass", "count_parameters", "create_model",
-           "init_variables", "parameter_shapes"]
+DEFAULT_MODEL = "stacked_hourglass"
+# Compute dtypes a description may name.
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Older checkpoints named the class by its import path; this one path is still accepted.
+_LEGACY_CLASS_NAMES = {"star_jax.models.hourglass.StackedHourglass": DEFAULT_MODEL}
+# Fields that never travel with a description (flax's own and run-time-only settings).
+_NOT_DESCRIBED = ("parent", "name", "bn_axis_name")
+
+
+def model_class(name: str) -> type:
+  """The registered network `name`, importing `star_jax.models.<name>` if needed (config use)."""
+  if registry.lookup(name) is None and name.isidentifier():
+    try:
+      importlib.import_module(f"star_jax.models.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"star_jax.models.{name}":
+        raise
+  cls = registry.lookup(name)
+  if cls is None:
+    raise UsageError(f"config.model.name={name!r} is not a registered model; known: "
+                     f"{', '.join(registry.names())}")
+  return cls
+
+
+def create_model(model_config: Any, spec: Any, *, bn_axis_name: str | None = None):
+  """The network `model_config.name` (default: the stacked hourglass) for a landmark scheme."""
+  get = model_config.get if hasattr(model_config, "get") else (
+      lambda k, d=None: getattr(model_config, k, d))
+  dtype = get("dtype", "float32")
+  if str(dtype) not in DTYPES:
+    raise UsageError(f"config.model.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+  cls = model_class(str(get("name", DEFAULT_MODEL) or DEFAULT_MODEL))
+  return cls.from_config(model_config, spec, bn_axis_name=bn_axis_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Description <-> model.
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, (tuple, list)):
+    return [_plain(v) for v in value]
+  if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+    return value.item()
+  return value
+
+
+def describe(model) -> dict[str, Any]:
+  """`{"name", "fields"}`: what `from_description` needs to rebuild `model` (for inference)."""
+  name = getattr(type(model), "registry_name", None)
+  if name is None or registry.lookup(name) is not type(model):
+    raise ValueError(f"{type(model).__name__} is not a registered model")
+  fields = {}
+  for field in dataclasses.fields(model):
+    if field.name in _NOT_DESCRIBED:
+      continue
+    value = getattr(model, field.name)
+    if field.name == "dtype":
+      value = jnp.dtype(value).name
+    fields[field.name] = _plain(value)
+  return {"name": name, "fields": fields}
+
+
+def _int_tuple(value: Any, depth: int) -> tuple | None:
+  """A (nested) tuple of ints from lists, or None when `value` has another shape."""
+  if not isinstance(value, list):
+    return None
+  if depth == 1:
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+      return tuple(value)
+    return None
+  items = [_int_tuple(v, depth - 1) for v in value]
+  return None if any(i is None for i in items) else tuple(items)
+
+
+def _field_value(cls: type, field: dataclasses.Field, value: Any, where: str) -> Any:
+  """`value` checked against (and converted to) the type of the field's default."""
+  bad = lambda want: CheckpointError(
+      f"{where}: field {field.name!r} of model {cls.registry_name!r} must be {want}, got "
+      f"{value!r}"[:300])
+  default = field.default
+  if field.name == "dtype":
+    if value not in DTYPES:
+      raise bad(f"one of {', '.join(DTYPES)}")
+    return jnp.dtype(value)
+  if isinstance(default, bool):
+    if not isinstance(value, bool):
+      raise bad("true or false")
+    return value
+  if isinstance(default, int):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 20:
+      raise bad("a non-negative integer")
+    return value
+  if isinstance(default, tuple):
+    depth = 2 if field.name.endswith("points") else 1
+    converted = _int_tuple(value, depth)
+    if converted is None:
+      raise bad("a list of lists of integers" if depth == 2 else "a list of integers")
+    return converted
+  if default is None or isinstance(default, str):
+    if value is not None and not isinstance(value, str):
+      raise bad("a string or null")
+    return value
+  raise bad("a value of a type descriptions do not carry")
+
+
+def from_description(description: Mapping[str, Any], where: str = "model description"):
+  """Rebuilds a network from `describe` output; any unknown name, field or type is an error."""
+  if not isinstance(description, Mapping):
+    raise CheckpointError(f"{where}: not a JSON object")
+  name = description.get("name")
+  if name is None and "class" in description:
+    name = _LEGACY_CLASS_NAMES.get(description["class"])
+    if name is None:
+      raise CheckpointError(f"{where}: names class {str(description['class'])[:200]!r}, which "
+                            "is not a star-jax model; nothing was imported")
+  cls = registry.lookup(name) if isinstance(name, str) else None
+  if cls is None:
+    raise CheckpointError(f"{where}: model {str(name)[:200]!r} is not registered (known: "
+                          f"{', '.join(registry.names())})")
+  fields = description.get("fields", {})
+  if not isinstance(fields, Mapping):
+    raise CheckpointError(f"{where}: 'fields' must be a JSON object")
+  known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_DESCRIBED}
+  unknown = sorted(set(fields) - set(known))
+  if unknown:
+    raise CheckpointError(f"{where}: unknown field(s) {', '.join(map(str, unknown))[:200]} for "
+                          f"model {name!r}")
+  kwargs = {key: _field_value(cls, known[key], value, where) for key, value in fields.items()}
+  return cls(**kwargs)
+
+
+__all__ = ["DEFAULT_MODEL", "ModelOutput", "StackedHourglass", "count_parameters",
+           "create_model", "describe", "from_description", "init_variables", "model_class",
+           "parameter_shapes"]

@@ -31,6 +31,7 @@ Faithful details (see docs/official-semantics.md, "Architecture"):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from star_jax import decoder
+from star_jax.models import registry
 from star_jax.models.batch_norm import BatchNorm
 
 # The official CoordConv switches the boundary channels on where the previous stack's heatmap
@@ -244,37 +246,35 @@ class UnusedConv1x1(nn.Module):
     self.param("bias", torch_default_bias_init(self.in_features), (self.features,), jnp.float32)
 
 
-def batch_norm(train: bool, axis_name: str | None, dtype: Dtype, name: str, *,
-               relu: bool = False) -> BatchNorm:
-  """torch's BatchNorm2d (momentum 0.1, eps 1e-5), optionally followed by ReLU (fused)."""
-  return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                   axis_name=axis_name, dtype=dtype, relu=relu, name=name)
+ModuleDef = Any
 
 
 class ResBlock(nn.Module):
-  """Pre-activation bottleneck: BN-ReLU-1x1 (C/2), BN-ReLU-3x3, BN-ReLU-1x1 (C), plus skip."""
+  """Pre-activation bottleneck: BN-ReLU-1x1 (C/2), BN-ReLU-3x3, BN-ReLU-1x1 (C), plus skip.
+
+  `conv` and `norm` are the network's partially applied `Conv` and BatchNorm(+ReLU): dtype,
+  precision and the BatchNorm axis are decided once, by `StackedHourglass`.
+  """
 
   features: int
+  conv: ModuleDef
+  norm: ModuleDef
   keep_unused_skip: bool = True
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
-  precision: str | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     in_features = x.shape[-1]
     mid = self.features // 2
     if in_features != self.features:
-      residual = Conv(self.features, 1, dtype=self.dtype, precision=self.precision,
-                      name="skip")(x)
+      residual = self.conv(self.features, 1, name="skip")(x)
     else:
       residual = x
       if self.keep_unused_skip:
         UnusedConv1x1(in_features, self.features, name="skip")()
     out = x
     for i, (width, kernel) in enumerate(((mid, 1), (mid, 3), (self.features, 1)), start=1):
-      out = batch_norm(train, self.bn_axis_name, self.dtype, f"bn{i}", relu=True)(out)
-      out = Conv(width, kernel, dtype=self.dtype, precision=self.precision, name=f"conv{i}")(out)
+      out = self.norm(name=f"bn{i}")(out)
+      out = self.conv(width, kernel, name=f"conv{i}")(out)
     return out + residual
 
 
@@ -283,31 +283,26 @@ class Hourglass(nn.Module):
 
   levels: int
   features: int
+  conv: ModuleDef
+  block: ModuleDef
   coordconv: bool = False
-  keep_unused_skip: bool = True
-  dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
-  precision: str | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, boundary: jnp.ndarray | None = None,
-               train: bool = False) -> jnp.ndarray:
-    block = lambda name: ResBlock(self.features, self.keep_unused_skip, self.dtype,
-                                  self.bn_axis_name, self.precision, name=name)
+  def __call__(self, x: jnp.ndarray, boundary: jnp.ndarray | None = None) -> jnp.ndarray:
     if self.coordconv:
-      x = Conv(self.features, 1, dtype=self.dtype, precision=self.precision,
-               name="coordconv")(add_coords(x, boundary))
-    up = block("up1")(x, train)
-    low = block("low1")(max_pool_2x2(x), train)
+      x = self.conv(self.features, 1, name="coordconv")(add_coords(x, boundary))
+    up = self.block(self.features, name="up1")(x)
+    low = self.block(self.features, name="low1")(max_pool_2x2(x))
     if self.levels > 1:
-      low = Hourglass(self.levels - 1, self.features, False, self.keep_unused_skip, self.dtype,
-                      self.bn_axis_name, self.precision, name="low2")(low, None, train)
+      low = Hourglass(self.levels - 1, self.features, self.conv, self.block,
+                      name="low2")(low)
     else:
-      low = block("low2")(low, train)
-    low = block("low3")(low, train)
+      low = self.block(self.features, name="low2")(low)
+    low = self.block(self.features, name="low3")(low)
     return up + upsample_nearest_2x(low)
 
 
+@registry.register("stacked_hourglass")
 class StackedHourglass(nn.Module):
   """STAR's StackedHGNetV1 (CoordConv, AAM heads) for `(B, H, W, 3)` RGB input in [-1, 1].
 
@@ -339,6 +334,27 @@ class StackedHourglass(nn.Module):
   bn_axis_name: str | None = None
   keep_unused_skip: bool = True
   precision: str | None = None
+
+  @classmethod
+  def from_config(cls, model_config: Any, spec: Any, *, bn_axis_name: str | None = None
+                  ) -> "StackedHourglass":
+    """The network of `config.model` (num_stacks, num_levels, channels, use_aam, dtype,
+    precision) for a landmark scheme (`star_jax.datasets.DatasetSpec`: points and edges)."""
+    def get(key, default):
+      value = model_config.get(key, None)
+      return default if value is None else value
+    return cls(
+        num_stacks=int(get("num_stacks", 4)),
+        num_levels=int(get("num_levels", 4)),
+        channels=int(get("channels", 256)),
+        num_points=spec.num_points,
+        edge_points=tuple(tuple(int(p) for p in edge.points) for edge in spec.edges),
+        use_aam=bool(get("use_aam", True)),
+        dtype=jnp.dtype(get("dtype", "float32")),
+        bn_axis_name=bn_axis_name,
+        keep_unused_skip=bool(get("keep_unused_skip", True)),
+        precision=get("precision", None) or None,
+    )
 
   @property
   def num_edges(self) -> int:
@@ -384,20 +400,23 @@ class StackedHourglass(nn.Module):
       raise ValueError(f"boundary_masks needs {self.num_stacks - 1} masks (stacks 1..), got "
                        f"{len(boundary_masks)}")
     wide = _float_dtype_at_least_f32(self.dtype)
-    block = lambda features, name: ResBlock(features, self.keep_unused_skip, self.dtype,
-                                            self.bn_axis_name, self.precision, name=name)
-    conv = lambda features, name, kernel=1: Conv(features, kernel, dtype=self.dtype,
-                                                 precision=self.precision, name=name)
+    # Every convolution and BatchNorm of the network is built from these, so the compute dtype,
+    # the precision and the BatchNorm axis cannot be forgotten by a submodule.
+    conv = functools.partial(Conv, dtype=self.dtype, precision=self.precision)
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
+                             epsilon=BN_EPSILON, axis_name=self.bn_axis_name, dtype=self.dtype,
+                             relu=True)
+    block = functools.partial(ResBlock, conv=conv, norm=norm,
+                              keep_unused_skip=self.keep_unused_skip)
 
     # Stem: CoordConv 7x7/2, BN, ReLU, then bottlenecks around a 2x2 max-pool (1/4 resolution).
     x = add_coords(images.astype(self.dtype))
-    x = Conv(STEM_CHANNELS, 7, stride=2, dtype=self.dtype, precision=self.precision,
-             name="stem_conv")(x)
-    x = batch_norm(train, self.bn_axis_name, self.dtype, "stem_bn", relu=True)(x)
-    x = block(STEM_BLOCK_CHANNELS, "stem_block1")(x, train)
+    x = conv(STEM_CHANNELS, 7, stride=2, name="stem_conv")(x)
+    x = norm(name="stem_bn")(x)
+    x = block(STEM_BLOCK_CHANNELS, name="stem_block1")(x)
     x = max_pool_2x2(x)
-    x = block(STEM_BLOCK_CHANNELS, "stem_block2")(x, train)
-    x = block(self.channels, "stem_block3")(x, train)
+    x = block(STEM_BLOCK_CHANNELS, name="stem_block2")(x)
+    x = block(self.channels, name="stem_block3")(x)
 
     if self.use_aam:
       e2h_weight, e2h_bias = (jnp.asarray(a, wide) for a in self.edge_to_point())
@@ -414,19 +433,18 @@ class StackedHourglass(nn.Module):
           self.sow("intermediates", "boundary_masks", boundary[..., 0])
         if boundary_masks is not None:
           boundary = jnp.asarray(boundary_masks[i - 1], bool)[..., None]
-      hg = Hourglass(self.num_levels, self.channels, True, self.keep_unused_skip, self.dtype,
-                     self.bn_axis_name, name=f"hourglass{i}")(x, boundary, train)
-      feature = block(self.channels, f"features{i}")(hg, train)
-      feature = conv(self.channels, f"features_conv{i}")(feature)
-      feature = batch_norm(train, self.bn_axis_name, self.dtype, f"features_bn{i}",
-                           relu=True)(feature)
+      hg = Hourglass(self.num_levels, self.channels, conv, block, coordconv=True,
+                     name=f"hourglass{i}")(x, boundary)
+      feature = block(self.channels, name=f"features{i}")(hg)
+      feature = conv(self.channels, 1, name=f"features_conv{i}")(feature)
+      feature = norm(name=f"features_bn{i}")(feature)
 
-      heatmaps = instance_norm_relu(conv(self.num_points, f"heatmap_head{i}")(feature))
+      heatmaps = instance_norm_relu(conv(self.num_points, 1, name=f"heatmap_head{i}")(feature))
       if self.use_aam:
         pointmaps = jax.nn.sigmoid(
-            conv(self.num_points, f"pointmap_head{i}")(feature).astype(wide))
+            conv(self.num_points, 1, name=f"pointmap_head{i}")(feature).astype(wide))
         edgemaps = jax.nn.sigmoid(
-            conv(self.num_edges, f"edgemap_head{i}")(feature).astype(wide))
+            conv(self.num_edges, 1, name=f"edgemap_head{i}")(feature).astype(wide))
         edge_gate = jnp.einsum("bhwe,en->bhwn", edgemaps, e2h_weight,
                                precision=jax.lax.Precision.HIGHEST) + e2h_bias
         fused = heatmaps * (edge_gate * pointmaps)
@@ -439,45 +457,15 @@ class StackedHourglass(nn.Module):
 
       if i < self.num_stacks - 1:
         # The merge reads the activated heatmaps (not the fused maps), as the official net does.
-        merged = (x + conv(self.channels, f"merge_features{i}")(feature)
-                  + conv(self.channels, f"merge_heatmaps{i}")(heatmaps))
+        merged = (x + conv(self.channels, 1, name=f"merge_features{i}")(feature)
+                  + conv(self.channels, 1, name=f"merge_heatmaps{i}")(heatmaps))
         if self.use_aam:
-          merged = (merged + conv(self.channels, f"merge_pointmaps{i}")(pointmaps)
-                    + conv(self.channels, f"merge_edgemaps{i}")(edgemaps))
+          merged = (merged + conv(self.channels, 1, name=f"merge_pointmaps{i}")(pointmaps)
+                    + conv(self.channels, 1, name=f"merge_edgemaps{i}")(edgemaps))
         x = merged
 
     return ModelOutput(landmarks=tuple(landmarks), heatmaps=tuple(fused_maps),
                        pointmaps=tuple(pointmaps_out), edgemaps=tuple(edgemaps_out))
-
-
-def _as_dtype(name_or_dtype: Any) -> Dtype:
-  if isinstance(name_or_dtype, str):
-    try:
-      return jnp.dtype(name_or_dtype)
-    except TypeError as e:
-      raise ValueError(f"config.model.dtype={name_or_dtype!r} is not a dtype name "
-                       "(use 'float32' or 'bfloat16')") from e
-  return name_or_dtype
-
-
-def create_model(model_config: Any, spec: Any, *, bn_axis_name: str | None = None
-                 ) -> StackedHourglass:
-  """Builds the network from `config.model` (num_stacks, num_levels, channels, use_aam, dtype)
-  and a `star_jax.datasets.DatasetSpec` (points and edges)."""
-  get = (model_config.get if hasattr(model_config, "get")
-         else lambda k, d=None: getattr(model_config, k, d))
-  return StackedHourglass(
-      num_stacks=int(get("num_stacks", 4)),
-      num_levels=int(get("num_levels", 4)),
-      channels=int(get("channels", 256)),
-      num_points=spec.num_points,
-      edge_points=tuple(tuple(int(p) for p in edge.points) for edge in spec.edges),
-      use_aam=bool(get("use_aam", True)),
-      dtype=_as_dtype(get("dtype", "float32")),
-      bn_axis_name=bn_axis_name if bn_axis_name is not None else get("bn_axis_name", None),
-      keep_unused_skip=bool(get("keep_unused_skip", True)),
-      precision=get("precision", None),
-  )
 
 
 def count_parameters(params: Any) -> int:

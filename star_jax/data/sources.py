@@ -1,0 +1,348 @@
+"""Where examples come from: one interface over TSV files, the embedded dataset and TFDS.
+
+`source_for(config)` returns a `Source`; the pipeline (star_jax/data/pipeline.py) only talks to
+that interface and never asks which kind it has. A source knows its splits ('train', 'val',
+'test'), hands the pipeline per-example records as tf.data datasets, reads the pixels a record
+names (the whole image, or only the window a training crop reads), and says where an example
+came from (`describe`: `file:line` of its TSV row), so that errors can name it.
+
+Splits. Without a validation file, 'val' is `config.data.val_fraction` of the training rows,
+chosen by `carved_val_rows` with a fixed seed (the same rows whatever the training seed), and
+'train' is the rest. This rule is the same for every source: a TFDS dataset built without a
+`val` split carves the same rows of its `train` split (its records keep their TSV row index).
+
+Record fields (tf.data element dicts): `landmarks` (N, 2) float32, `scale` float64, `center`
+(2,) float64, `tags` (T,) int32, `index` int64 (row of the split's TSV), `path` string (as
+written in the TSV, for reports and subset rules); TSV records add `file` (absolute image path),
+TFDS records `pixels` (the stored uint8 crop) and `offset` (2,) float64 (where the stored crop
+starts in the original image).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from star_jax.data import images as image_io
+from star_jax.data.annotations import Annotations, DataFiles, read_tsv
+from star_jax.datasets import DatasetSpec, get_spec
+from star_jax.errors import DataError, UsageError
+from star_jax.image_io import ImageError, load_image
+
+SPLITS = ("train", "val", "test")
+# The carved validation split does not depend on the training seed: the same images are held
+# out whichever seed trains.
+VAL_SPLIT_SEED = 20230601
+SOURCES = ("tsv", "embedded", "tfds")
+
+
+def carved_val_rows(num_rows: int, fraction: float) -> np.ndarray:
+  """The training rows held out for validation (sorted), by the fixed-seed rule above."""
+  if num_rows < 2:
+    raise DataError(f"a training set of {num_rows} example(s) cannot give a validation split; "
+                    "set config.data.val_tsv or config.data.val_fraction=0")
+  num_val = int(round(num_rows * fraction))
+  num_val = min(max(num_val, 1), num_rows - 1)
+  perm = np.random.default_rng(VAL_SPLIT_SEED).permutation(num_rows)
+  return np.sort(perm[:num_val])
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise UsageError(f"split {split!r}: use one of {', '.join(SPLITS)}")
+
+
+class Source(abc.ABC):
+  """The examples of one dataset configuration, split into train / val / test."""
+
+  def __init__(self, config):
+    self.config = config
+    self.spec: DatasetSpec = get_spec(config.dataset)
+
+  @abc.abstractmethod
+  def num_examples(self, split: str) -> int:
+    """How many examples `split` holds."""
+
+  @abc.abstractmethod
+  def records(self, split: str) -> tf.data.Dataset:
+    """The split's records in row order (finite, known cardinality)."""
+
+  @abc.abstractmethod
+  def train_records(self, seed: int, first_position: int) -> tf.data.Dataset:
+    """Endless `(position, record)` pairs of the training stream from `first_position` on."""
+
+  @abc.abstractmethod
+  def image_hw(self, record) -> tf.Tensor:
+    """(height, width) int32 of the record's image (of the stored crop, for TFDS)."""
+
+  @abc.abstractmethod
+  def read_window(self, record, window: tf.Tensor) -> tf.Tensor:
+    """uint8 RGB pixels `window = (y, x, h, w)` of the record's image (inside it)."""
+
+  @abc.abstractmethod
+  def read_image(self, record) -> tuple[tf.Tensor, tf.Tensor]:
+    """(uint8 RGB pixels, offset (2,) float64 of those pixels in the original image)."""
+
+  @abc.abstractmethod
+  def describe(self, split: str, index: int) -> str:
+    """Where row `index` of `split` comes from, for messages (`file:line: image`)."""
+
+  @abc.abstractmethod
+  def check_image(self, split: str, index: int) -> str | None:
+    """Decodes row `index`'s image outside tf.data: None if fine, else why not."""
+
+  def image_dir(self) -> str | None:
+    """The folder TSV image paths are relative to (subset rules match below it), if any."""
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# TSV files (and the embedded dataset, which is TSV files generated on demand).
+
+
+def _read(path: str, spec: DatasetSpec, image_dir: str, what: str) -> Annotations:
+  if not path:
+    raise UsageError(f"config.data.{what} is empty: no {what.split('_')[0]} annotations")
+  return read_tsv(path, spec, image_dir=image_dir or None)
+
+
+class TsvSource(Source):
+  """Examples listed in official-format TSV files; images decoded from their files."""
+
+  def __init__(self, config, files: DataFiles | None = None):
+    super().__init__(config)
+    data = config.data
+    self.files = files or DataFiles(image_dir=data.image_dir, train_tsv=data.train_tsv,
+                                    val_tsv=data.val_tsv, test_tsv=data.test_tsv)
+    self._cache: dict[str, tuple[Annotations, np.ndarray]] = {}
+
+  def image_dir(self) -> str | None:
+    return self.files.image_dir or None
+
+  def annotations(self, split: str) -> tuple[Annotations, np.ndarray]:
+    """(annotations, TSV row of each) of `split` (see the module docstring for 'val')."""
+    _check_split(split)
+    if split not in self._cache:
+      self._cache[split] = self._annotations(split)
+    return self._cache[split]
+
+  def _annotations(self, split: str) -> tuple[Annotations, np.ndarray]:
+    files, spec = self.files, self.spec
+    if split == "test":
+      ann = _read(files.test_tsv, spec, files.image_dir, "test_tsv")
+      return ann, np.arange(len(ann))
+    if split == "val" and files.val_tsv:
+      ann = _read(files.val_tsv, spec, files.image_dir, "val_tsv")
+      return ann, np.arange(len(ann))
+    train = _read(files.train_tsv, spec, files.image_dir, "train_tsv")
+    fraction = float(self.config.data.val_fraction)
+    carve = not files.val_tsv and fraction > 0
+    if split == "val":
+      if not carve:
+        raise UsageError("split 'val' needs config.data.val_tsv or config.data.val_fraction > 0")
+      rows = carved_val_rows(len(train), fraction)
+    else:
+      rows = np.arange(len(train))
+      if carve:
+        rows = np.setdiff1d(rows, carved_val_rows(len(train), fraction))
+    return train.subset(rows), rows
+
+  def num_examples(self, split: str) -> int:
+    return len(self.annotations(split)[0])
+
+  def _table(self, split: str) -> dict[str, tf.Tensor]:
+    ann, rows = self.annotations(split)
+    return dict(
+        file=tf.constant(ann.image_paths, tf.string),
+        path=tf.constant(ann.raw_paths, tf.string),
+        landmarks=tf.constant(ann.landmarks, tf.float32),
+        scale=tf.constant(ann.scale, tf.float64),
+        center=tf.constant(ann.center, tf.float64),
+        tags=tf.constant(ann.tags, tf.int32),
+        index=tf.constant(np.asarray(rows, np.int64), tf.int64))
+
+  def records(self, split: str) -> tf.data.Dataset:
+    table = self._table(split)
+    return tf.data.Dataset.range(self.num_examples(split)).map(
+        lambda i: {k: tf.gather(v, i) for k, v in table.items()})
+
+  def train_records(self, seed: int, first_position: int) -> tf.data.Dataset:
+    """Position i is record `perm_epoch[i % n]` of epoch `i // n` (stateless shuffles)."""
+    num = self.num_examples("train")
+    table = self._table("train")
+
+    def epoch_order(epoch):
+      perm = tf.random.experimental.stateless_shuffle(
+          tf.range(num, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+      return tf.data.Dataset.from_tensor_slices(perm)
+
+    first_epoch = first_position // num
+    order = tf.data.Dataset.range(first_epoch, _INFINITE).flat_map(epoch_order)
+    order = order.skip(first_position - first_epoch * num)
+    gathered = order.map(lambda i: {k: tf.gather(v, i) for k, v in table.items()})
+    return tf.data.Dataset.zip(tf.data.Dataset.range(first_position, _INFINITE), gathered)
+
+  def train_row_at(self, seed: int, position: int) -> int:
+    """The training-split row the stream reads at `position` (for error reports)."""
+    num = self.num_examples("train")
+    perm = tf.random.experimental.stateless_shuffle(
+        tf.range(num, dtype=tf.int64),
+        seed=tf.constant([seed, position // num], tf.int64)).numpy()
+    return int(perm[position % num])
+
+  def image_hw(self, record) -> tf.Tensor:
+    return image_io.image_size_tensor(tf.io.read_file(record["file"]))
+
+  def read_window(self, record, window: tf.Tensor) -> tf.Tensor:
+    return image_io.decode_window_tensor(tf.io.read_file(record["file"]), window)
+
+  def read_image(self, record) -> tuple[tf.Tensor, tf.Tensor]:
+    return (image_io.decode_tensor(tf.io.read_file(record["file"])),
+            tf.zeros([2], tf.float64))
+
+  def describe(self, split: str, index: int) -> str:
+    ann, _ = self.annotations(split)
+    return f"{ann.tsv_path}:{int(ann.line_numbers[index])}: {ann.image_paths[index]}"
+
+  def check_image(self, split: str, index: int) -> str | None:
+    ann, _ = self.annotations(split)
+    path = ann.image_paths[index]
+    try:
+      load_image(path)
+    except ImageError as e:
+      return str(e).removeprefix(f"{path}: ")
+    return None
+
+
+class EmbeddedSource(TsvSource):
+  """The synthetic dataset shipped with star-jax (generated and cached on first use)."""
+
+  def __init__(self, config):
+    from star_jax.data import embedded
+    files = embedded.ensure_embedded_dataset(cache_dir=config.data.embedded_dir or None)
+    super().__init__(config, files)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS (star_jax/data/tfds_builders.py): margin-padded face crops, decoded by TFDS.
+
+
+class TfdsSource(Source):
+  """Examples of a prepared star-jax TFDS dataset (its `train`, `test` and optional `val`)."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    from star_jax.data import tfds_builders
+    self._builders = tfds_builders
+    self.builder = tfds_builders.prepared_builder(config)
+    self._splits = {name: int(info.num_examples)
+                    for name, info in self.builder.info.splits.items()}
+    self._val_rows: np.ndarray | None = None
+    if "val" not in self._splits and float(config.data.val_fraction) > 0:
+      self._val_rows = carved_val_rows(self._splits["train"], float(config.data.val_fraction))
+
+  def _raw_split(self, split: str) -> str:
+    _check_split(split)
+    if split == "val" and "val" not in self._splits:
+      if self._val_rows is None:
+        raise UsageError(f"{self.builder.name} has no 'val' split and "
+                         "config.data.val_fraction is 0: nothing to validate on")
+      return "train"
+    return split
+
+  def num_examples(self, split: str) -> int:
+    raw = self._raw_split(split)
+    if raw == "train" and self._val_rows is not None:
+      carved = len(self._val_rows)
+      return carved if split == "val" else self._splits["train"] - carved
+    return self._splits[raw]
+
+  def _filtered(self, split: str, dataset: tf.data.Dataset) -> tf.data.Dataset:
+    if self._raw_split(split) != "train" or self._val_rows is None:
+      return dataset
+    held_out = np.zeros(self._splits["train"], bool)
+    held_out[self._val_rows] = True
+    mask = tf.constant(held_out if split == "val" else ~held_out)
+    count = self.num_examples(split)
+    return dataset.filter(lambda r: tf.gather(mask, r["index"])).apply(
+        tf.data.experimental.assert_cardinality(count))
+
+  def _load(self, split: str) -> tf.data.Dataset:
+    return self._filtered(split, self._builders.load_records(self.builder,
+                                                             self._raw_split(split)))
+
+  def records(self, split: str) -> tf.data.Dataset:
+    return self._load(split)
+
+  def train_records(self, seed: int, first_position: int) -> tf.data.Dataset:
+    """A seeded shuffle per epoch (no random access in TFDS shards); resuming re-reads the
+    skipped records."""
+    num = self.num_examples("train")
+    if num <= 0:
+      raise DataError(f"{self.builder.name}: the training split is empty")
+    shuffled = self._load("train").shuffle(min(num, 20000), seed=seed,
+                                           reshuffle_each_iteration=True).repeat()
+    return tf.data.Dataset.zip(tf.data.Dataset.range(0, _INFINITE),
+                               shuffled).skip(first_position)
+
+  def image_hw(self, record) -> tf.Tensor:
+    return tf.shape(record["pixels"])[:2]
+
+  def read_window(self, record, window: tf.Tensor) -> tf.Tensor:
+    return record["pixels"][window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+
+  def read_image(self, record) -> tuple[tf.Tensor, tf.Tensor]:
+    return record["pixels"], tf.cast(record["offset"], tf.float64)
+
+  def describe(self, split: str, index: int) -> str:
+    return f"{self.builder.name}/{self._raw_split(split)} row {index}"
+
+  def check_image(self, split: str, index: int) -> str | None:
+    return None  # TFDS decoded and re-encoded every image when the dataset was built
+
+
+_INFINITE = np.iinfo(np.int64).max // 4
+
+
+def source_for(config) -> Source:
+  """The source `config.data.source` names ('tsv', 'embedded' or 'tfds')."""
+  kind = str(config.data.source)
+  if kind == "tsv":
+    return TsvSource(config)
+  if kind == "embedded":
+    return EmbeddedSource(config)
+  if kind == "tfds":
+    return TfdsSource(config)
+  raise UsageError(f"config.data.source={kind!r}: use one of {', '.join(SOURCES)}")
+
+
+def check_images(source: Source, split: str, *, progress: bool = True,
+                 log=None, threads: int = 4) -> None:
+  """Decodes every image of `split` once; DataError naming each unreadable one (file:line).
+
+  Every bad image is reported through `log` (one line each); the error names the count and
+  the first one.
+  """
+  from concurrent import futures
+  import sys
+  count = source.num_examples(split)
+  bad: list[str] = []
+  iterator: Any = range(count)
+  with futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    results = pool.map(lambda i: (i, source.check_image(split, i)), iterator)
+    if progress:
+      from tqdm import tqdm
+      results = tqdm(results, total=count, desc=f"checking {split} images", unit="image",
+                     file=sys.stderr, mininterval=1.0)
+    for index, problem in results:
+      if problem is not None:
+        line = f"{source.describe(split, index)}: {problem}"
+        bad.append(line)
+        if log is not None:
+          log(line)
+  if bad:
+    more = f" (and {len(bad) - 1} more, listed above)" if len(bad) > 1 else ""
+    raise DataError(f"{bad[0]}{more}")
