@@ -120,6 +120,12 @@ def _type_name(value: Any) -> str:
   return getattr(kind, "global_name", None) or kind.__name__
 
 
+def _a_type(value: Any) -> str:
+  """'an int', 'a str', 'a os.system' (a placeholder for the global the file named)."""
+  name = _type_name(value)
+  return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading the torch.save zip format without torch.
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +200,7 @@ class LazyTensor(_Immutable):
 
 def _integer_problem(what: str, value: Any) -> str | None:
   if type(value) is not int:  # bool is an int subclass, and never a size
-    return f"{what} {_short(value)} is a {_type_name(value)}, not an integer"
+    return f"{what} {_short(value)} is {_a_type(value)}, not an integer"
   if value < 0:
     return f"{what} {value} is negative"
   return None
@@ -209,7 +215,7 @@ def _layout_problem(offset: Any, shape: Any, stride: Any, numel: int, max_dim: i
     return problem
   for what, values in (("sizes", shape), ("strides", stride)):
     if type(values) not in (tuple, list):
-      return f"{what} {_short(values)} are a {_type_name(values)}, not a tuple"
+      return f"{what} {_short(values)} are {_a_type(values)}, not a tuple"
   if len(shape) != len(stride):
     return f"{len(shape)} sizes {_short(shape)} but {len(stride)} strides {_short(stride)}"
   if len(shape) > MAX_TENSOR_DIMS:
@@ -390,7 +396,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if isinstance(storage, _Invalid):
       return storage
     if type(storage) is not _StorageRef:
-      return _Invalid(f"its storage is a {_type_name(storage)}, not a storage")
+      return _Invalid(f"its storage is {_a_type(storage)}, not a storage")
     problem = _layout_problem(offset, shape, stride, storage.numel, self.reader.max_dim)
     if problem:
       return _Invalid(problem)
@@ -407,20 +413,39 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return _Invalid(f"a parameter takes {count} arguments, got {len(args)}")
     data = args[0]
     if not isinstance(data, (LazyTensor, _Invalid)):
-      return _Invalid(f"a parameter wraps a {_type_name(data)}, not a tensor")
+      return _Invalid(f"a parameter wraps {_a_type(data)}, not a tensor")
     return data
 
 
-# Per opcode: (has a mark, items taken below the mark or from the top, items pushed).
-_OPCODE_EFFECTS = {
-    op.name: (pickletools.markobject in op.stack_before,
-              (op.stack_before.index(pickletools.markobject)
-               if pickletools.markobject in op.stack_before else len(op.stack_before)),
-              len(op.stack_after))
-    for op in pickletools.opcodes}
-_TUPLE_OPCODES = frozenset({"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"})
+_TUPLE_OPCODES = frozenset({"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"})
 # Opcodes that add to the object below their arguments and leave it in place.
 _IN_PLACE_OPCODES = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+# How an opcode's argument is laid out: a fixed number of bytes, a length prefix of 1, 4
+# (signed or not) or 8 bytes, or text up to a newline (parsed by pickletools' own reader).
+_LENGTH_PREFIX = {pickletools.TAKEN_FROM_ARGUMENT1: (1, False),
+                  pickletools.TAKEN_FROM_ARGUMENT4: (4, True),
+                  pickletools.TAKEN_FROM_ARGUMENT4U: (4, False),
+                  pickletools.TAKEN_FROM_ARGUMENT8U: (8, False)}
+_LEAF, _PUT, _GET, _MARK, _DUP, _POP, _OTHER, _STOP = range(8)
+
+
+def _opcode_table() -> list[tuple | None]:
+  """Per opcode byte: (name, kind, argument layout, has a mark, items taken below the mark or
+  from the top, items pushed)."""
+  table: list[tuple | None] = [None] * 256
+  for op in pickletools.opcodes:
+    before, pushed = op.stack_before, len(op.stack_after)
+    has_mark = pickletools.markobject in before
+    fixed = before.index(pickletools.markobject) if has_mark else len(before)
+    kind = {"PUT": _PUT, "BINPUT": _PUT, "LONG_BINPUT": _PUT, "MEMOIZE": _PUT,
+            "GET": _GET, "BINGET": _GET, "LONG_BINGET": _GET, "MARK": _MARK, "DUP": _DUP,
+            "POP": _POP, "STOP": _STOP}.get(op.name, _LEAF if not before and pushed == 1
+                                                 else _OTHER)
+    table[op.code.encode("latin-1")[0]] = (op.name, kind, op.arg, has_mark, fixed, pushed)
+  return table
+
+
+_OPCODES = _opcode_table()
 
 
 def _scan_pickle(data: bytes) -> None:
@@ -429,67 +454,97 @@ def _scan_pickle(data: bytes) -> None:
   is unknown, malformed, or would exceed the bounds above. Memo entries of mutable containers
   keep the depth they had when stored; deeper content added later sits behind a list or dict,
   which CPython frees without recursion and never hashes."""
-  stack: list[tuple[int, int]] = []  # (depth, weight)
+  leaf = (0, 1)  # (depth, weight) of an object holding no other
+  stack: list[tuple[int, int]] = []
   marks: list[int] = []
   memo: dict[int, tuple[int, int]] = {}
-  for index, (op, arg, pos) in enumerate(pickletools.genops(data)):
-    name = op.name
+  text = io.BytesIO(data)  # for the protocol-0 arguments, parsed by pickletools
+  pos, end, count = 0, len(data), 0
+  while True:
+    if pos >= end:
+      raise ValueError("pickle exhausted before seeing STOP")
+    entry = _OPCODES[data[pos]]
+    if entry is None:
+      raise ValueError(f"opcode {data[pos:pos + 1]!r} unknown at byte {pos}")
+    name, kind, arg, has_mark, fixed, pushed = entry
+    at, pos, count = pos, pos + 1, count + 1
+    value = None
+    if arg is not None:
+      if arg.n >= 0:
+        size = arg.n
+        if kind in (_PUT, _GET):
+          value = int.from_bytes(data[pos:pos + size], "little")
+      elif arg.n in _LENGTH_PREFIX:
+        width, signed = _LENGTH_PREFIX[arg.n]
+        size = int.from_bytes(data[pos:pos + width], "little", signed=signed)
+        if pos + width > end or size < 0:
+          raise ValueError(f"{name} at byte {at} has a bad length")
+        pos, size = pos + width, size
+      else:
+        text.seek(pos)
+        value = arg.reader(text)
+        size = text.tell() - pos
+      if pos + size > end:
+        raise ValueError(f"{name} at byte {at} expects {size} bytes, only {end - pos} remain")
+      pos += size
     fence = marks[-1] if marks else 0
-    if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-      key = len(memo) if name == "MEMOIZE" else arg
+    if kind == _LEAF:
+      stack.append(leaf)
+    elif kind == _PUT:
+      key = len(memo) if name == "MEMOIZE" else value
       # The pickler numbers memo entries 0, 1, 2, ...; a larger index only grows the
       # unpickler's memo table (by 16 bytes per index, before anything is stored).
-      if not 0 <= key <= index:
-        raise ValueError(f"memo index {key} out of range at byte {pos}")
+      if not 0 <= key < count:
+        raise ValueError(f"memo index {key} out of range at byte {at}")
       if len(stack) <= fence:
-        raise ValueError(f"{name} on an empty stack at byte {pos}")
+        raise ValueError(f"{name} on an empty stack at byte {at}")
       memo[key] = stack[-1]
-      continue
-    if name in ("GET", "BINGET", "LONG_BINGET"):
-      if arg not in memo:
-        raise ValueError(f"memo index {arg} is empty at byte {pos}")
-      stack.append(memo[arg])
-      continue
-    if name == "MARK":
+    elif kind == _GET:
+      if value not in memo:
+        raise ValueError(f"memo index {value} is empty at byte {at}")
+      stack.append(memo[value])
+    elif kind == _MARK:
       marks.append(len(stack))
-      continue
-    if name == "POP" and marks and marks[-1] == len(stack):
-      marks.pop()  # POP right after MARK discards the mark
-      continue
-    if name == "DUP":
+    elif kind == _DUP:
       if len(stack) <= fence:
-        raise ValueError(f"DUP on an empty stack at byte {pos}")
+        raise ValueError(f"DUP on an empty stack at byte {at}")
       stack.append(stack[-1])
-      continue
-    has_mark, fixed, pushed = _OPCODE_EFFECTS[name]
-    items: list[tuple[int, int]] = []
-    if has_mark:
-      if not marks:
-        raise ValueError(f"{name} without a MARK at byte {pos}")
-      fence = marks.pop()
-      items = stack[fence:]
-      del stack[fence:]
-      fence = marks[-1] if marks else 0
-    if len(stack) - fence < fixed:
-      raise ValueError(f"{name} with too few items on the stack at byte {pos}")
-    if fixed:
-      items = stack[len(stack) - fixed:] + items
-      del stack[len(stack) - fixed:]
-    if not pushed:
-      continue
-    if name in _IN_PLACE_OPCODES:
-      (depth, weight), added = items[0], items[1:]
-      depth = max([depth] + [d + 1 for d, _ in added])
+    elif kind == _POP and marks and fence == len(stack):
+      marks.pop()  # POP right after MARK discards the mark
+    elif kind == _STOP:
+      if len(stack) <= fence:
+        raise ValueError(f"STOP on an empty stack at byte {at}")
+      return
     else:
-      depth = 1 + max((d for d, _ in items), default=-1)
-      weight = 1 + sum(w for _, w in items) if name in _TUPLE_OPCODES else 1
-      if weight > MAX_TUPLE_WEIGHT:
-        raise ValueError(f"a tuple holding more than {MAX_TUPLE_WEIGHT} objects (counted with "
-                         f"repetition) at byte {pos}: a pickle bomb")
-    if depth > MAX_PICKLE_DEPTH:
-      raise ValueError(f"objects nested more than {MAX_PICKLE_DEPTH} deep at byte {pos}: a "
-                       "pickle bomb")
-    stack.extend([(depth, weight)] * pushed)
+      items: list[tuple[int, int]] = []
+      if has_mark:
+        if not marks:
+          raise ValueError(f"{name} without a MARK at byte {at}")
+        items = stack[fence:]
+        del stack[fence:]
+        marks.pop()
+        fence = marks[-1] if marks else 0
+      if len(stack) - fence < fixed:
+        raise ValueError(f"{name} with too few items on the stack at byte {at}")
+      if fixed:
+        items = stack[len(stack) - fixed:] + items
+        del stack[len(stack) - fixed:]
+      if not pushed:
+        continue
+      if name in _IN_PLACE_OPCODES:
+        (depth, weight), added = items[0], items[1:]
+        if added:
+          depth = max(depth, 1 + max(d for d, _ in added))
+      else:
+        depth = 1 + max(d for d, _ in items) if items else 0
+        weight = 1 + sum(w for _, w in items) if name in _TUPLE_OPCODES else 1
+        if weight > MAX_TUPLE_WEIGHT:
+          raise ValueError(f"a tuple holding more than {MAX_TUPLE_WEIGHT} objects (counted with "
+                           f"repetition) at byte {at}: a pickle bomb")
+      if depth > MAX_PICKLE_DEPTH:
+        raise ValueError(f"objects nested more than {MAX_PICKLE_DEPTH} deep at byte {at}: a "
+                         "pickle bomb")
+      stack.extend([(depth, weight)] * pushed)
 
 
 def _path_name(path: tuple) -> str:
@@ -534,7 +589,6 @@ def read_torch_checkpoint(path: str) -> Any:
   try:
     file_size = os.path.getsize(path)
     archive = zipfile.ZipFile(path)
-    infos = archive.infolist()
   except zipfile.BadZipFile:
     with open(path, "rb") as f:
       head = f.read(4)
@@ -545,14 +599,21 @@ def read_torch_checkpoint(path: str) -> Any:
     raise CheckpointError(f"{path}: {what}") from None
   except _ZIP_ERRORS as e:
     raise CheckpointError(f"{path}: cannot read the zip archive ({_one_line(e)})") from None
+  try:
+    return _read_archive(path, archive, file_size)
+  except BaseException:
+    archive.close()  # the tensors keep it open only when the read succeeds
+    raise
 
+
+def _read_archive(path: str, archive: zipfile.ZipFile, file_size: int) -> Any:
   members: dict[str, zipfile.ZipInfo] = {}
-  for info in infos:
+  for info in archive.infolist():
     if info.filename in members:
       raise CheckpointError(f"{path}: the archive holds {_short(info.filename)} twice "
                             "(a damaged or tampered file)")
     members[info.filename] = info
-  declared = sum(info.file_size for info in infos)
+  declared = sum(info.file_size for info in members.values())
   if declared > MAX_EXPANSION * max(file_size, 1):
     raise CheckpointError(f"{path}: the archive's members claim {declared} bytes, more than "
                           f"{MAX_EXPANSION} times the file's {file_size} (a zip bomb?)")
@@ -573,9 +634,9 @@ def read_torch_checkpoint(path: str) -> Any:
 
   byteorder = "little"  # what torch assumes for files written before it recorded the order
   if prefix + "byteorder" in members:
-    if members[prefix + "byteorder"].file_size > 16:
-      raise CheckpointError(f"{path}: {prefix}byteorder holds "
-                            f"{members[prefix + 'byteorder'].file_size} bytes, expected 'little' "
+    size = members[prefix + "byteorder"].file_size
+    if size > 16:
+      raise CheckpointError(f"{path}: {prefix}byteorder holds {size} bytes, expected 'little' "
                             "or 'big'")
     byteorder = read_member(prefix + "byteorder").decode("ascii", "replace").strip()
     if byteorder not in ("little", "big"):
@@ -609,7 +670,7 @@ def select_state_dict(obj: Any, *, ema: bool = False, path: str = "checkpoint"
   """Picks `"net"` (or `"net_ema"`) from a trainer checkpoint, or takes a bare state dict, and
   strips a DataParallel `module.` prefix."""
   if not isinstance(obj, Mapping):
-    raise CheckpointError(f"{path}: holds a {_type_name(obj)}, not a dict or state dict")
+    raise CheckpointError(f"{path}: holds {_a_type(obj)}, not a dict or state dict")
   key = "net_ema" if ema else "net"
   if "net" in obj or "net_ema" in obj:
     if key not in obj:
@@ -617,7 +678,7 @@ def select_state_dict(obj: Any, *, ema: bool = False, path: str = "checkpoint"
       raise CheckpointError(f"{path}: has no {key!r} entry (entries: {entries})")
     state = obj[key]
     if not isinstance(state, Mapping):
-      raise CheckpointError(f"{path}: {key!r} is a {_type_name(state)}, not a state dict")
+      raise CheckpointError(f"{path}: {key!r} is {_a_type(state)}, not a state dict")
   else:
     if ema:
       raise CheckpointError(f"{path}: a bare state dict has no 'net_ema' weights; drop --ema")
@@ -625,13 +686,13 @@ def select_state_dict(obj: Any, *, ema: bool = False, path: str = "checkpoint"
   out = {}
   for name, value in state.items():
     if type(name) is not str:
-      raise CheckpointError(f"{path}: state-dict key {_short(name)} is a {_type_name(name)}, "
+      raise CheckpointError(f"{path}: state-dict key {_short(name)} is {_a_type(name)}, "
                             "not a name")
     if name.startswith("module."):
       name = name[len("module."):]
     if not isinstance(value, LazyTensor):
-      raise CheckpointError(f"{path}: state-dict entry {_short(name)} is a "
-                            f"{_type_name(value)}, not a tensor")
+      raise CheckpointError(f"{path}: state-dict entry {_short(name)} is "
+                            f"{_a_type(value)}, not a tensor")
     if name in out:
       raise CheckpointError(f"{path}: state-dict entry {_short(name)} appears twice (with and "
                             "without the 'module.' prefix)")
