@@ -77,14 +77,14 @@ _STORAGE_DTYPES = {
 # torch.save stores members uncompressed (ratio 1); a re-zipped file of weights barely shrinks.
 MAX_EXPANSION = 64
 # Nesting depth of the unpickled objects: a state dict nests about 10 deep, while CPython hashes
-# and frees deeply nested tuples and slices recursively in C (a crash past ~100,000 levels).
+# and frees nested tuples and slices recursively in C (a crash at a few 100,000 levels).
 MAX_PICKLE_DEPTH = 200
 # Objects a tuple holds, counted with repetition: the work of hashing it once. Shared references
 # would otherwise let a few bytes build a tuple whose hash never finishes ("billion laughs").
 MAX_TUPLE_WEIGHT = 1024
 # Globals outside the allowlist each become a placeholder class.
 MAX_UNKNOWN_GLOBALS = 1000
-MAX_TENSOR_DIMS = 32  # what every numpy accepts; torch's limit is lower
+MAX_TENSOR_DIMS = 32  # numpy 1.x's limit; weights have at most 4
 # torch.save numbers its storages "0", "1", ...; anything that is not a plain name is refused
 # (it becomes part of an archive member name).
 _STORAGE_KEY = re.compile(r"[0-9A-Za-z_]{1,64}")
@@ -121,7 +121,7 @@ def _type_name(value: Any) -> str:
 
 
 def _a_type(value: Any) -> str:
-  """'an int', 'a str', 'a os.system' (a placeholder for the global the file named)."""
+  """'an int', 'a str', 'an os.system' (a placeholder for the global the file named)."""
   name = _type_name(value)
   return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
@@ -141,10 +141,13 @@ class _Immutable:
     raise pickle.UnpicklingError(f"data.pkl gives state to a {type(self).__name__}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class _StorageType(_Immutable):
   name: str
   dtype: np.dtype
+
+  def __repr__(self) -> str:
+    return f"torch.{self.name}"
 
 
 # The storage classes a persistent id may name: these exact objects, nothing built by the file.
