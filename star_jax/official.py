@@ -8,6 +8,17 @@ state dict needs (`collections.OrderedDict`, `torch._utils._rebuild_tensor_v2`, 
 classes); any other global becomes an inert placeholder, so nothing in the file is executed.
 Tensors stay lazy (storage key, offset, shape, strides) until the chosen state dict is converted.
 
+The file is treated as hostile until proven otherwise, and every check runs before memory is
+touched: the zip directory (no duplicate members, declared sizes within a fixed multiple of the
+file's size), the pickle's opcodes (scanned without executing them: memo indices, nesting depth
+and the cost of hashing each tuple are bounded, which keeps pickle bombs from exhausting memory,
+the C stack or the CPU), every persistent id (a known storage class, a plain key naming a member
+whose byte count matches the declared element count, one declaration per storage) and every
+tensor header (integer offset, sizes and strides, non-negative, no overlapping elements, all
+inside the storage). Whatever fails is a `CheckpointError` naming the file, the tensor (its path
+in the checkpoint, e.g. 'net/hgs.0.conv1.conv.weight') and what is wrong. Unlike torch, layouts
+whose elements overlap (zero strides of expanded views) are refused: no weight has them.
+
 The architecture (stacks, levels, channels, points, use of AAM heads and the E2H edge membership)
 is read from the state dict itself. Conversion turns OIHW kernels into HWIO, BatchNorm running
 statistics into the `batch_stats` collection, and permutes the first convolution's three image
@@ -21,10 +32,17 @@ from __future__ import annotations
 import builtins
 import collections
 import dataclasses
+import io
 import logging
+import lzma
 import os
 import pickle
+import pickletools
+import re
+import reprlib
+import struct
 import zipfile
+import zlib
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -54,28 +72,109 @@ _STORAGE_DTYPES = {
     "BoolStorage": np.dtype(np.bool_),
 }
 
+# Bounds that keep a hostile file from exhausting memory, the C stack or the CPU; real
+# checkpoints stay orders of magnitude below them.
+# torch.save stores members uncompressed (ratio 1); a re-zipped file of weights barely shrinks.
+MAX_EXPANSION = 64
+# Nesting depth of the unpickled objects: a state dict nests about 10 deep, while CPython hashes
+# and frees nested tuples and slices recursively in C (a crash at a few 100,000 levels).
+MAX_PICKLE_DEPTH = 200
+# Objects a tuple holds, counted with repetition: the work of hashing it once. Shared references
+# would otherwise let a few bytes build a tuple whose hash never finishes ("billion laughs").
+MAX_TUPLE_WEIGHT = 1024
+# Globals outside the allowlist each become a placeholder class.
+MAX_UNKNOWN_GLOBALS = 1000
+MAX_TENSOR_DIMS = 32  # numpy 1.x's limit; weights have at most 4
+# torch.save numbers its storages "0", "1", ...; anything that is not a plain name is refused
+# (it becomes part of an archive member name).
+_STORAGE_KEY = re.compile(r"[0-9A-Za-z_]{1,64}")
+
+# What zipfile and its decompressors raise on damaged or hostile archives.
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
+               RuntimeError, NotImplementedError, struct.error, zlib.error, lzma.LZMAError,
+               OverflowError)
+# What the unpickler raises on malformed opcodes or arguments our callables reject.
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                    IndexError, KeyError, LookupError, OverflowError, struct.error)
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 40
+_SHORT.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+  """A bounded, one-line repr of a value taken from the file (it may be huge or hostile)."""
+  try:
+    return _one_line(_SHORT.repr(value))
+  except Exception:  # a placeholder or odd object whose repr fails: describe its type only
+    return f"<{_type_name(value)}>"
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+  text = " ".join(str(text).split())
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_name(value: Any) -> str:
+  kind = value if isinstance(value, type) else type(value)
+  return getattr(kind, "global_name", None) or kind.__name__
+
+
+def _a_type(value: Any) -> str:
+  """'an int', 'a str', 'an os.system' (a placeholder for the global the file named)."""
+  name = _type_name(value)
+  return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
 
 # ---------------------------------------------------------------------------------------------
 # Reading the torch.save zip format without torch.
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
+class _Immutable:
+  """Refuses the pickle BUILD opcode, which would otherwise rewrite a checked object's fields
+  (through `__setstate__`, or straight into its `__dict__`) after validation."""
+
+  __slots__ = ()
+
+  def __setstate__(self, state):
+    raise pickle.UnpicklingError(f"data.pkl gives state to a {type(self).__name__}")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _StorageType(_Immutable):
   name: str
   dtype: np.dtype
 
+  def __repr__(self) -> str:
+    return f"torch.{self.name}"
+
+
+# The storage classes a persistent id may name: these exact objects, nothing built by the file.
+_STORAGE_TYPES = {name: _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()}
+
 
 @dataclasses.dataclass(frozen=True)
-class _StorageRef:
+class _StorageRef(_Immutable):
   key: str
   dtype: np.dtype
   numel: int
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Invalid(_Immutable):
+  """A storage or tensor whose header failed validation: reported, with the tensor's path in the
+  checkpoint, once the whole pickle is read (the pickle names a tensor only after building it)."""
+
+  problem: str
+
+
 @dataclasses.dataclass(frozen=True)
-class LazyTensor:
-  """A tensor of the checkpoint, read from its storage only when `numpy()` is called."""
+class LazyTensor(_Immutable):
+  """A tensor of the checkpoint, read from its storage only when `numpy()` is called.
+
+  Built only from validated headers; `numpy()` checks the layout again before reading, so a
+  LazyTensor made by hand cannot read outside its storage either."""
 
   storage: _StorageRef
   offset: int
@@ -88,16 +187,59 @@ class LazyTensor:
     return self.storage.dtype
 
   def numpy(self) -> np.ndarray:
+    problem = _layout_problem(self.offset, self.shape, self.stride, self.storage.numel,
+                              self.reader.max_dim)
+    if problem:
+      raise CheckpointError(f"{self.reader.path}: a tensor on storage data/{self.storage.key}: "
+                            f"{problem}")
     flat = self.reader.storage_array(self.storage)
-    if not self.shape:
-      return np.array(flat[self.offset])
-    extent = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1
-    if min(self.shape) > 0 and extent > flat.size:
-      raise CheckpointError(f"{self.reader.path}: tensor of shape {self.shape} reaches past the "
-                            f"end of storage data/{self.storage.key} ({flat.size} elements)")
+    if 0 in self.shape:
+      return np.zeros(self.shape, flat.dtype)
     strides = tuple(s * flat.itemsize for s in self.stride)
-    view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.shape, strides)
+    view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.shape, strides,
+                                           writeable=False)
     return np.array(view)
+
+
+def _integer_problem(what: str, value: Any) -> str | None:
+  if type(value) is not int:  # bool is an int subclass, and never a size
+    return f"{what} {_short(value)} is {_a_type(value)}, not an integer"
+  if value < 0:
+    return f"{what} {value} is negative"
+  return None
+
+
+def _layout_problem(offset: Any, shape: Any, stride: Any, numel: int, max_dim: int
+                    ) -> str | None:
+  """What is wrong with a tensor header (storage offset, sizes, strides, in elements) on a
+  storage of `numel` elements, or None. Pure arithmetic on Python ints: nothing is read."""
+  problem = _integer_problem("storage offset", offset)
+  if problem:
+    return problem
+  for what, values in (("sizes", shape), ("strides", stride)):
+    if type(values) not in (tuple, list):
+      return f"{what} {_short(values)} are {_a_type(values)}, not a tuple"
+  if len(shape) != len(stride):
+    return f"{len(shape)} sizes {_short(shape)} but {len(stride)} strides {_short(stride)}"
+  if len(shape) > MAX_TENSOR_DIMS:
+    return f"{len(shape)} dimensions, more than {MAX_TENSOR_DIMS}"
+  for dim, (size, step) in enumerate(zip(shape, stride)):
+    problem = (_integer_problem("size", size) or _integer_problem("stride", step))
+    if problem:
+      return f"{problem} (dimension {dim})"
+    if size > max_dim:
+      return f"size {size} (dimension {dim}) is larger than the file"
+  extent = 0 if 0 in shape else 1 + sum((size - 1) * step for size, step in zip(shape, stride))
+  if offset + extent > numel:
+    return (f"shape {tuple(shape)} with strides {tuple(stride)} at offset {offset} reaches "
+            f"element {offset + extent - 1}, past the end of its storage ({numel} elements)")
+  span = 1  # elements covered by the dimensions already checked, smallest stride first
+  for step, size in sorted((step, size) for size, step in zip(shape, stride) if size > 1):
+    if step < span:
+      return (f"strides {tuple(stride)} make elements of shape {tuple(shape)} overlap "
+              "(expanded or self-overlapping views are not weights)")
+    span += (size - 1) * step
+  return None
 
 
 class _Opaque:
@@ -113,84 +255,342 @@ class _Opaque:
     return _Opaque()
 
 
-def _opaque_class(module: str, name: str) -> type:
-  return type(f"Opaque[{module}.{name}]", (_Opaque,), {})
+class _OpaqueMeta(type):
+  """Placeholder classes cannot be given attributes by the pickle (BUILD on a class)."""
+
+  def __setattr__(cls, name, value):
+    raise pickle.UnpicklingError(f"data.pkl sets {name!r} on a placeholder class")
 
 
 class _ArchiveReader:
   """Owns the open zip archive and the decoded storages (shared between tensors)."""
 
-  def __init__(self, path: str, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+  def __init__(self, path: str, archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo],
+               prefix: str, byteorder: str, file_size: int):
     self.path = path
     self.archive = archive
+    self.members = members
     self.prefix = prefix
     self.byteorder = byteorder
+    # No dimension of a tensor (even an empty one) may exceed the file's size in bytes.
+    self.max_dim = file_size
     self._cache: dict[str, np.ndarray] = {}
+
+  def member(self, key: str) -> str:
+    return f"{self.prefix}data/{key}"
+
+  def storage_problem(self, key: str, dtype: np.dtype, numel: int) -> str | None:
+    """Checks a declared storage against the archive's directory, before anything is read."""
+    member = self.member(key)
+    info = self.members.get(member)
+    if info is None:
+      return f"storage {member} is missing from the archive (truncated or incomplete file)"
+    expected = numel * dtype.itemsize
+    if info.file_size != expected:
+      return (f"storage {member} has {info.file_size} bytes, expected {expected} "
+              f"({numel} x {dtype})")
+    return None
 
   def storage_array(self, ref: _StorageRef) -> np.ndarray:
     if ref.key not in self._cache:
-      member = f"{self.prefix}data/{ref.key}"
+      member = self.member(ref.key)
+      problem = (self.storage_problem(ref.key, ref.dtype, ref.numel)
+                 if _STORAGE_KEY.fullmatch(ref.key) else f"storage key {ref.key!r} is invalid")
+      if problem:
+        raise CheckpointError(f"{self.path}: {problem}")
       try:
         raw = self.archive.read(member)
-      except KeyError:
-        raise CheckpointError(f"{self.path}: storage {member} is missing from the archive "
-                              "(truncated or incomplete file)") from None
-      except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"{self.path}: storage {member} is corrupt ({e})") from None
-      dtype = ref.dtype.newbyteorder("<" if self.byteorder == "little" else ">")
-      expected = ref.numel * dtype.itemsize
-      if len(raw) != expected:
+      except _ZIP_ERRORS as e:
+        raise CheckpointError(f"{self.path}: storage {member} is corrupt "
+                              f"({_one_line(e)})") from None
+      expected = ref.numel * ref.dtype.itemsize
+      if len(raw) != expected:  # the directory said otherwise: a damaged or forged member
         raise CheckpointError(f"{self.path}: storage {member} has {len(raw)} bytes, expected "
                               f"{expected} ({ref.numel} x {ref.dtype})")
-      self._cache[ref.key] = np.frombuffer(raw, dtype).astype(ref.dtype, copy=False)
+      dtype = ref.dtype.newbyteorder("<" if self.byteorder == "little" else ">")
+      array = np.frombuffer(raw, dtype).astype(ref.dtype, copy=False)
+      if ref.dtype == np.bool_ and np.any(np.frombuffer(raw, np.uint8) > 1):
+        raise CheckpointError(f"{self.path}: storage {member} holds booleans other than 0 and 1")
+      self._cache[ref.key] = array
     return self._cache[ref.key]
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickles `data.pkl` resolving only what a state dict needs; executes nothing else."""
+  """Unpickles `data.pkl` resolving only what a state dict needs; executes nothing else.
+
+  Malformed storages and tensors do not stop the load: they become `_Invalid` markers, which
+  `read_torch_checkpoint` reports with the tensor's place in the checkpoint."""
 
   def __init__(self, file, reader: _ArchiveReader):
     super().__init__(file)
     self.reader = reader
+    self._storages: dict[str, _StorageRef] = {}
+    self._opaque_classes: dict[tuple[str, str], type] = {}
 
   def find_class(self, module: str, name: str):
     if module == "collections" and name in ("OrderedDict", "Counter"):
       return getattr(collections, name)
     if module == "torch._utils" and name == "_rebuild_tensor_v2":
-      return self._rebuild_tensor
+      return self._rebuild_tensor_v2
     if module == "torch._utils" and name == "_rebuild_tensor":
       return self._rebuild_tensor
-    if module == "torch._utils" and name in ("_rebuild_parameter",
-                                             "_rebuild_parameter_with_state"):
-      return lambda data, *args: data
-    if module == "torch" and name in _STORAGE_DTYPES:
-      return _StorageType(name, _STORAGE_DTYPES[name])
+    if module == "torch._utils" and name == "_rebuild_parameter":
+      return self._rebuild_parameter
+    if module == "torch._utils" and name == "_rebuild_parameter_with_state":
+      return self._rebuild_parameter_with_state
+    if module == "torch" and name in _STORAGE_TYPES:
+      return _STORAGE_TYPES[name]
     if module == "builtins" and name in ("set", "frozenset", "slice", "complex"):
       return getattr(builtins, name)
-    return _opaque_class(module, name)
+    return self._opaque_class(module, name)
+
+  def _opaque_class(self, module: str, name: str) -> type:
+    key = (module, name)
+    if key not in self._opaque_classes:
+      if len(self._opaque_classes) >= MAX_UNKNOWN_GLOBALS:
+        raise CheckpointError(f"{self.reader.path}: data.pkl names more than "
+                              f"{MAX_UNKNOWN_GLOBALS} unknown globals")
+      global_name = _one_line(f"{module}.{name}", 100)
+      self._opaque_classes[key] = _OpaqueMeta(f"Opaque[{global_name}]", (_Opaque,),
+                                              {"global_name": global_name})
+    return self._opaque_classes[key]
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-      raise CheckpointError(f"{self.reader.path}: unsupported persistent id {pid!r} in data.pkl")
-    storage_type, key, _, numel = pid[1:5]
-    if not isinstance(storage_type, _StorageType):
-      raise CheckpointError(f"{self.reader.path}: unsupported storage type {storage_type!r} "
-                            f"for storage {key}")
-    return _StorageRef(str(key), storage_type.dtype, int(numel))
+    if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
+      return _Invalid(f"persistent id {_short(pid)} is not ('storage', type, key, location, "
+                      "numel)")
+    _, storage_type, key, location, numel = pid
+    if not any(storage_type is known for known in _STORAGE_TYPES.values()):
+      return _Invalid(f"storage type {_type_name(storage_type)} is not supported (known: "
+                      f"{', '.join(_STORAGE_TYPES)})")
+    if type(key) is not str or not _STORAGE_KEY.fullmatch(key):
+      return _Invalid(f"storage key {_short(key)} is not a plain name")
+    if type(location) is not str:
+      return _Invalid(f"storage {key}: location {_short(location)} is not a string")
+    problem = _integer_problem(f"storage {key}: element count", numel)
+    if problem:
+      return _Invalid(problem)
+    ref = _StorageRef(key, storage_type.dtype, numel)
+    known = self._storages.get(key)
+    if known is not None:
+      if known != ref:
+        return _Invalid(f"storage {self.reader.member(key)} is declared as {known.numel} x "
+                        f"{known.dtype} and as {numel} x {ref.dtype}")
+      return known
+    problem = self.reader.storage_problem(key, ref.dtype, numel)
+    if problem:
+      return _Invalid(problem)
+    self._storages[key] = ref
+    return ref
 
-  def _rebuild_tensor(self, storage, offset, shape, stride, *args):
-    del args  # requires_grad, backward hooks, metadata: irrelevant for weights
-    if not isinstance(storage, _StorageRef):
-      raise CheckpointError(f"{self.reader.path}: tensor without a storage in data.pkl")
-    return LazyTensor(storage, int(offset), tuple(int(n) for n in shape),
-                      tuple(int(s) for s in stride), self.reader)
+  def _rebuild_tensor_v2(self, *args):
+    # (storage, offset, size, stride, requires_grad, backward_hooks[, metadata]): the last ones
+    # do not matter for weights.
+    if len(args) not in (6, 7):
+      return _Invalid(f"_rebuild_tensor_v2 takes 6 or 7 arguments, got {len(args)}")
+    return self._tensor(*args[:4])
+
+  def _rebuild_tensor(self, *args):
+    if len(args) != 4:
+      return _Invalid(f"_rebuild_tensor takes 4 arguments, got {len(args)}")
+    return self._tensor(*args)
+
+  def _tensor(self, storage, offset, shape, stride):
+    if isinstance(storage, _Invalid):
+      return storage
+    if type(storage) is not _StorageRef:
+      return _Invalid(f"its storage is {_a_type(storage)}, not a storage")
+    problem = _layout_problem(offset, shape, stride, storage.numel, self.reader.max_dim)
+    if problem:
+      return _Invalid(problem)
+    return LazyTensor(storage, offset, tuple(shape), tuple(stride), self.reader)
+
+  def _rebuild_parameter(self, *args):
+    return self._parameter(args, 3)  # (data, requires_grad, backward_hooks)
+
+  def _rebuild_parameter_with_state(self, *args):
+    return self._parameter(args, 4)  # ... + state
+
+  def _parameter(self, args: tuple, count: int) -> Any:
+    if len(args) != count:
+      return _Invalid(f"a parameter takes {count} arguments, got {len(args)}")
+    data = args[0]
+    if not isinstance(data, (LazyTensor, _Invalid)):
+      return _Invalid(f"a parameter wraps {_a_type(data)}, not a tensor")
+    return data
+
+
+_TUPLE_OPCODES = frozenset({"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"})
+# Opcodes that add to the object below their arguments and leave it in place.
+_IN_PLACE_OPCODES = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+# How an opcode's argument is laid out: a fixed number of bytes, a length prefix of 1, 4
+# (signed or not) or 8 bytes, or text up to a newline (parsed by pickletools' own reader).
+_LENGTH_PREFIX = {pickletools.TAKEN_FROM_ARGUMENT1: (1, False),
+                  pickletools.TAKEN_FROM_ARGUMENT4: (4, True),
+                  pickletools.TAKEN_FROM_ARGUMENT4U: (4, False),
+                  pickletools.TAKEN_FROM_ARGUMENT8U: (8, False)}
+_LEAF, _PUT, _GET, _MARK, _DUP, _POP, _OTHER, _STOP = range(8)
+
+
+def _opcode_table() -> list[tuple | None]:
+  """Per opcode byte: (name, kind, argument layout, has a mark, items taken below the mark or
+  from the top, items pushed)."""
+  table: list[tuple | None] = [None] * 256
+  for op in pickletools.opcodes:
+    before, pushed = op.stack_before, len(op.stack_after)
+    has_mark = pickletools.markobject in before
+    fixed = before.index(pickletools.markobject) if has_mark else len(before)
+    kind = {"PUT": _PUT, "BINPUT": _PUT, "LONG_BINPUT": _PUT, "MEMOIZE": _PUT,
+            "GET": _GET, "BINGET": _GET, "LONG_BINGET": _GET, "MARK": _MARK, "DUP": _DUP,
+            "POP": _POP, "STOP": _STOP}.get(op.name, _LEAF if not before and pushed == 1
+                                                 else _OTHER)
+    table[op.code.encode("latin-1")[0]] = (op.name, kind, op.arg, has_mark, fixed, pushed)
+  return table
+
+
+_OPCODES = _opcode_table()
+
+
+def _scan_pickle(data: bytes) -> None:
+  """Walks the pickle's opcodes without executing any, tracking for every stack item its
+  nesting depth and (tuples) its hashing weight; raises ValueError naming the first opcode that
+  is unknown, malformed, or would exceed the bounds above. Memo entries of mutable containers
+  keep the depth they had when stored; deeper content added later sits behind a list or dict,
+  which CPython frees without recursion and never hashes."""
+  leaf = (0, 1)  # (depth, weight) of an object holding no other
+  stack: list[tuple[int, int]] = []
+  marks: list[int] = []
+  memo: dict[int, tuple[int, int]] = {}
+  text = io.BytesIO(data)  # for the protocol-0 arguments, parsed by pickletools
+  pos, end, count = 0, len(data), 0
+  while True:
+    if pos >= end:
+      raise ValueError("pickle exhausted before seeing STOP")
+    entry = _OPCODES[data[pos]]
+    if entry is None:
+      raise ValueError(f"opcode {data[pos:pos + 1]!r} unknown at byte {pos}")
+    name, kind, arg, has_mark, fixed, pushed = entry
+    at, pos, count = pos, pos + 1, count + 1
+    value = None
+    if arg is not None:
+      if arg.n >= 0:
+        size = arg.n
+        if kind in (_PUT, _GET):
+          value = int.from_bytes(data[pos:pos + size], "little")
+      elif arg.n in _LENGTH_PREFIX:
+        width, signed = _LENGTH_PREFIX[arg.n]
+        size = int.from_bytes(data[pos:pos + width], "little", signed=signed)
+        if pos + width > end or size < 0:
+          raise ValueError(f"{name} at byte {at} has a bad length")
+        pos, size = pos + width, size
+      else:
+        text.seek(pos)
+        value = arg.reader(text)
+        size = text.tell() - pos
+      if pos + size > end:
+        raise ValueError(f"{name} at byte {at} expects {size} bytes, only {end - pos} remain")
+      pos += size
+    fence = marks[-1] if marks else 0
+    if kind == _LEAF:
+      stack.append(leaf)
+    elif kind == _PUT:
+      key = len(memo) if name == "MEMOIZE" else value
+      # The pickler numbers memo entries 0, 1, 2, ...; a larger index only grows the
+      # unpickler's memo table (by 16 bytes per index, before anything is stored).
+      if not 0 <= key < count:
+        raise ValueError(f"memo index {key} out of range at byte {at}")
+      if len(stack) <= fence:
+        raise ValueError(f"{name} on an empty stack at byte {at}")
+      memo[key] = stack[-1]
+    elif kind == _GET:
+      if value not in memo:
+        raise ValueError(f"memo index {value} is empty at byte {at}")
+      stack.append(memo[value])
+    elif kind == _MARK:
+      marks.append(len(stack))
+    elif kind == _DUP:
+      if len(stack) <= fence:
+        raise ValueError(f"DUP on an empty stack at byte {at}")
+      stack.append(stack[-1])
+    elif kind == _POP and marks and fence == len(stack):
+      marks.pop()  # POP right after MARK discards the mark
+    elif kind == _STOP:
+      if len(stack) <= fence:
+        raise ValueError(f"STOP on an empty stack at byte {at}")
+      return
+    else:
+      items: list[tuple[int, int]] = []
+      if has_mark:
+        if not marks:
+          raise ValueError(f"{name} without a MARK at byte {at}")
+        items = stack[fence:]
+        del stack[fence:]
+        marks.pop()
+        fence = marks[-1] if marks else 0
+      if len(stack) - fence < fixed:
+        raise ValueError(f"{name} with too few items on the stack at byte {at}")
+      if fixed:
+        items = stack[len(stack) - fixed:] + items
+        del stack[len(stack) - fixed:]
+      if not pushed:
+        continue
+      if name in _IN_PLACE_OPCODES:
+        (depth, weight), added = items[0], items[1:]
+        if added:
+          depth = max(depth, 1 + max(d for d, _ in added))
+      else:
+        depth = 1 + max(d for d, _ in items) if items else 0
+        weight = 1 + sum(w for _, w in items) if name in _TUPLE_OPCODES else 1
+        if weight > MAX_TUPLE_WEIGHT:
+          raise ValueError(f"a tuple holding more than {MAX_TUPLE_WEIGHT} objects (counted with "
+                           f"repetition) at byte {at}: a pickle bomb")
+      if depth > MAX_PICKLE_DEPTH:
+        raise ValueError(f"objects nested more than {MAX_PICKLE_DEPTH} deep at byte {at}: a "
+                         "pickle bomb")
+      stack.extend([(depth, weight)] * pushed)
+
+
+def _path_name(path: tuple) -> str:
+  """'net/hgs.0.conv1.conv.weight' for the entry a marker was found at, quoted (repr: one line
+  whatever the keys hold)."""
+  parts = [part if type(part) is str else str(part) if type(part) is int else _short(part)
+           for part in path]
+  return repr(_one_line("/".join(parts), 160))
+
+
+def _first_invalid(obj: Any) -> tuple[tuple, _Invalid] | None:
+  """The first `_Invalid` marker reachable from `obj` (depth first, in file order) and the keys
+  leading to it. Iterative, and each container is visited once (the pickle may share or cycle)."""
+  todo: list[tuple[tuple, Any]] = [((), obj)]
+  seen: set[int] = set()
+  while todo:
+    path, value = todo.pop()
+    if isinstance(value, _Invalid):
+      return path, value
+    if not isinstance(value, (dict, list, tuple, set, frozenset)) or id(value) in seen:
+      continue
+    seen.add(id(value))
+    if isinstance(value, dict):
+      children = []
+      for key, item in value.items():
+        children += [(path + ("<key>",), key), (path + (key,), item)]
+    elif isinstance(value, (list, tuple)):
+      children = [(path + (i,), item) for i, item in enumerate(value)]
+    else:
+      children = [(path + ("<item>",), item) for item in value]
+    todo.extend(reversed(children))
+  return None
 
 
 def read_torch_checkpoint(path: str) -> Any:
-  """Reads a `torch.save` zip file into Python objects with `LazyTensor` leaves (no torch)."""
+  """Reads a `torch.save` zip file into Python objects with `LazyTensor` leaves (no torch).
+
+  Every storage and tensor header is validated here, before any storage is read; a problem
+  raises `CheckpointError` with one line naming the file, the tensor and what is wrong."""
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such file")
   try:
+    file_size = os.path.getsize(path)
     archive = zipfile.ZipFile(path)
   except zipfile.BadZipFile:
     with open(path, "rb") as f:
@@ -200,27 +600,72 @@ def read_torch_checkpoint(path: str) -> Any:
             if head[:1] != b"\x80" else
             "a legacy (pre-1.6) torch.save file; re-save it with a recent torch")
     raise CheckpointError(f"{path}: {what}") from None
-  except OSError as e:
-    raise CheckpointError(f"{path}: cannot read ({e})") from None
-  pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+  except _ZIP_ERRORS as e:
+    raise CheckpointError(f"{path}: cannot read the zip archive ({_one_line(e)})") from None
+  try:
+    return _read_archive(path, archive, file_size)
+  except BaseException:
+    archive.close()  # the tensors keep it open only when the read succeeds
+    raise
+
+
+def _read_archive(path: str, archive: zipfile.ZipFile, file_size: int) -> Any:
+  members: dict[str, zipfile.ZipInfo] = {}
+  for info in archive.infolist():
+    if info.filename in members:
+      raise CheckpointError(f"{path}: the archive holds {_short(info.filename)} twice "
+                            "(a damaged or tampered file)")
+    members[info.filename] = info
+  declared = sum(info.file_size for info in members.values())
+  if declared > MAX_EXPANSION * max(file_size, 1):
+    raise CheckpointError(f"{path}: the archive's members claim {declared} bytes, more than "
+                          f"{MAX_EXPANSION} times the file's {file_size} (a zip bomb?)")
+  pickles = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
   if not pickles:
     raise CheckpointError(f"{path}: zip archive without <name>/data.pkl: not a torch.save file")
-  prefix = pickles[0][: -len("data.pkl")]
+  if len(pickles) > 1:
+    raise CheckpointError(f"{path}: zip archive with {len(pickles)} data.pkl files "
+                          f"({', '.join(_short(n) for n in pickles[:3])}); torch.save writes one")
+  pickle_name = pickles[0]
+  prefix = pickle_name[: -len("data.pkl")]
+
+  def read_member(name: str) -> bytes:
+    try:
+      return archive.read(name)
+    except _ZIP_ERRORS as e:
+      raise CheckpointError(f"{path}: {name} is corrupt ({_one_line(e)})") from None
+
+  byteorder = "little"  # what torch assumes for files written before it recorded the order
+  if prefix + "byteorder" in members:
+    size = members[prefix + "byteorder"].file_size
+    if size > 16:
+      raise CheckpointError(f"{path}: {prefix}byteorder holds {size} bytes, expected 'little' "
+                            "or 'big'")
+    byteorder = read_member(prefix + "byteorder").decode("ascii", "replace").strip()
+    if byteorder not in ("little", "big"):
+      raise CheckpointError(f"{path}: {prefix}byteorder is {byteorder!r}, expected 'little' or "
+                            "'big'")
+  data = read_member(pickle_name)
   try:
-    byteorder = archive.read(prefix + "byteorder").decode().strip()
-  except KeyError:
-    byteorder = "little"
-  except (zipfile.BadZipFile, OSError, EOFError) as e:
-    raise CheckpointError(f"{path}: {prefix}byteorder is corrupt ({e})") from None
-  reader = _ArchiveReader(path, archive, prefix, byteorder)
+    _scan_pickle(data)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {pickle_name} is corrupt ({_one_line(e)})") from None
+
+  reader = _ArchiveReader(path, archive, members, prefix, byteorder, file_size)
   try:
-    with archive.open(pickles[0]) as f:
-      return _RestrictedUnpickler(f, reader).load()
+    obj = _RestrictedUnpickler(io.BytesIO(data), reader).load()
+    invalid = _first_invalid(obj)
   except CheckpointError:
     raise
-  except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError,
-          TypeError, AttributeError, IndexError, KeyError) as e:
-    raise CheckpointError(f"{path}: {pickles[0]} is corrupt ({type(e).__name__}: {e})") from None
+  except RecursionError:
+    raise CheckpointError(f"{path}: {pickle_name} nests objects too deeply") from None
+  except _UNPICKLE_ERRORS as e:
+    raise CheckpointError(f"{path}: {pickle_name} is corrupt "
+                          f"({type(e).__name__}: {_one_line(e)})") from None
+  if invalid is not None:
+    where, marker = invalid
+    raise CheckpointError(f"{path}: tensor {_path_name(where)}: {marker.problem}")
+  return obj
 
 
 def select_state_dict(obj: Any, *, ema: bool = False, path: str = "checkpoint"
@@ -228,26 +673,32 @@ def select_state_dict(obj: Any, *, ema: bool = False, path: str = "checkpoint"
   """Picks `"net"` (or `"net_ema"`) from a trainer checkpoint, or takes a bare state dict, and
   strips a DataParallel `module.` prefix."""
   if not isinstance(obj, Mapping):
-    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict or state dict")
+    raise CheckpointError(f"{path}: holds {_a_type(obj)}, not a dict or state dict")
   key = "net_ema" if ema else "net"
   if "net" in obj or "net_ema" in obj:
     if key not in obj:
-      raise CheckpointError(f"{path}: has no {key!r} entry (entries: {', '.join(map(str, obj))})")
+      entries = ", ".join(_short(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+      raise CheckpointError(f"{path}: has no {key!r} entry (entries: {entries})")
     state = obj[key]
     if not isinstance(state, Mapping):
-      raise CheckpointError(f"{path}: {key!r} is a {type(state).__name__}, not a state dict")
+      raise CheckpointError(f"{path}: {key!r} is {_a_type(state)}, not a state dict")
   else:
     if ema:
       raise CheckpointError(f"{path}: a bare state dict has no 'net_ema' weights; drop --ema")
     state = obj
   out = {}
   for name, value in state.items():
-    name = str(name)
+    if type(name) is not str:
+      raise CheckpointError(f"{path}: state-dict key {_short(name)} is {_a_type(name)}, "
+                            "not a name")
     if name.startswith("module."):
       name = name[len("module."):]
     if not isinstance(value, LazyTensor):
-      raise CheckpointError(f"{path}: state-dict entry {name!r} is a {type(value).__name__}, "
-                            "not a tensor")
+      raise CheckpointError(f"{path}: state-dict entry {_short(name)} is "
+                            f"{_a_type(value)}, not a tensor")
+    if name in out:
+      raise CheckpointError(f"{path}: state-dict entry {_short(name)} appears twice (with and "
+                            "without the 'module.' prefix)")
     out[name] = value
   if not out:
     raise CheckpointError(f"{path}: the state dict is empty")
