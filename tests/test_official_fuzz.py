@@ -643,7 +643,7 @@ def _run_flips(seed: int, zip_flips: int, pickle_flips: int, workdir: str) -> di
   headers = list(checkpoint["net"].items())[:SMALL]
   storages = {h.key: members[f"{PREFIX}data/{h.key}"] for _, h in headers}
   small = _pickle({"net": ODict((name, _tensor(h)) for name, h in headers), "epoch": 1})
-  for index in range(pickle_flips):
+  for _ in range(pickle_flips):
     data = bytearray(small)
     for _ in range(rng.integers(1, 5)):
       _mutate(data, rng, 0, len(data), resize=True)
