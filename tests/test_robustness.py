@@ -82,6 +82,7 @@ def _copy_images(tmp_path):
 # --------------------------------------------------------------------------------------------
 # 1: a checkpoint directory naming code.
 
+@pytest.mark.slow
 def test_checkpoint_naming_code_is_refused_by_predict_and_eval(tmp_path):
   import json
   from star_jax import checkpointing
@@ -107,6 +108,7 @@ def test_checkpoint_naming_code_is_refused_by_predict_and_eval(tmp_path):
 # --------------------------------------------------------------------------------------------
 # 4, 9, 11: eval.py on bad data and bad flags.
 
+@pytest.mark.slow
 def test_eval_names_an_unreadable_image_by_tsv_line_before_evaluating(tmp_path):
   rows = _copy_images(tmp_path)
   bad = tmp_path / rows[2][0]
@@ -121,6 +123,7 @@ def test_eval_names_an_unreadable_image_by_tsv_line_before_evaluating(tmp_path):
   assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, fragment", [
     ("--threshold=-1", "--threshold -1.0: must be in (0, 1]"),
     ("--batch_size=0", "flag --batch_size=0"),
@@ -135,6 +138,7 @@ def test_eval_usage_errors(tmp_path, flag, fragment):
   _one_line_error(proc, 2, fragment)
 
 
+@pytest.mark.slow
 def test_eval_checks_output_dir_before_any_work(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
@@ -146,6 +150,7 @@ def test_eval_checks_output_dir_before_any_work(tmp_path):
   assert "NME" not in proc.stdout and time.time() - start < 120
 
 
+@pytest.mark.slow
 def test_debug_switch_shows_the_traceback(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
@@ -254,6 +259,7 @@ def test_first_signal_asks_to_stop_a_second_one_exits_at_once():
   assert "SIGINT again: exiting now" in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_py_usage_errors(tmp_path):
   proc = _run(["train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
                "--config.batch_size=0"])

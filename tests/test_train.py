@@ -26,6 +26,8 @@ import pytest
 from star_jax import checkpointing
 from star_jax import logging_utils
 
+pytestmark = pytest.mark.slow
+
 HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_harness.py")
 STEPS = 6
 # Different device/process counts reduce in a different order. The tiny model computes in
