@@ -99,3 +99,9 @@ def get_base_config(dataset: str = "wflw") -> ml_collections.ConfigDict:
   c.num_processes = -1         # -1: from the cluster environment
   c.process_id = -1            # -1: from the cluster environment
   return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The recipe with WFLW defaults; set `--config.dataset` (a scheme file) and the data paths
+  to train on a dataset of your own."""
+  return get_base_config("wflw")

@@ -138,11 +138,59 @@ def _quiet_library_logs() -> None:
 
 
 
+class _DropClosedLoopTracebacks:
+  """stderr, minus the tracebacks of `RuntimeError: Event loop is closed`.
+
+  When orbax fails to read a damaged checkpoint it closes its event loop while tensorstore reads
+  are still pending; each of them later prints that traceback from a completion callback (one
+  per array: thousands for a training state). The checkpoint code reports the failure itself in
+  one line, so these are noise. Every other write passes through unchanged (a traceback is held
+  back only until its last line shows what it is).
+  """
+
+  _START = "Traceback (most recent call last):"
+  _NOISE = "RuntimeError: Event loop is closed"
+
+  def __init__(self, stream):
+    self._stream = stream
+    self._held: list[str] = []
+    self._partial = ""
+
+  def write(self, text: str) -> int:
+    self._partial += text
+    lines = self._partial.split("\n")
+    self._partial = lines.pop()
+    for line in lines:
+      self._line(line + "\n")
+    if not self._held and self._partial and not self._START.startswith(self._partial):
+      self._stream.write(self._partial)
+      self._partial = ""
+    return len(text)
+
+  def _line(self, line: str) -> None:
+    if not self._held and not line.startswith(self._START):
+      self._stream.write(line)
+      return
+    self._held.append(line)
+    if line.startswith((" ", self._START)):
+      return  # still inside the traceback
+    if line.strip() != self._NOISE:
+      self._stream.write("".join(self._held))
+    self._held = []
+
+  def flush(self) -> None:
+    self._stream.flush()
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
 def configure_process(*, tensorflow: bool = False) -> None:
   """Every process-wide setting star-jax wants, applied by entry points and benchmarks only.
 
-  The allocator and XLA:CPU options above, TensorFlow's log level, quiet library loggers, and,
-  with `tensorflow=True` (commands that run the tf.data pipeline), TensorFlow kept off GPUs.
+  The allocator and XLA:CPU options above, TensorFlow's log level, quiet library loggers,
+  stderr without orbax's closed-event-loop noise (`_DropClosedLoopTracebacks`), and, with
+  `tensorflow=True` (commands that run the tf.data pipeline), TensorFlow kept off GPUs.
   Library functions never change the process; a program that uses star-jax as a library calls
   this once at its start if it wants the same settings.
   """
@@ -150,5 +198,7 @@ def configure_process(*, tensorflow: bool = False) -> None:
   tune_xla_cpu()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _TF_LOG_LEVEL)
   _quiet_library_logs()
+  if not isinstance(sys.stderr, _DropClosedLoopTracebacks):
+    sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
   if tensorflow:
     _quiet_tensorflow()

@@ -282,6 +282,17 @@ def evaluate(p_eval_step, state_r: TrainState, batches: Iterable[Batch],
   return result
 
 
+def best_candidate(result: Mapping[str, float], rule: str) -> tuple[float, str]:
+  """(NME, 'ema' or 'raw'): what a validation result offers for the best model under `rule`.
+
+  'ema': the EMA weights' NME; 'better': the better of raw and EMA (the official rule; EMA on
+  a tie).
+  """
+  if rule == "better" and result["val_nme_raw"] < result["val_nme"]:
+    return result["val_nme_raw"], "raw"
+  return result["val_nme"], "ema"
+
+
 # ---------------------------------------------------------------------------------------------
 # Data.
 
@@ -455,9 +466,8 @@ class _Run:
     self.writer.flush()
     logging.info("step %d: val NME %.5f (EMA), %.5f (raw) on %d images", step,
                  result["val_nme"], result["val_nme_raw"], result["val_images"])
-    use_raw = (self.config.best_weights == "better"
-               and result["val_nme_raw"] < result["val_nme"])
-    nme = result["val_nme_raw"] if use_raw else result["val_nme"]
+    nme, weights = best_candidate(result, str(self.config.best_weights))
+    use_raw = weights == "raw"
     if nme < self.best_nme:
       self.best_nme = nme
       if self.best is not None:

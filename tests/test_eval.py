@@ -155,3 +155,21 @@ def test_eval_cli_end_to_end(tmp_path, expected):
   assert "largepose" in proc.stdout
   nme = np.load(out / "predictions.npz")["nme"]
   np.testing.assert_allclose(nme, expected["nme"], atol=5e-3)
+
+
+def test_flip_tta_is_mirror_equivariant_and_averages(loaded, expected):
+  """The flip-TTA prediction of a mirrored crop is the mirrored prediction (points swapped by
+  the flip pairs, x -> -x), and it is the mean of the two single predictions."""
+  crops = expected["crop_bgr_uint8"][..., ::-1]
+  images = eval_lib.normalize_crops(np.concatenate([crops, crops[:1]]))
+  mirrored = images[:, :, ::-1]
+  tta = eval_lib.landmark_fn_for(loaded, "flip")
+  plain = eval_lib.landmark_fn_for(loaded)
+  perm = WFLW.flip_permutation()
+  a = np.asarray(tta(loaded.variables, images))
+  b = np.asarray(tta(loaded.variables, mirrored))
+  np.testing.assert_allclose(b, a[:, perm] * [-1.0, 1.0], atol=1e-5)
+  single = np.asarray(plain(loaded.variables, images))
+  single_mirrored = np.asarray(plain(loaded.variables, mirrored))
+  np.testing.assert_allclose(a, 0.5 * (single + single_mirrored[:, perm] * [-1.0, 1.0]),
+                             atol=1e-5)

@@ -218,7 +218,8 @@ def test_binary_file_as_tsv(tmp_path):
 def test_unreadable_checkpoint_fallback_is_one_warning_line(tmp_path):
   script = textwrap.dedent(f"""
       import os, numpy as np
-      from star_jax import checkpointing
+      from star_jax import checkpointing, host
+      host.configure_process()  # what every entry point does first
       tree = lambda s: {{"w": np.full((4, 3), s, np.float32), "step": np.asarray(s, np.int32)}}
       c = checkpointing.TrainCheckpoints({str(tmp_path)!r}, keep=3)
       c.save(1, tree(1), {{}}); c.save(2, tree(2), {{}}); c.close()

@@ -159,3 +159,11 @@ def test_train_step_applies_the_ema_to_parameters_and_batch_statistics():
                                    new.ema_batch_stats)):
     expected = jax.tree.map(lambda e, n: d * e + (1 - d) * n, ema_old, fresh)
     chex.assert_trees_all_close(ema_new, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_best_model_rules():
+  result = {"val_nme": 0.05, "val_nme_raw": 0.04}
+  assert train_lib.best_candidate(result, "ema") == (0.05, "ema")
+  assert train_lib.best_candidate(result, "better") == (0.04, "raw")
+  assert train_lib.best_candidate({"val_nme": 0.03, "val_nme_raw": 0.04}, "better") == (
+      0.03, "ema")

@@ -73,7 +73,7 @@ def scheme29(root: str, source: embedded.DataFiles) -> str:
       "edges": [
           {"name": "contour", "closed": False, "points": [index[p] for p in (0, 8, 16, 24, 32)]},
           {"name": "outer_lip", "closed": True, "points": [index[p] for p in (76, 79, 82, 85)]},
-          {"name": "nose", "closed": False, "points": [index[p] for p in (51, 54, 57)]},
+          {"name": "nose", "closed": False, "points": [index[p] for p in (51, 54, 57, 59)]},
       ],
       "flip_pairs": [list(p) for p in pairs],
       "ocular": [index[60], index[72]],
