@@ -77,64 +77,66 @@ def test_merge_loads_matching_and_reinitialises_scheme_dependent_variables():
 
 
 @pytest.mark.slow
-def test_finetune_official_checkpoint_step0_matches_eval_then_onto_29_points(data, tmp_path):
-  files, scheme = data
-  # 1. From the official .pkl, same scheme: before any update the validation NME is what
-  #    eval.py reports for that checkpoint on the same split.
+def test_finetune_official_checkpoint_step0_validation_equals_eval(data, tmp_path):
+  """From the official .pkl, same scheme: before any update the validation NME is what eval.py
+  reports for that checkpoint on the same split."""
+  files, _ = data
   config = _config(files)
   config.init_from = OFFICIAL
-  run1 = str(tmp_path / "from_official")
-  train_lib.train_and_evaluate(config, run1)
-  step0 = next(r for r in logging_utils.read_metrics(run1) if r["step"] == 0)
-  config.model.num_stacks = 4   # what the run resolved (eval takes the config as given)
+  config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 1
+  run = str(tmp_path / "from_official")
+  train_lib.train_and_evaluate(config, run)
+  step0 = next(r for r in logging_utils.read_metrics(run) if r["step"] == 0)
   evaluated = eval_lib.evaluate(config, OFFICIAL, None, split="val", progress=False,
                                 verbose=False)
   assert step0["val_nme"] == pytest.approx(evaluated.metrics["nme"], rel=1e-5)
   assert step0["val_nme_raw"] == step0["val_nme"]  # EMA starts as a copy
   assert "val_nme_stack0" in step0 and "val_nme_stack3" in step0
-
-  # 2. From that star-jax run onto the 29-point scheme, stem frozen.
-  config29 = _config(files, dataset=scheme, image_dir=os.path.join(os.path.dirname(scheme),
-                                                                   "images"),
-                     tsv_dir=os.path.dirname(scheme))
-  config29.init_from = run1
-  config29.freeze = "stem"
-  run2 = str(tmp_path / "onto_29")
-  result = train_lib.train_and_evaluate(config29, run2)
-  start = checkpointing.load_model(run1)
-  final = jax.tree.map(np.asarray, result.state.params)
-  initial = jax.tree.map(np.asarray, start.variables["params"])
-  chex.assert_trees_all_equal({k: v for k, v in final.items() if k.startswith("stem_")},
-                              {k: v for k, v in initial.items() if k.startswith("stem_")})
-  assert not np.array_equal(final["features0"]["conv1"]["kernel"],
-                            initial["features0"]["conv1"]["kernel"])
-  assert final["heatmap_head0"]["kernel"].shape[-1] == 29
-  loaded = checkpointing.load_model(run2)
-  assert loaded.spec.name == "face29" and loaded.num_points == 29
-  out = eval_lib.evaluate(config29, run2, str(tmp_path / "eval29"), progress=False,
-                          verbose=False)
-  assert out.landmarks.shape == (8, 29, 2) and np.isfinite(out.metrics["nme"])
-  # The checkpoint carries its scheme: prediction needs nothing else.
-  predictor = predict.Predictor(run2, batch_size=2)
-  image = np.zeros((128, 128, 3), np.uint8)
-  faces = predictor.predict(image, boxes=[(20, 20, 100, 100)])
-  assert faces[0].shape == (29, 2)
+  loaded = checkpointing.load_model(run)
+  assert (loaded.model.num_stacks, loaded.model.channels) == (4, 32)
 
 
 @pytest.mark.slow
-def test_custom_scheme_from_scratch(data, tmp_path):
+def test_custom_scheme_from_scratch_and_by_finetuning_a_98_point_run(data, tmp_path):
   files, scheme = data
-  config = _config(files, dataset=scheme, image_dir=os.path.join(os.path.dirname(scheme),
-                                                                 "images"),
-                   tsv_dir=os.path.dirname(scheme))
+  scheme_dir = os.path.dirname(scheme)
+  # A 98-point star-jax run to start from.
+  config98 = _config(files)
+  config98.model.num_stacks, config98.model.num_levels, config98.model.channels = 1, 2, 16
+  run98 = str(tmp_path / "run98")
+  train_lib.train_and_evaluate(config98, run98)
+  # The 29-point scheme from scratch ...
+  config = _config(files, dataset=scheme, image_dir=os.path.join(scheme_dir, "images"),
+                   tsv_dir=scheme_dir)
   config.model.num_stacks, config.model.num_levels, config.model.channels = 1, 2, 16
-  run = str(tmp_path / "scratch29")
-  train_lib.train_and_evaluate(config, run)
-  loaded = checkpointing.load_model(run)
+  scratch = str(tmp_path / "scratch29")
+  train_lib.train_and_evaluate(config, scratch)
+  loaded = checkpointing.load_model(scratch)
   assert loaded.spec == datasets.load_scheme(scheme)
   assert models.describe(loaded.model)["fields"]["num_points"] == 29
-  out = eval_lib.evaluate(config, run, None, progress=False, verbose=False)
-  assert out.metrics["num_images"] == 8
+  # ... and by fine-tuning the 98-point run, its stem frozen (architecture from the run).
+  config = _config(files, dataset=scheme, image_dir=os.path.join(scheme_dir, "images"),
+                   tsv_dir=scheme_dir)
+  config.init_from = run98
+  config.freeze = "stem"
+  tuned = str(tmp_path / "tuned29")
+  result = train_lib.train_and_evaluate(config, tuned)
+  start = jax.tree.map(np.asarray, checkpointing.load_model(run98).variables["params"])
+  final = jax.tree.map(np.asarray, result.state.params)
+  chex.assert_trees_all_equal({k: v for k, v in final.items() if k.startswith("stem_")},
+                              {k: v for k, v in start.items() if k.startswith("stem_")})
+  assert not np.array_equal(final["features0"]["conv1"]["kernel"],
+                            start["features0"]["conv1"]["kernel"])
+  assert final["heatmap_head0"]["kernel"].shape[-1] == 29
+  for run in (scratch, tuned):
+    loaded = checkpointing.load_model(run)
+    assert loaded.spec.name == "face29" and loaded.model.channels == 16
+    out = eval_lib.evaluate(config, run, None, progress=False, verbose=False)
+    assert out.landmarks.shape == (8, 29, 2) and np.isfinite(out.metrics["nme"])
+  # The checkpoint carries its scheme: prediction needs nothing else.
+  faces = predict.Predictor(tuned, batch_size=2).predict(
+      np.zeros((128, 128, 3), np.uint8), boxes=[(20, 20, 100, 100)])
+  assert faces[0].shape == (29, 2)
 
 
 def test_scheme_file_errors_name_the_file(tmp_path):

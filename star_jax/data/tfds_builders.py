@@ -321,6 +321,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if not os.path.isdir(args.manual_dir):
     raise UsageError(f"--manual_dir {args.manual_dir}: no such directory")
+  for required in ("train.tsv", "test.tsv"):
+    if not os.path.isfile(os.path.join(args.manual_dir, required)):
+      raise DataError(f"{os.path.join(args.manual_dir, required)} is missing; the manual dir "
+                      "needs train.tsv and test.tsv (val.tsv optional) and the images under "
+                      "images/ (README, 'TFDS')")
   builder = builder_for(args.dataset, data_dir=args.data_dir, config=args.config)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
