@@ -1,9 +1,9 @@
 """int8 dynamic-range quantisation of the ONNX export (ONNX Runtime's quantiser).
 
-Weights of the convolutions become 8-bit (uint8, per output channel: ONNX Runtime's x86 kernels
-run uint8 x uint8 products fastest); the
-activations are quantised on the fly (`DynamicQuantizeLinear`), so no calibration data is needed
-and the model's input and outputs stay float32. The soft-argmax `MatMul` (whose grid weights
+Weights of the convolutions become 8-bit (uint8, per output channel: ONNX Runtime's x86
+`ConvInteger` ran 2-3x slower with int8 weights here); the activations are quantised on the fly
+(`DynamicQuantizeLinear`), so no calibration data is needed and the model's input and outputs
+stay float32. The soft-argmax `MatMul` (whose grid weights
 must stay exact: a quantised pixel grid moves every landmark) and the small CoordConv branches
 (constants folded at load) are left in float32.
 """
