@@ -115,21 +115,39 @@ def test_one_stack_model_matches_jitted_float32(tmp_path):
   assert d["max_px"] < 1e-3, d
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
-def test_int8_exports_are_smaller_and_run(models, export_dir, fmt):
+@pytest.mark.parametrize("fmt, quantize, kind", [("onnx", "int8", "int8-static"),
+                                                   ("onnx", "int8-dynamic", "int8-dynamic-range"),
+                                                   ("tflite", "int8", "int8-dynamic-range")])
+def test_int8_exports_are_smaller_and_run(models, export_dir, fmt, quantize, kind):
   _, loaded, crops, ref64, _ = models["official"]
   plain = export_dir / f"official_{fmt}.{fmt}"
   if not plain.exists():
     exporter.export(loaded, fmt, str(plain))
-  result = exporter.export(loaded, fmt, str(export_dir / f"int8.{fmt}"), quantize="int8")
-  # The fixed part (CoordConv maps, decoder grid) weighs more than the 32-channel weights.
-  assert os.path.getsize(result.path) < 0.8 * os.path.getsize(plain)
-  assert result.record["quantization"] == "int8-dynamic-range"
+  calibration = parity.random_crops(4, loaded.image_size, seed=7)
+  result = exporter.export(loaded, fmt, str(export_dir / f"{quantize}.{fmt}"),
+                           quantize=quantize, calibration=calibration)
+  assert result.record["quantization"] == kind
+  if fmt == "onnx":
+    import onnx
+    from onnx import numpy_helper
+    tensors = [numpy_helper.to_array(t) for t in onnx.load(result.path).graph.initializer]
+    eight_bit = sum(t.size for t in tensors if t.dtype in (np.int8, np.uint8))
+    assert eight_bit > 100 * loaded.model.channels ** 2  # ~140 C x C convolutions
+  else:
+    # The fixed part (CoordConv maps, decoder grid) weighs more than 32-channel weights.
+    assert os.path.getsize(result.path) < 0.8 * os.path.getsize(plain)
   got = parity.exported_landmarks(result.path, crops)
   # Random weights amplify quantisation error; accuracy is measured on a trained model
   # (benchmarks/export.py: NME change on the embedded test set). Here: finite, inside the crop.
   assert got.shape == ref64.shape and np.all(np.isfinite(got))
   assert np.all((got > -1) & (got < loaded.image_size))
+
+
+def test_default_calibration_crops_are_embedded_faces():
+  from star_jax.export import quantize
+  crops = quantize.embedded_calibration_crops(64, count=3)
+  assert crops.shape == (3, 64, 64, 3) and crops.dtype == np.float32
+  assert 0 <= crops.min() and crops.max() <= 255 and crops.std() > 10
 
 
 def test_float16_weights_halve_the_onnx_file(models, export_dir):

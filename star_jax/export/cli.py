@@ -36,8 +36,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                       help="savedmodel/stablehlo: compute dtype; onnx/tflite: float16 stores "
                            "half-size weights (computation in float32)")
-  parser.add_argument("--quantize", default=None, choices=("int8",),
-                      help="onnx/tflite: int8 dynamic-range quantisation")
+  parser.add_argument("--quantize", default=None, choices=("int8", "int8-dynamic"),
+                      help="onnx: int8 = static (calibrated) int8, int8-dynamic = dynamic "
+                           "range; tflite: dynamic range (both names)")
+  parser.add_argument("--calibration", default=None, metavar="FOLDER",
+                      help="onnx --quantize int8: a folder of face crops to calibrate on "
+                           "(default: crops of the embedded synthetic dataset)")
   parser.add_argument("--heatmaps", action="store_true",
                       help="add the final fused heatmaps [B, S/4, S/4, N] as a second output")
   parser.add_argument("--check", action="store_true",
@@ -55,9 +59,13 @@ def _main(argv: Sequence[str] | None) -> int:
   from star_jax.export import exporter  # pylint: disable=g-import-not-at-top
   exporter.check_options(args.format, dtype=args.dtype, quantize=args.quantize,
                          batch=args.batch)
+  if args.calibration and not (args.format == "onnx" and args.quantize == "int8"):
+    from star_jax.errors import UsageError  # pylint: disable=g-import-not-at-top
+    raise UsageError("--calibration applies to --format onnx --quantize int8")
   loaded = exporter.load_checkpoint(args.checkpoint, args.weights)
   result = exporter.export(loaded, args.format, args.out, batch=args.batch, dtype=args.dtype,
-                           quantize=args.quantize, heatmaps=args.heatmaps)
+                           quantize=args.quantize, heatmaps=args.heatmaps,
+                           calibration=args.calibration)
   size_mb = exporter.file_size(result.path) / 2 ** 20
   print(f"wrote {result.path} ({size_mb:.1f} MiB) and {result.sidecar} in "
         f"{result.seconds:.1f} s: {contract.describe(result.record)}")

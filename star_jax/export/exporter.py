@@ -30,7 +30,10 @@ from star_jax.errors import CheckpointError, UsageError
 from star_jax.runtime import contract
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("int8",)
+# int8: ONNX static (calibrated) QDQ, TFLite dynamic range: the fast int8 of each engine here.
+# int8-dynamic: dynamic range for both (ONNX Runtime runs it slower than float32; see
+# star_jax.export.quantize).
+QUANTIZATIONS = ("int8", "int8-dynamic")
 # What `--dtype` means per format: the compute dtype of the traced JAX model, or the storage
 # dtype of the weights (computation stays float32: CPUs run float16 no faster, see docs).
 COMPUTE_DTYPE_FORMATS = ("savedmodel", "stablehlo")
@@ -81,9 +84,9 @@ def check_options(fmt: str, *, dtype: str, quantize: str | None, batch: int | No
   if dtype not in DTYPES:
     raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
   if quantize is not None and quantize not in QUANTIZATIONS:
-    raise UsageError(f"--quantize {quantize!r}: only 'int8' (dynamic range) is supported")
+    raise UsageError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}")
   if quantize and fmt not in ("onnx", "tflite"):
-    raise UsageError(f"--quantize int8 applies to onnx and tflite, not {fmt}")
+    raise UsageError(f"--quantize {quantize} applies to onnx and tflite, not {fmt}")
   if quantize and dtype != "float32":
     raise UsageError("--quantize int8 and --dtype are exclusive (int8 models compute in float32 "
                      "between quantised operators)")
@@ -135,7 +138,7 @@ def _sidecar_record(loaded: Any, fmt: str, out: str, *, batch: int | None, dtype
                     "shape": [batch, size // 4, size // 4, model.num_points], "dtype": "float32",
                     "units": "final stack's fused heatmaps (not normalised)"})
   if quantize:
-    precision = "int8 dynamic-range quantised weights"
+    precision = f"int8 ({quantization_kind(fmt, quantize)}), float32 input and outputs"
   elif dtype != "float32" and fmt in WEIGHT_DTYPE_FORMATS:
     precision = f"{dtype} weights, float32 computation"
   else:
@@ -176,9 +179,14 @@ def _sidecar_record(loaded: Any, fmt: str, out: str, *, batch: int | None, dtype
                                    "(cx, cy + center_shift * size)"}},
           "map_back": "landmarks_original = inverse(crop matrix) applied to the crop pixels"},
       "precision": precision,
-      "quantization": "int8-dynamic-range" if quantize else None,
+      "quantization": quantization_kind(fmt, quantize) if quantize else None,
       "details": details,
   }
+
+
+def quantization_kind(fmt: str, quantize: str) -> str:
+  """'int8-static' (ONNX --quantize int8) or 'int8-dynamic-range' (TFLite, int8-dynamic)."""
+  return "int8-static" if fmt == "onnx" and quantize == "int8" else "int8-dynamic-range"
 
 
 def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
@@ -188,9 +196,9 @@ def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
 
   Writes `out` (a file; a directory for savedmodel) and `out.json`. See `check_options` for
   what each format supports; TFLite takes `batch` (default 1), ONNX a fixed `batch` or None
-  (symbolic). `calibration`: unused for dynamic-range int8 (kept for API stability).
+  (symbolic). `calibration`: face crops `(K, S, S, 3)` 0-255, or a folder of face crops, for
+  the static int8 ONNX quantisation (default: embedded-dataset crops).
   """
-  del calibration
   check_options(fmt, dtype=dtype, quantize=quantize, batch=batch)
   start = time.perf_counter()
   loaded = load_checkpoint(checkpoint, weights)
@@ -211,7 +219,11 @@ def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
     details = {"opset": onnx_graph.OPSET, "ir_version": onnx_graph.IR_VERSION}
     if quantize:
       from star_jax.export import quantize as quantize_lib  # pylint: disable=g-import-not-at-top
-      details.update(quantize_lib.quantize_onnx(proto, out))
+      if isinstance(calibration, str):
+        calibration = quantize_lib.folder_calibration_crops(calibration, size)
+      method = "static" if quantize == "int8" else "dynamic"
+      details.update(quantize_lib.quantize_onnx(proto, out, method=method,
+                                                calibration=calibration, image_size=size))
     else:
       import onnx  # pylint: disable=g-import-not-at-top
       onnx.save(proto, out)

@@ -20,6 +20,7 @@ computations at inference, so no gradient rule is exported (`with_gradient=False
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -33,6 +34,18 @@ from star_jax.runtime import contract
 
 # Platforms the StableHLO module is lowered for (one module, dispatched at load time).
 STABLEHLO_PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+@contextlib.contextmanager
+def without_xla_flags():
+  """Hides XLA_FLAGS from TensorFlow's XLA, which aborts the process on options of jaxlib's
+  newer XLA (`star_jax.host.tune_process` sets some; JAX read them when it started)."""
+  saved = os.environ.pop("XLA_FLAGS", None)
+  try:
+    yield
+  finally:
+    if saved is not None:
+      os.environ["XLA_FLAGS"] = saved
 
 
 def contract_function(model: Any, variables: Any, image_size: int, *, with_heatmaps: bool
@@ -98,7 +111,8 @@ def export_savedmodel(fn: Callable, image_size: int, out_path: str, *, with_heat
   module, serve = _tf_module(fn, image_size, None, with_heatmaps, polymorphic=True)
   tmp = out_path.rstrip(os.sep) + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
-  tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
+  with without_xla_flags():
+    tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
   shutil.rmtree(out_path, ignore_errors=True)
   os.replace(tmp, out_path)
   return {"tensorflow_version": tf.__version__, "signature": "serving_default",
@@ -109,11 +123,11 @@ def export_tflite(fn: Callable, image_size: int, out_path: str, *, batch: int,
                   with_heatmaps: bool, quantize: str | None, weight_dtype: str) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   module, serve = _tf_module(fn, image_size, batch, with_heatmaps, polymorphic=False)
-  with tempfile.TemporaryDirectory(prefix="star_jax_tflite_") as tmp:
+  with tempfile.TemporaryDirectory(prefix="star_jax_tflite_") as tmp, without_xla_flags():
     saved = os.path.join(tmp, "saved_model")
     tf.saved_model.save(module, saved, signatures={"serving_default": serve})
     converter = tf.lite.TFLiteConverter.from_saved_model(saved)
-    if quantize == "int8":
+    if quantize:  # dynamic range: int8 weights, activations quantised by the kernels
       converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif weight_dtype == "float16":
       converter.optimizations = [tf.lite.Optimize.DEFAULT]

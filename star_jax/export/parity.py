@@ -17,9 +17,7 @@ distance to it (the float32 noise floor of that model) beside it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from typing import Any
 
 import numpy as np
@@ -37,7 +35,8 @@ def exported_landmarks(path: str, images: np.ndarray, *, threads: int | None = N
     return backends.load_model(path, threads=threads)(images)
   if fmt == "savedmodel":
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    with _without_xla_flags():
+    from star_jax.export.jax_formats import without_xla_flags  # pylint: disable=g-import-not-at-top
+    with without_xla_flags():
       serve = tf.saved_model.load(path).signatures["serving_default"]
       out = serve(**{contract.INPUT_NAME: tf.constant(images)})[contract.LANDMARKS_NAME]
       return out.numpy()
@@ -47,18 +46,6 @@ def exported_landmarks(path: str, images: np.ndarray, *, threads: int | None = N
       exported = export.deserialize(bytearray(f.read()))
     return np.asarray(exported.call(images)[0])
   raise ValueError(f"unknown format {fmt!r} in {contract.sidecar_path(path)}")
-
-
-@contextlib.contextmanager
-def _without_xla_flags():
-  """Hides XLA_FLAGS from TensorFlow's XLA, which aborts the process on options of jaxlib's
-  newer XLA (`star_jax.host.tune_process` sets some; JAX read them when it started)."""
-  saved = os.environ.pop("XLA_FLAGS", None)
-  try:
-    yield
-  finally:
-    if saved is not None:
-      os.environ["XLA_FLAGS"] = saved
 
 
 def jax_landmarks(model: Any, variables: Any, images: np.ndarray, image_size: int, *,
