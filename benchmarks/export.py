@@ -88,10 +88,10 @@ def _engine_calls(loaded, paths: dict, batch: int, images: np.ndarray, threads: 
   return calls
 
 
-def _time_interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
+def _time_interleaved(calls: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
   for call in calls.values():  # warm-up (compilation, allocation)
-    call()
-    call()
+    for _ in range(warmup):
+      call()
   times = {name: [] for name in calls}
   for _ in range(rounds):
     for name, call in calls.items():
@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--models", default="full,rt128,rt64",
                       help="comma-separated from " + ", ".join(MODELS))
   parser.add_argument("--batch_sizes", default="1,32")
-  parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+  parser.add_argument("--rounds", type=int, default=5,
+                      help="interleaved timing rounds at batch sizes below 8")
+  parser.add_argument("--large_rounds", type=int, default=2,
+                      help="interleaved timing rounds at batch sizes 8 and above")
   parser.add_argument("--threads", type=int, default=None, help="engine threads (default: all)")
   parser.add_argument("--nme", default="runs/demo",
                       help="trained checkpoint for the int8 NME rows ('' to skip)")
@@ -199,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         images = np.random.default_rng(0).uniform(
             0, 255, (batch, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
         calls = _engine_calls(loaded, paths, batch, images, args.threads)
-        times = _time_interleaved(calls, args.rounds)
+        large = batch >= 8
+        times = _time_interleaved(calls, args.large_rounds if large else args.rounds,
+                                  warmup=1 if large else 2)
         jax_median = float(np.median(times["jax"]))
         for engine, values in times.items():
           median = float(np.median(values))
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
       print(common.format_table(["model", "NME %", "change"], nme_rows), flush=True)
   load_after = os.getloadavg()[0]
 
-  notes = (f"random weights; interleaved rounds: {args.rounds}; engine threads: "
+  notes = (f"random weights; interleaved rounds: {args.rounds} (batch >= 8: "
+           f"{args.large_rounds}); engine threads: "
            f"{args.threads or 'default'}; 1-min load average {load_before:.1f} before, "
            f"{load_after:.1f} after")
   common.record("Export: latency and throughput per engine (256 px, CPU)",

@@ -158,6 +158,17 @@ def test_float16_weights_halve_the_onnx_file(models, export_dir):
   assert np.all(np.isfinite(parity.exported_landmarks(half.path, crops)))
 
 
+def test_bfloat16_stablehlo_computes_in_bfloat16(models, export_dir):
+  _, loaded, crops, ref64, _ = models["star_jax"]
+  result = exporter.export(loaded, "stablehlo", str(export_dir / "bf16.stablehlo"),
+                           dtype="bfloat16")
+  assert result.record["precision"] == "bfloat16"
+  got = parity.exported_landmarks(result.path, crops)
+  d = parity.difference(got, ref64)
+  # bfloat16 keeps 8 bits of mantissa: visibly different from float32, still the same faces.
+  assert 1e-3 < d["mean_px"] < 2.0, d
+
+
 def _cli(*args):
   return subprocess.run([sys.executable, "-m", "star_jax.export", *args], capture_output=True,
                         text=True, cwd=ROOT, timeout=600)

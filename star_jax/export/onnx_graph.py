@@ -17,8 +17,8 @@ from standard opset-17 operators that onnxruntime-web's WASM backend runs:
   load), and the boundary channels `mask * (xx, yy)` contribute `mask * Conv((xx, yy))`;
 - max-pool is `MaxPool`, nearest upsampling `Resize` (exact replication), the instance norm
   `InstanceNormalization` + `Relu`;
-- the three heads of a stack are one `Conv` split in three, the four merge convolutions one
-  `Conv` over the concatenated maps, E2H a 1x1 `Conv` with the fixed 0/1 weights;
+- the three heads of a stack are one `Conv` split in three, the three merge convolutions of
+  the maps one `Conv` over their concatenation, E2H a 1x1 `Conv` with the fixed 0/1 weights;
 - soft-argmax is one `MatMul` of the flattened maps with `[1, x, y]` grids (mass and both
   moments), then the clamped division and the pixel convention of the contract.
 
@@ -320,13 +320,19 @@ class _Builder:
         above = g.op("Greater", [boundary_last, g.const(f"threshold{i}", np.array(
             BOUNDARY_THRESHOLD, np.float32))], f"boundary{i}_bool")
         boundary = g.op("Cast", [above], f"boundary{i}", to=g.onnx.TensorProto.FLOAT)
-        sources = [(feature, f"merge_features{i}"), (heatmaps, f"merge_heatmaps{i}")]
+        # The features keep their own convolution (ONNX Runtime runs it in its blocked layout);
+        # the maps' three share one over their concatenation.
+        maps = [(heatmaps, f"merge_heatmaps{i}")]
         if model.use_aam:
-          sources += [(pointmaps, f"merge_pointmaps{i}"), (edgemaps, f"merge_edgemaps{i}")]
-        stacked = g.op("Concat", [s for s, _ in sources], f"merge{i}_in", axis=1)
-        kernel = np.concatenate([p.param(f"{m}/kernel") for _, m in sources], axis=2)
-        bias = np.sum([p.param(f"{m}/bias").astype(np.float64) for _, m in sources], axis=0)
-        x = g.op("Add", [x, self.conv(stacked, kernel, bias, f"merge{i}")], f"stack{i + 1}_in")
+          maps += [(pointmaps, f"merge_pointmaps{i}"), (edgemaps, f"merge_edgemaps{i}")]
+        stacked = (g.op("Concat", [m for m, _ in maps], f"merge_maps{i}_in", axis=1)
+                   if len(maps) > 1 else heatmaps)
+        kernel = np.concatenate([p.param(f"{name}/kernel") for _, name in maps], axis=2)
+        bias = np.sum([p.param(f"{name}/bias").astype(np.float64) for _, name in maps], axis=0)
+        merged = g.op("Add", [x, self.plain_conv(feature, f"merge_features{i}")],
+                      f"merge_features{i}_sum")
+        x = g.op("Add", [merged, self.conv(stacked, kernel, bias, f"merge_maps{i}")],
+                 f"stack{i + 1}_in")
 
     landmarks = self.soft_argmax_pixels(fused, "soft_argmax")
     heatmaps_out = None

@@ -59,7 +59,10 @@ class LandmarkModel:
 
 
 class OnnxModel(LandmarkModel):
-  """onnxruntime's CPU engine (all graph optimisations)."""
+  """onnxruntime's CPU engine: all graph optimisations (its blocked NCHWc convolutions), and
+  worker threads that sleep instead of spinning between operators. Spinning saves a wake-up per
+  operator on an idle machine, but on a loaded one (benchmarks/export.py, load average ~10 on 2
+  cores) it made the full model 1.2-1.4x slower and left it behind jitted JAX."""
 
   def __init__(self, path: str, info: contract.ModelInfo, threads: int | None = None):
     super().__init__(path, info)
@@ -70,6 +73,7 @@ class OnnxModel(LandmarkModel):
                        ) from None
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
       options.intra_op_num_threads = int(threads)
     try:
