@@ -12,8 +12,8 @@ every engine per round, so that load from other processes hits all engines alike
 gives the median and the minimum over rounds. Batch 1: latency; batch 32: images per second.
 
 `--nme CHECKPOINT` (default `runs/demo`, what `make demo` trains, when present) evaluates the
-float32 and int8 exports on the embedded test split with the official evaluation crop
-(`eval_lib.predict_split`) and reports the NME change against the JAX model.
+float32, int8 and float16-weight (`_f16w`) exports on the embedded test split with the official
+evaluation crop (`eval_lib.predict_split`) and reports the NME change against the JAX model.
 
 The runtime's import-to-first-landmark time is measured in a fresh interpreter: from before
 `import star_jax.runtime` to the first landmarks of one image with a given box.
@@ -48,13 +48,14 @@ IMAGE_SIZE = 256
 def _model(name: str):
   from star_jax import datasets  # pylint: disable=g-import-not-at-top
   from star_jax.eval_lib import LoadedModel  # pylint: disable=g-import-not-at-top
-  from star_jax.models.hourglass import StackedHourglass, init_variables  # pylint: disable=g-import-not-at-top
+  from star_jax.models import hourglass  # pylint: disable=g-import-not-at-top
   stacks, channels = MODELS[name]
   spec = datasets.get_spec("wflw")
-  model = StackedHourglass(num_stacks=stacks, num_levels=4, channels=channels,
+  model = hourglass.StackedHourglass(num_stacks=stacks, num_levels=4, channels=channels,
                            num_points=spec.num_points,
                            edge_points=tuple(tuple(e.points) for e in spec.edges))
-  return LoadedModel(model, init_variables(model, 0, IMAGE_SIZE), None, f"random {name}", "raw")
+  variables = hourglass.init_variables(model, 0, IMAGE_SIZE)
+  return LoadedModel(model, variables, None, f"random {name}", "raw")
 
 
 def _export_all(loaded, directory: str, batches: list[int]) -> tuple[dict, list]:
@@ -157,9 +158,12 @@ def _nme_rows(checkpoint: str, directory: str) -> list[list[str]]:
 
   reference = nme(loaded)
   rows = [["JAX float32", f"{reference:.4f}", "-"]]
-  for engine, (fmt, quantize) in EXPORTS.items():
+  variants = [(engine, fmt, quantize, "float32") for engine, (fmt, quantize) in EXPORTS.items()]
+  variants += [("onnx_f16w", "onnx", None, "float16"), ("tflite_f16w", "tflite", None, "float16")]
+  for engine, fmt, quantize, dtype in variants:
     path = os.path.join(directory, f"nme_{engine}.{fmt}")
-    exporter.export(loaded, fmt, path, quantize=quantize, batch=8 if fmt == "tflite" else None)
+    exporter.export(loaded, fmt, path, quantize=quantize, dtype=dtype,
+                    batch=8 if fmt == "tflite" else None)
     value = nme(Exported(path))
     rows.append([engine, f"{value:.4f}", f"{value - reference:+.4f}"])
   return rows
@@ -244,11 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     jax_t, ort_t = summary[(name, b1, "jax")], summary[(name, b1, "onnx")]
     int8_t = summary[(name, b1, "onnx_int8")]
     int8dyn_t = summary[(name, b1, "onnx_int8dyn")]
+    tflite_t = summary[(name, b1, "tflite")]
     targets.append([name, f"ORT f32 batch {b1}: {1000 * ort_t:.1f} ms vs JAX {1000 * jax_t:.1f} "
                     f"ms ({jax_t / ort_t:.2f}x)",
                     f"ORT int8 static {ort_t / int8_t:.2f}x f32, dynamic "
                     f"{ort_t / int8dyn_t:.2f}x f32",
-                    f"TFLite int8 {summary[(name, b1, 'tflite')] / summary[(name, b1, 'tflite_int8')]:.2f}x f32"])
+                    f"TFLite int8 {tflite_t / summary[(name, b1, 'tflite_int8')]:.2f}x f32"])
   common.record("Export: targets", ["model", "ORT float32 vs JAX", "ORT int8 speed-up",
                                     "TFLite int8 speed-up"], targets, write=args.record)
 

@@ -76,10 +76,10 @@ def read_sidecar(model_path: str) -> ModelInfo:
     if version > SIDECAR_VERSION:
       raise CheckpointError(f"{path}: sidecar_version {version} is newer than this star-jax "
                             f"understands ({SIDECAR_VERSION}); upgrade star-jax")
-    model_input = record["input"]
+    shape = record["input"]["shape"]
     return ModelInfo(format=str(record["format"]), num_points=int(record["num_points"]),
-                     dataset=str(record["dataset"]), input_size=int(model_input["shape"][1]),
-                     batch=None if model_input["shape"][0] is None else int(model_input["shape"][0]),
+                     dataset=str(record["dataset"]), input_size=int(shape[1]),
+                     batch=None if shape[0] is None else int(shape[0]),
                      outputs=tuple(str(o["name"]) for o in record["outputs"]), record=record)
   except (KeyError, TypeError, ValueError, IndexError) as e:
     if isinstance(e, CheckpointError):
