@@ -4,14 +4,15 @@ Two methods, measured on this project's 2-core x86 CPU (AVX-512 VNNI; docs/expor
 
 - `static` (what `--quantize int8` does for ONNX): int8 weights per output channel, uint8
   activations with ranges calibrated on face crops, QDQ format, which ONNX Runtime fuses into
-  `QLinearConv` and keeps in uint8 between operators. 1.5-2x faster than float32.
-- `dynamic` (`--quantize int8-dynamic`): int8-range weights, activations quantised on the fly
-  by `DynamicQuantizeLinear` before every `ConvInteger`; no calibration, but each convolution
-  pays extra passes over its activations, and ONNX Runtime ran it 1.1-3.5x *slower* than
-  float32 here. It is kept for runtimes whose dynamic kernels are better.
+  `QLinearConv` and keeps in uint8 between operators: 1.1-2.7x faster than float32 at batch 1, 1.6-2.3x at
+  batch 32.
+- `dynamic` (`--quantize int8-dynamic`): 8-bit weights, activations quantised on the fly by
+  `DynamicQuantizeLinear` before every `ConvInteger`; no calibration, but each convolution pays
+  extra passes over its activations: 0.5-1.0x the float32 speed on the small models, 1.1-1.2x
+  on the full one. It is kept for runtimes whose dynamic kernels are better.
 
 The TFLite export's int8 is the converter's dynamic-range quantisation, which XNNPACK runs
-2-2.6x faster than float32: dynamic quantisation is fast there.
+1.7-2.3x faster than float32: dynamic quantisation is fast there.
 
 Kept in float32 in both: the decoder (soft-argmax `MatMul`: a quantised pixel grid would move
 every landmark), the constant CoordConv branches (folded at load) and everything from the heads'

@@ -62,7 +62,7 @@ class OnnxModel(LandmarkModel):
   """onnxruntime's CPU engine: all graph optimisations (its blocked NCHWc convolutions), and
   worker threads that sleep instead of spinning between operators. Spinning saves a wake-up per
   operator on an idle machine, but on a loaded one (benchmarks/export.py, load average ~10 on 2
-  cores) it made the full model 1.2-1.4x slower and left it behind jitted JAX."""
+  cores) it made the full model 1.2-2.1x slower and left it behind jitted JAX."""
 
   def __init__(self, path: str, info: contract.ModelInfo, threads: int | None = None):
     super().__init__(path, info)
