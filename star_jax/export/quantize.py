@@ -4,8 +4,8 @@ Two methods, measured on this project's 2-core x86 CPU (AVX-512 VNNI; docs/expor
 
 - `static` (what `--quantize int8` does for ONNX): int8 weights per output channel, uint8
   activations with ranges calibrated on face crops, QDQ format, which ONNX Runtime fuses into
-  `QLinearConv` and keeps in uint8 between operators: 1.1-2.7x faster than float32 at batch 1, 1.6-2.3x at
-  batch 32.
+  `QLinearConv` and keeps in uint8 between operators: 1.1-2.7x faster than float32 at batch 1,
+  1.6-2.3x at batch 32.
 - `dynamic` (`--quantize int8-dynamic`): 8-bit weights, activations quantised on the fly by
   `DynamicQuantizeLinear` before every `ConvInteger`; no calibration, but each convolution pays
   extra passes over its activations: 0.5-1.0x the float32 speed on the small models, 1.1-1.2x
