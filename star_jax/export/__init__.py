@@ -1,8 +1,8 @@
 """Export of trained models to ONNX, TFLite, SavedModel and StableHLO.
 
     python -m star_jax.export --checkpoint CKPT --format {onnx,tflite,savedmodel,stablehlo} \
-        --out PATH [--batch N] [--dtype float32|bfloat16|float16] [--quantize int8] \
-        [--heatmaps] [--check]
+        --out PATH [--batch N] [--dtype float32|bfloat16|float16] \
+        [--quantize int8|int8-dynamic] [--calibration FOLDER] [--heatmaps] [--check]
 
 Every export follows one contract (`star_jax.runtime.contract`): input `image` float32
 `[B, S, S, 3]` RGB 0-255, first output `landmarks` float32 `[B, N, 2]` in crop pixels, and a
