@@ -10,7 +10,7 @@ DEMO_DIR ?= runs/demo
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,export]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -172,18 +172,19 @@ def _progress(iterable: Iterable, total: int | None, enabled: bool, desc: str):
 
 def predict_split(config: Any, loaded: LoadedModel, *, split: str = "test",
                   batch_size: int | None = None, progress: bool = True, tta: str = "none",
-                  source=None) -> dict[str, Any]:
+                  source=None, landmark_fn=None) -> dict[str, Any]:
   """Runs the network over a split: predictions and ground truth in original pixels.
 
   Returns, in TSV order: `landmarks`, `landmarks_gt` (M, N, 2), `index` (M,), `tags` (M, T),
   `image_paths` (as the TSV writes them) and `image_dir`. Batches come from the data
   pipeline's `eval_dataset` (the official evaluation crop, for every source alike).
+  `landmark_fn(variables, images)` replaces the network (e.g. an exported model's runner).
   """
   from star_jax.data import pipeline
   from star_jax.data import sources
   source = source or sources.source_for(config)
   batch_size = int(batch_size or config.eval_batch_size)
-  landmark_fn = landmark_fn_for(loaded, tta)
+  landmark_fn = landmark_fn or landmark_fn_for(loaded, tta)
   if int(config.data.image_size) != loaded.image_size:
     if loaded.config is not None:  # a star-jax run knows the size it was trained at
       raise UsageError(f"config.data.image_size={config.data.image_size} but the checkpoint "

@@ -3,7 +3,9 @@
     python -m star_jax.predict --checkpoint PATH IMAGE_OR_FOLDER [...] [--box x1,y1,x2,y2 |
         --whole_image] [--box_rule detector|official] [--out DIR] [--points 68] [--batch_size 8]
 
-PATH is a training workdir, a star-jax checkpoint directory or an official STAR `.pkl`.
+PATH is a training workdir, a star-jax checkpoint directory or an official STAR `.pkl`;
+`--model M.onnx` (or `.tflite`, from `python -m star_jax.export`) runs an exported model with
+`star_jax.runtime.RuntimePredictor` instead (same crop, detector and map-back, no JAX).
 Without `--box`, faces are found by `star_jax.face_detection.detect_faces`; each box becomes the
 crop the model was trained on (see that module for the calibrated rule). Faces of all inputs
 are batched through one jitted network call per batch. For every image `DIR/<name>.json`
@@ -260,8 +262,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                   "per image.")
   parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                       help="image files and/or folders of images")
-  parser.add_argument("--checkpoint", required=True,
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--checkpoint",
                       help="training workdir, checkpoint directory or official STAR .pkl")
+  source.add_argument("--model", help="an exported .onnx or .tflite model (star_jax.export), "
+                                      "run by star_jax.runtime without JAX")
   parser.add_argument("--box", default=None, metavar="x1,y1,x2,y2",
                       help="use this face box (every image) instead of detecting faces")
   parser.add_argument("--whole_image", action="store_true",
@@ -297,7 +302,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if os.path.isdir(target) and not found:
       print(f"warning: folder {target} has no image files", file=sys.stderr)
     paths.extend(found)
-  predictor = Predictor(args.checkpoint, weights=args.weights, batch_size=args.batch_size)
+  if args.model:
+    from star_jax.runtime import RuntimePredictor  # pylint: disable=g-import-not-at-top
+    predictor = RuntimePredictor(args.model, batch_size=args.batch_size)
+  else:
+    predictor = Predictor(args.checkpoint, weights=args.weights, batch_size=args.batch_size)
   if args.points is not None:
     # Fail before any work when the mapping does not exist.
     landmark_mappings.convert_landmarks(np.zeros((predictor.num_points, 2)), predictor.spec,
