@@ -26,8 +26,9 @@ Per frame (`FaceTracker.update`):
    re-seeds it under the same id; without one it ends. Tracks whose landmark boxes overlap by
    more than `duplicate_iou` are merged into the older one.
 5. Smoothing: a One-Euro filter (Casiez et al., CHI 2012) per track on all landmark
-   coordinates. Speeds are measured in face sizes per second (the landmark box's longer side),
-   so one setting serves small and large faces: cutoff = `min_cutoff + beta * speed`.
+   coordinates, each point with its own cutoff `min_cutoff + beta * speed` (a mouth that opens
+   is followed quickly while the still rest of the face stays steady). Speeds are in face sizes
+   per second (the landmark box's longer side), so one setting serves small and large faces.
    `SmoothingConfig(enabled=False)` reports the raw landmarks.
 """
 
@@ -75,12 +76,16 @@ class TrackerConfig:
 
 
 class OneEuroFilter:
-  """The One-Euro filter on an array of coordinates, with speeds normalised by `size`."""
+  """The One-Euro filter on an array of points (..., 2), with speeds normalised by `size`.
+
+  As in the paper, the derivative (per point, a 2-vector) is low-pass filtered at `d_cutoff`
+  before its magnitude sets the cutoff, so pixel noise opens the filter little.
+  """
 
   def __init__(self, config: SmoothingConfig):
     self.config = config
     self.value: np.ndarray | None = None
-    self.speed: np.ndarray | None = None
+    self.derivative: np.ndarray | None = None
     self.time: float | None = None
 
   @staticmethod
@@ -90,17 +95,17 @@ class OneEuroFilter:
 
   def __call__(self, value: np.ndarray, time_s: float, size: float) -> np.ndarray:
     value = np.asarray(value, np.float64)
-    if self.value is None or self.speed is None or self.time is None:
-      self.value, self.speed, self.time = value.copy(), np.zeros(value.shape[:-1]), time_s
+    if self.value is None or self.derivative is None or self.time is None:
+      self.value, self.derivative, self.time = value.copy(), np.zeros_like(value), time_s
       return self.value.copy()
     dt = time_s - self.time
     if dt <= 0:  # a clock that did not advance (e.g. a camera without timestamps)
       dt = 1.0 / 30.0
       time_s = self.time + dt
-    raw_speed = np.linalg.norm(value - self.value, axis=-1) / dt / max(size, 1e-6)
     a_d = self._alpha(self.config.d_cutoff, dt)
-    self.speed = a_d * raw_speed + (1.0 - a_d) * self.speed
-    cutoff = self.config.min_cutoff + self.config.beta * self.speed
+    self.derivative = a_d * (value - self.value) / dt + (1.0 - a_d) * self.derivative
+    speed = np.linalg.norm(self.derivative, axis=-1) / max(size, 1e-6)
+    cutoff = self.config.min_cutoff + self.config.beta * speed
     a = self._alpha(cutoff, dt)[..., None]
     self.value = a * value + (1.0 - a) * self.value
     self.time = time_s

