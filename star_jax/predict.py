@@ -294,10 +294,14 @@ def _output_stems(paths: Sequence[str]) -> list[str]:
   stems = [name(p, 0, False) for p in paths]
   for parents, with_ext in ((0, True), (1, False), (1, True), (2, False), (3, False),
                             (4, False)):
-    counts = collections.Counter(stems)
-    if all(c == 1 for c in counts.values()):
-      return stems
-    stems = [name(p, parents, with_ext) if counts[s] > 1 else s for p, s in zip(paths, stems)]
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for i, stem in enumerate(stems):
+      groups[stem].append(i)
+    for members in groups.values():
+      # Only names of different files are worth lengthening.
+      if len({os.path.abspath(paths[i]) for i in members}) > 1:
+        for i in members:
+          stems[i] = name(paths[i], parents, with_ext)
   seen: dict[str, int] = collections.Counter()
   unique = []
   for s in stems:
