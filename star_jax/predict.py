@@ -133,6 +133,11 @@ class Predictor:
     self.loaded = (checkpoint if isinstance(checkpoint, eval_lib.LoadedModel)
                    else eval_lib.load_model(checkpoint, weights=weights))
     self._normalize = eval_lib.normalize_crops
+    self._landmark_fn = self.loaded.landmark_fn
+    # On the device once: a host copy of the weights would be sent with every call (68 MB for
+    # the full model).
+    import jax  # pylint: disable=g-import-not-at-top
+    self._variables = jax.device_put(self.loaded.variables)
     self.spec = spec_for_num_points(self.loaded.num_points)
     self.image_size = self.loaded.image_size
     self.batch_size = int(batch_size)
@@ -159,7 +164,7 @@ class Predictor:
       padded = _padded_size(n, self.batch_size)
       if n < padded:
         chunk = np.concatenate([chunk, np.zeros((padded - n,) + chunk.shape[1:], chunk.dtype)])
-      out.append(np.asarray(self.loaded.landmark_fn(self.loaded.variables, chunk))[:n])
+      out.append(np.asarray(self._landmark_fn(self._variables, chunk))[:n])
     if not out:
       return np.zeros((0, self.num_points, 2), np.float32)
     return np.concatenate(out)

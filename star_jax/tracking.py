@@ -4,16 +4,22 @@ Imports neither JAX nor TensorFlow: the network is reached through a callable, s
 without JAX can drive the same tracker.
 
 Per frame (`FaceTracker.update`):
-1. Every track proposes its crop from its previous landmarks with the training crop rule
-   (landmark-box centre, side 1.05 x its longer side; `detection.crop_from_landmarks`), from
-   the smoothed landmarks when smoothing is on. A crop that moved by less than
-   `crop_hysteresis` of its side (and changed size by less than that) is kept as it was, so a
-   still face is read through the same crop and its landmarks do not feed their own noise back.
+1. Every track proposes its crop from its previous landmarks (the smoothed ones when smoothing
+   is on): centred on their bounding box, with side `box side / fill`. `fill` starts at the
+   training crop's 1/1.05 (so the crop is the training crop) and follows, slowly
+   (`fill_adaptation` per frame, within `fill_range`), how much of its crop the network's
+   landmark box actually fills: a network that reads faces 10 % small would otherwise shrink
+   its next crop by 10 %, frame after frame, until it loses the face. A crop that moved by less
+   than `crop_hysteresis` of its side (and changed size by less than that) is kept as it was,
+   so a still face is read through the same crop and its landmarks do not feed their own noise
+   back.
 2. The detector runs on the first frame, every `redetect_every` frames, on any frame after a
    track was lost, and on every frame while there is no track. Its boxes become crops with the
    detector's calibrated rule and are matched to tracks by the IoU of the crop squares (greedy,
-   best first, at least `match_iou`): a matched track keeps its id (and its own crop, unless it
-   was lost); an unmatched box starts a new track (new id); a track that no detection has
+   best first, at least `match_iou`): a matched track keeps its id and its own crop, unless it
+   was lost or its crop drifted from the detection's (sides differing by more than
+   `reseed_scale` times, or centres by more than `reseed_shift` crop sides), in which case it
+   restarts from the detection's crop; an unmatched box starts a new track (new id); a track that no detection has
    matched `max_missed_detections` times in a row is ended (the detector is the authority on
    whether a face is still there).
 3. The network reads all crops of the frame in one call.
@@ -23,8 +29,9 @@ Per frame (`FaceTracker.update`):
    returns points collapsed towards the middle, or spread to the borders), or its centre left
    the crop's middle (`lost_max_shift` crop sides from the crop centre). A lost track is not
    reported for the frame and forces a detection on the next one, where a matching box
-   re-seeds it under the same id; without one it ends. Tracks whose landmark boxes overlap by
-   more than `duplicate_iou` are merged into the older one.
+   re-seeds it under the same id; without one it ends. Two tracks whose landmark boxes overlap
+   by more than `duplicate_overlap` of the smaller are one face: the larger box is kept, under
+   the older id.
 5. Smoothing: a One-Euro filter (Casiez et al., CHI 2012) per track on all landmark
    coordinates, each point with its own cutoff `min_cutoff + beta * speed` (a mouth that opens
    is followed quickly while the still rest of the face stays steady). Speeds are in face sizes
@@ -40,7 +47,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from star_jax.detection.boxes import Box, crop_box, crop_from_landmarks, iou
+from star_jax.detection.boxes import (TRAINING_MARGIN, Box, crop_box, iou,
+                                      overlap_of_smaller)
+
+# A face in its training crop: the landmark box's longer side is 1/1.05 of the crop side.
+TRAINING_FILL = 1.0 / TRAINING_MARGIN
 
 # (image, [(scale, centre)]) -> [(N, 2) landmarks in image pixels]
 LandmarksFn = Callable[[np.ndarray, Sequence[tuple[float, np.ndarray]]], list[np.ndarray]]
@@ -64,8 +75,13 @@ class TrackerConfig:
   lost_min_fill: float = 0.55
   lost_max_fill: float = 1.35
   lost_max_shift: float = 0.3
-  duplicate_iou: float = 0.5
-  crop_hysteresis: float = 0.01
+  lost_max_drift: float = 1.6
+  reseed_scale: float = 1.3
+  reseed_shift: float = 0.25
+  duplicate_overlap: float = 0.6
+  fill_adaptation: float = 0.1
+  fill_range: tuple[float, float] = (0.7, 1.0)
+  crop_hysteresis: float = 0.02
   max_faces: int = 0              # 0: no limit; else the largest faces are kept
 
   def __post_init__(self):
@@ -135,6 +151,8 @@ class _Track:
   missed: int = 0
   lost: bool = False
   seeded_by_detection: bool = True
+  reference: tuple[float, np.ndarray] | None = None   # the crop of the last matching detection
+  fill: float = TRAINING_FILL   # expected landmark-box side over crop side (see the docstring)
 
 
 def _crop_changed(old: tuple[float, np.ndarray], new: tuple[float, np.ndarray],
@@ -174,14 +192,21 @@ class FaceTracker:
     return self.frame_index - self._last_detection >= self.config.redetect_every
 
   def _new_track(self, crop) -> _Track:
-    track = _Track(self._next_id, crop)
+    track = _Track(self._next_id, crop, reference=crop)
     self._next_id += 1
     return track
 
   def _detect_and_match(self, frame: np.ndarray) -> None:
     self.detections_run += 1
     self._last_detection = self.frame_index
-    crops = [self.box_to_crop(b) for b in self.detect_fn(frame)]
+    crops = []
+    for crop in sorted((self.box_to_crop(b) for b in self.detect_fn(frame)),
+                       key=lambda c: -c[0]):
+      # A detection mostly inside a larger one (e.g. on the upper half of a face) is the same
+      # face.
+      if all(overlap_of_smaller(crop_box(*crop), crop_box(*k)) <= self.config.duplicate_overlap
+             for k in crops):
+        crops.append(crop)
     pairs = []
     for ti, track in enumerate(self.tracks):
       square = crop_box(*track.crop)
@@ -197,10 +222,15 @@ class FaceTracker:
       matched_dets.add(di)
       track = self.tracks[ti]
       track.missed = 0
-      if track.lost:
-        # Re-seeded where the detector sees the face; the filter restarts there.
+      track.reference = crops[di]
+      scale_ratio = track.crop[0] / crops[di][0]
+      shift = float(np.max(np.abs(track.crop[1] - crops[di][1]))) / (crops[di][0] * 200.0)
+      if (track.lost or not 1 / self.config.reseed_scale <= scale_ratio <= self.config.reseed_scale
+          or shift > self.config.reseed_shift):
+        # Lost, or drifted from where the detector sees the face: re-seeded from the detection
+        # (same id); the filter restarts there.
         track.crop, track.lost, track.seeded_by_detection = crops[di], False, True
-        track.filter = None
+        track.filter, track.fill = None, TRAINING_FILL
     kept = []
     for ti, track in enumerate(self.tracks):
       if ti not in matched_tracks:
@@ -213,23 +243,31 @@ class FaceTracker:
       if di not in matched_dets:
         self.tracks.append(self._new_track(crop))
 
-  def _looks_lost(self, landmarks: np.ndarray, crop: tuple[float, np.ndarray]) -> bool:
+  def _looks_lost(self, landmarks: np.ndarray, track: _Track) -> bool:
     if not np.all(np.isfinite(landmarks)):
       return True
     box = Box.around(landmarks)
-    side = crop[0] * 200.0
+    side = track.crop[0] * 200.0
     fill = box.size / side
-    shift = np.max(np.abs(np.array(box.center) - crop[1])) / side
-    return (fill < self.config.lost_min_fill or fill > self.config.lost_max_fill
-            or shift > self.config.lost_max_shift)
+    shift = np.max(np.abs(np.array(box.center) - track.crop[1])) / side
+    if (fill < self.config.lost_min_fill or fill > self.config.lost_max_fill
+        or shift > self.config.lost_max_shift):
+      return True
+    # A face read from its own landmarks can shrink or grow frame by frame (each crop a little
+    # off in the same direction); the detector's last crop bounds how far.
+    if track.reference is not None:
+      drift = (box.size * 1.05) / (track.reference[0] * 200.0)
+      if not 1 / self.config.lost_max_drift <= drift <= self.config.lost_max_drift:
+        return True
+    return False
 
   def update(self, frame_rgb: np.ndarray, time_s: float) -> list[TrackedFace]:
     """Faces of the next frame (`time_s`: its time in seconds, increasing)."""
     self.frame_index += 1
     for track in self.tracks:
       if track.landmarks is not None and not track.lost:
-        basis = track.smoothed if track.smoothed is not None else track.landmarks
-        proposal = crop_from_landmarks(basis)
+        basis = Box.around(track.smoothed if track.smoothed is not None else track.landmarks)
+        proposal = (basis.size / track.fill / 200.0, np.array(basis.center, np.float64))
         if _crop_changed(track.crop, proposal, self.config.crop_hysteresis):
           track.crop = proposal
         track.seeded_by_detection = False
@@ -247,10 +285,14 @@ class FaceTracker:
     faces = []
     for track, points in zip(active, outputs):
       points = np.asarray(points, np.float64)
-      if self._looks_lost(points, track.crop):
+      if self._looks_lost(points, track):
         track.lost = True
         continue
       track.landmarks = points
+      measured = Box.around(points).size / (track.crop[0] * 200.0)
+      low, high = self.config.fill_range
+      track.fill = float(np.clip(track.fill + self.config.fill_adaptation * (
+          measured - track.fill), low, high))
       if self.smoothing.enabled:
         if track.filter is None:
           track.filter = OneEuroFilter(self.smoothing)
@@ -270,10 +312,15 @@ class FaceTracker:
         kept.append(track)
         continue
       box = Box.around(track.landmarks)
-      if any(k.landmarks is not None and not k.lost
-             and iou(box, Box.around(k.landmarks)) > self.config.duplicate_iou for k in kept):
-        continue
-      kept.append(track)
+      twin = next((k for k in kept if k.landmarks is not None and not k.lost and
+                   overlap_of_smaller(box, Box.around(k.landmarks))
+                   > self.config.duplicate_overlap), None)
+      if twin is None:
+        kept.append(track)
+      elif box.size > Box.around(twin.landmarks).size:
+        # Two tracks on one face: the larger (the whole face) stays, under the older id.
+        twin.crop, twin.landmarks, twin.smoothed = track.crop, track.landmarks, track.smoothed
+        twin.filter, twin.fill, twin.reference = track.filter, track.fill, track.reference
     self.tracks = kept
 
   def track(self, frames: Iterable[tuple[float, np.ndarray]]) -> Iterator[list[TrackedFace]]:

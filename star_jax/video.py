@@ -46,6 +46,19 @@ def is_video(path: str) -> bool:
   return path.lower().endswith(VIDEO_SUFFIXES)
 
 
+def _quietly(fn):
+  """Runs `fn` with OpenCV's own warnings off (a missing camera is reported by us, once)."""
+  logging = getattr(getattr(cv2, "utils", None), "logging", None)
+  if logging is None:
+    return fn()
+  level = logging.getLogLevel()
+  logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+  try:
+    return fn()
+  finally:
+    logging.setLogLevel(level)
+
+
 class VideoError(DataError):
   """A video file or camera that cannot be read, or an output that cannot be written."""
 
@@ -70,7 +83,7 @@ class FrameReader:
     label = f"camera {source}" if self.is_camera else str(source)
     if not self.is_camera and not os.path.isfile(str(source)):
       raise VideoError(f"{source}: no such file")
-    self.capture = cv2.VideoCapture(source)
+    self.capture = _quietly(lambda: cv2.VideoCapture(source))
     if not self.capture.isOpened():
       self.capture.release()
       raise VideoError(f"{label}: cannot be opened as a video" +

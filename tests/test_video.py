@@ -219,3 +219,11 @@ def test_predictor_track_api(two_faces):
   for faces in results:
     for face in faces:
       assert face.landmarks.shape == (98, 2) and np.all(np.isfinite(face.landmarks))
+
+
+def test_missing_camera_is_reported(tmp_path, capsys):
+  code = predict.main(["--checkpoint", CHECKPOINT, "--camera", "97", "--out",
+                       str(tmp_path / "o")])
+  assert code == 1
+  err = capsys.readouterr().err
+  assert "camera 97: cannot be opened" in err and "WARN" not in err

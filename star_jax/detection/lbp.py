@@ -8,7 +8,7 @@ fallback when no better detector is installed.
 
 from __future__ import annotations
 
-import functools
+import threading
 
 import cv2
 import numpy as np
@@ -19,11 +19,17 @@ from star_jax.detection.boxes import Box, overlap_of_smaller
 MAX_SIDE = 640
 
 
-@functools.lru_cache(maxsize=1)
+_local = threading.local()
+
+
 def _cascade():
-  from skimage import data as skdata
-  from skimage.feature import Cascade
-  return Cascade(skdata.lbp_frontal_face_cascade_filename())
+  """One cascade per thread (the predictor detects in worker threads)."""
+  cascade = getattr(_local, "cascade", None)
+  if cascade is None:
+    from skimage import data as skdata
+    from skimage.feature import Cascade
+    cascade = _local.cascade = Cascade(skdata.lbp_frontal_face_cascade_filename())
+  return cascade
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
