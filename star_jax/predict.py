@@ -547,6 +547,9 @@ def _main(argv: Sequence[str] | None) -> int:
       print(f"warning: folder {target} has no image or video files", file=sys.stderr)
     images.extend(found_images)
     videos.extend(found_videos)
+  if (videos or args.camera is not None) and (args.box is not None or args.whole_image):
+    print("warning: --box and --whole_image apply to images only; videos are tracked from "
+          "detections", file=sys.stderr)
   if args.detector != detection.DEFAULT:
     detection.get_detector(args.detector)  # an uninstalled detector fails before the model loads
   predictor = Predictor(args.checkpoint, weights=args.weights, batch_size=args.batch_size,
