@@ -6,13 +6,15 @@ without JAX can drive the same tracker.
 Per frame (`FaceTracker.update`):
 1. Every track proposes its crop from its previous landmarks (the smoothed ones when smoothing
    is on): centred on their bounding box, with side `box side / fill`. `fill` starts at the
-   training crop's 1/1.05 (so the crop is the training crop) and follows, slowly
-   (`fill_adaptation` per frame, within `fill_range`), how much of its crop the network's
-   landmark box actually fills: a network that reads faces 10 % small would otherwise shrink
-   its next crop by 10 %, frame after frame, until it loses the face. A crop that moved by less
-   than `crop_hysteresis` of its side (and changed size by less than that) is kept as it was,
-   so a still face is read through the same crop and its landmarks do not feed their own noise
-   back.
+   training crop's 1/1.05 (so the first proposal is the training crop) and then moves, by
+   `fill_adaptation` of the difference per frame (within `fill_range`), to how much of its
+   crop the network's landmark box actually fills. Without it a network that reads faces 10 %
+   small (small models do, and they also place faces near the crop centre whatever the crop)
+   shrinks its next crop by 10 %, frame after frame, until it loses the face; with it the size
+   follows the changes the network sees, and the detector corrects what remains (step 2).
+   A crop that moved by less than `crop_hysteresis` of its side (and changed size by less than
+   that) is kept as it was, so a still face is read through the same crop and its landmarks do
+   not feed their own noise back.
 2. The detector runs on the first frame, every `redetect_every` frames, on any frame after a
    track was lost, and on every frame while there is no track. Its boxes become crops with the
    detector's calibrated rule and are matched to tracks by the IoU of the crop squares (greedy,
@@ -79,7 +81,7 @@ class TrackerConfig:
   reseed_scale: float = 1.3
   reseed_shift: float = 0.25
   duplicate_overlap: float = 0.6
-  fill_adaptation: float = 0.1
+  fill_adaptation: float = 0.5
   fill_range: tuple[float, float] = (0.7, 1.0)
   crop_hysteresis: float = 0.02
   max_faces: int = 0              # 0: no limit; else the largest faces are kept
