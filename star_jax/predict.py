@@ -1,49 +1,68 @@
-"""Landmarks on arbitrary images: a Python API and the `python -m star_jax.predict` CLI.
+"""Landmarks on photos and videos: a Python API and the `python -m star_jax.predict` CLI.
 
-    python -m star_jax.predict --checkpoint PATH IMAGE_OR_FOLDER [...] [--box x1,y1,x2,y2 |
-        --whole_image] [--box_rule detector|official] [--out DIR] [--points 68] [--batch_size 8]
+    python -m star_jax.predict --checkpoint PATH INPUT... [--out DIR] [--detector NAME]
+        [--box x1,y1,x2,y2 | --whole_image] [--box_rule official|landmarks|detector]
+        [--points 68] [--batch_size 8] [--workers 2]
+        [--camera N] [--redetect_every 10] [--no_smooth] [--max_frames N] [--no_video]
 
 PATH is a training workdir, a star-jax checkpoint directory or an official STAR `.pkl`;
 `--model M.onnx` (or `.tflite`, from `python -m star_jax.export`) runs an exported model with
-`star_jax.runtime.RuntimePredictor` instead (same crop, detector and map-back, no JAX).
-Without `--box`, faces are found by `star_jax.face_detection.detect_faces`; each box becomes the
-crop the model was trained on (see that module for the calibrated rule). Faces of all inputs
-are batched through one jitted network call per batch. For every image `DIR/<name>.json`
-(boxes, crop, landmarks in original pixels) and `DIR/<name>.png` (annotated) are written; a
-missing or unreadable file is reported by name and skipped, a face-less image is reported and
-gets a JSON with no faces. `--whole_image` treats each image as one pre-cropped face (a face
-filling the frame escapes most detectors). Exit status: 0 when every input was read, 1 when
-some could not be, 2 for invalid arguments.
+`star_jax.runtime.RuntimePredictor` instead (the same pipeline, no JAX).
+INPUT is an image, a folder (its images and videos) or a video file (by suffix, see
+`star_jax.video.VIDEO_SUFFIXES`); `--camera N` reads a live camera until Ctrl-C.
+
+Images: faces are found by `--detector` (default: BlazeFace, see `star_jax.detection`) unless
+`--box` or `--whole_image` is given; each box becomes the crop the model was trained on with the
+detector's calibrated rule (a given box is read as the official demo reads it). Images are
+decoded and searched in `--workers` threads and their faces batched through the network; JSON
+and PNG files are written in the background. Per image: `DIR/<name>.json` (boxes, crop,
+landmarks in original pixels) and `DIR/<name>.png` (annotated). Inputs whose names collide
+(`a/face.png`, `b/face.png`) get names that keep the folder (`a_face`, `b_face`).
+
+Videos: faces are tracked from frame to frame (`star_jax.tracking`): `DIR/<name>.mp4`
+(annotated) and `DIR/<name>.jsonl` (one JSON object per frame: frame, time_s, faces with ids).
+
+A missing or unreadable input is reported by name and skipped; a face-less image gets a JSON
+with no faces. Exit status: 0 when every input was read, 1 when some could not be (or for a
+bad checkpoint), 2 for invalid arguments; errors are one line (`STAR_JAX_DEBUG=1` shows the
+traceback).
 
     predictor = Predictor("runs/wflw")                 # or an official .pkl
     faces = predictor.predict(image_rgb)               # list of (N, 2) arrays, pixels
     faces = predictor.predict(image_rgb, boxes=[(x1, y1, x2, y2)], box_rule="official")
+    for faces in predictor.track(frames):              # video frames (RGB), in order
+      ...                                              # list of tracking.TrackedFace
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
 import re
 import sys
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from star_jax import checkpointing
-from star_jax import cli
-from star_jax import eval_lib
-from star_jax import face_detection
+from star_jax import detection
 from star_jax import landmark_mappings
 from star_jax import plots
+from star_jax import tracking
+from star_jax import video
 from star_jax.data import transforms
-from star_jax.face_detection import Box
+from star_jax.datasets import SPECS
+from star_jax.detection import Box, CropRule
+from star_jax.errors import UsageError
 from star_jax.image_io import ImageError, load_image
 
+TTA_MODES = ("none", "flip")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp", ".dib",
                   ".tif", ".tiff", ".webp", ".gif", ".jp2")
+BOX_RULES = ("official", "landmarks", "detector")
 
 
 def list_images(target: str) -> list[str]:
@@ -52,6 +71,15 @@ def list_images(target: str) -> list[str]:
     names = sorted(n for n in os.listdir(target) if n.lower().endswith(IMAGE_SUFFIXES))
     return [os.path.join(target, n) for n in names]
   return [target]
+
+
+def list_inputs(target: str) -> tuple[list[str], list[str]]:
+  """(images, videos) named by `target`: a folder's files by suffix, or the file itself."""
+  if os.path.isdir(target):
+    names = sorted(os.listdir(target))
+    return ([os.path.join(target, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)],
+            [os.path.join(target, n) for n in names if video.is_video(n)])
+  return ([], [target]) if video.is_video(target) else ([target], [])
 
 
 @dataclasses.dataclass
@@ -68,87 +96,165 @@ class Face:
     lm = self.landmarks
     if num_points is not None and source_spec is not None:
       lm = landmark_mappings.convert_landmarks(lm, source_spec, num_points)
-    return {"box": self.box.as_list(), "box_source": self.box_source,
-            "scale": self.scale, "center": [float(c) for c in self.center],
-            "landmarks": np.round(lm.astype(np.float64), 3).tolist()}
+    record = {"box": [round(v, 3) for v in self.box.as_list()], "box_source": self.box_source,
+              "scale": round(float(self.scale), 6),
+              "center": [round(float(c), 3) for c in self.center],
+              "landmarks": np.round(lm.astype(np.float64), 3).tolist()}
+    if self.box.score is not None:
+      record["score"] = round(float(self.box.score), 4)
+    return record
+
+
+def _padded_size(n: int, batch_size: int) -> int:
+  """The batch a call of n crops is padded to: the next power of two up to `batch_size`, so a
+  video's one or two faces do not pay for a full batch and few shapes are compiled."""
+  size = 1
+  while size < n and size < batch_size:
+    size *= 2
+  return min(size, batch_size)
 
 
 class Predictor:
-  """Batched, jitted landmark prediction for whole images.
+  """Batched, jitted landmark prediction for whole images and videos.
 
   Args:
     checkpoint: path for `checkpointing.load_model`, or a `checkpointing.LoadedModel`.
     weights: 'default', 'ema' or 'raw' (see `checkpointing.load_model`).
-    batch_size: faces per network call; calls are padded to it so one compilation serves all.
-    detector: `image_rgb -> list[Box]` used when no boxes are given.
+    batch_size: faces per network call; calls are padded (to powers of two up to it) so few
+      compilations serve all.
+    detector: a name of `star_jax.detection` ('default', 'blazeface', 'lbp', ...) or a callable
+      `image_rgb -> list[Box]` (whose boxes are then read with `detector_rule`).
+    detector_rule: the box -> crop rule for a callable detector (default: the LBP rule).
+    tta: 'none' or 'flip' (test-time flip augmentation, see `predict_crops`).
+
+  The network is the only part a subclass replaces (`_network`; see
+  `star_jax.runtime.RuntimePredictor` for exported models).
   """
 
   def __init__(self, checkpoint, *, weights: str = "default", batch_size: int = 8,
-               detector: Callable[[np.ndarray], list[Box]] | None = None):
+               detector: str | Callable[[np.ndarray], list[Box]] = detection.DEFAULT,
+               detector_rule: CropRule | str | None = None, tta: str = "none"):
+    self._setup(batch_size, detector, detector_rule, tta)
+    from star_jax import checkpointing, eval_lib  # JAX, imported only by this network
     self.loaded = (checkpoint if isinstance(checkpoint, checkpointing.LoadedModel)
                    else checkpointing.load_model(checkpoint, weights=weights))
-    self.spec = self.loaded.spec
+    self._normalize = eval_lib.normalize_crops
     self._landmark_fn = eval_lib.landmark_fn_for(self.loaded)
+    # On the device once: a host copy of the weights would be sent with every call (68 MB for
+    # the full model).
+    import jax
+    self._variables = jax.device_put(self.loaded.variables)
+    self.spec = self.loaded.spec
     self.image_size = self.loaded.image_size
+
+  def _setup(self, batch_size: int, detector, detector_rule, tta: str) -> None:
+    """What every network shares: batching, the detector and its crop rule, test-time flip."""
+    if int(batch_size) < 1:
+      raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    if tta not in TTA_MODES:
+      raise UsageError(f"tta={tta!r}: use one of {', '.join(TTA_MODES)}")
     self.batch_size = int(batch_size)
-    self.detector = detector or face_detection.detect_faces
+    self.tta = tta
+    if callable(detector):
+      self.detector_name = getattr(detector, "__name__", "custom")
+      self.detector = detector
+      self.detector_rule = detector_rule or detection.FALLBACK_DETECTOR
+    else:
+      self.detector_name = detection.resolve(detector)
+      self.detector = detection.get_detector(self.detector_name)
+      self.detector_rule = detector_rule or self.detector_name
 
   @property
   def num_points(self) -> int:
-    return self.loaded.num_points
+    return self.spec.num_points
+
+  def _network(self, crops_rgb_u8: np.ndarray) -> np.ndarray:
+    """One padded batch of uint8 crops -> landmarks in [-1, 1] (the JAX network)."""
+    chunk = self._normalize(crops_rgb_u8)
+    n = len(chunk)
+    padded = _padded_size(n, self.batch_size)
+    if n < padded:
+      chunk = np.concatenate([chunk, np.zeros((padded - n,) + chunk.shape[1:], chunk.dtype)])
+    return np.asarray(self._landmark_fn(self._variables, chunk))[:n]
 
   def predict_crops(self, crops_rgb_u8: np.ndarray) -> np.ndarray:
-    """`(B, S, S, 3)` uint8 crops -> `(B, N, 2)` landmarks in [-1, 1] (in batches)."""
+    """`(B, S, S, 3)` uint8 crops -> `(B, N, 2)` landmarks in [-1, 1] (in batches).
+
+    With `tta='flip'` each landmark set is the mean of the crop's and the un-flipped one of the
+    mirrored crop (the scheme's flip pairs swapped, x -> -x).
+    """
     crops = np.asarray(crops_rgb_u8)
-    out = []
-    for start in range(0, len(crops), self.batch_size):
-      chunk = eval_lib.normalize_crops(crops[start:start + self.batch_size])
-      n = len(chunk)
-      if n < self.batch_size:  # pad: fixed shapes, one compilation
-        chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:],
-                                                chunk.dtype)])
-      out.append(np.asarray(self._landmark_fn(self.loaded.variables, chunk))[:n])
-    if not out:
+    if not len(crops):
       return np.zeros((0, self.num_points, 2), np.float32)
-    return np.concatenate(out)
+    run = lambda c: np.concatenate([self._network(c[start:start + self.batch_size])
+                                    for start in range(0, len(c), self.batch_size)])
+    out = run(crops)
+    if self.tta == "flip":
+      if not self.spec.flip_pairs:
+        raise UsageError(f"--tta flip: scheme {self.spec.name!r} has no flip pairs")
+      mirrored = run(np.ascontiguousarray(crops[:, :, ::-1]))[:, self.spec.flip_permutation()]
+      out = 0.5 * (out + mirrored * np.asarray([-1.0, 1.0], np.float32))
+    return out.astype(np.float32)
 
-  def faces_to_crops(self, image_rgb: np.ndarray, boxes: Sequence[Box], box_rule: str
-                     ) -> tuple[np.ndarray, list[tuple[float, np.ndarray, np.ndarray]]]:
-    """Crops (K, S, S, 3) uint8 and (scale, center, matrix) per box."""
-    crops, geometry = [], []
-    for box in boxes:
-      scale, center = face_detection.box_to_crop(box, box_rule)
+  def crops_at(self, image_rgb: np.ndarray, crops: Sequence[tuple[float, np.ndarray]]
+               ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The warped crops (K, S, S, 3) uint8 and their crop matrices for (scale, center) pairs."""
+    pictures, matrices = [], []
+    for scale, center in crops:
       matrix = transforms.crop_matrix(scale, center[0], center[1], self.image_size)
-      crops.append(transforms.warp(image_rgb, matrix, self.image_size))
-      geometry.append((scale, center, matrix))
-    shape = (0, self.image_size, self.image_size, 3)
-    return (np.stack(crops) if crops else np.zeros(shape, np.uint8)), geometry
+      pictures.append(transforms.warp(image_rgb, matrix, self.image_size))
+      matrices.append(matrix)
+    if not pictures:
+      return np.zeros((0, self.image_size, self.image_size, 3), np.uint8), []
+    return np.stack(pictures), matrices
 
-  def _boxes(self, image_rgb: np.ndarray, boxes) -> tuple[list[Box], str, str]:
+  def landmarks_in_crops(self, image_rgb: np.ndarray,
+                         crops: Sequence[tuple[float, np.ndarray]]) -> list[np.ndarray]:
+    """Landmarks (N, 2) in image pixels of the face in each crop (one network call)."""
+    pictures, matrices = self.crops_at(image_rgb, crops)
+    landmarks = self.predict_crops(pictures)
+    return [transforms.landmarks_to_original(lm, m, self.image_size)
+            for lm, m in zip(landmarks, matrices)]
+
+  def box_crop(self, box: Box, rule: str | CropRule | None = None) -> tuple[float, np.ndarray]:
+    """A detector box -> its crop by `rule` ('detector' or None: this predictor's detector)."""
+    if rule in (None, "detector"):
+      rule = self.detector_rule
+    return detection.box_to_crop(box, rule)
+
+  def plan(self, image_rgb: np.ndarray, boxes: Sequence | None = None, *,
+           box_rule: str | None = None) -> tuple[list[Box], str, list[tuple[float, np.ndarray]]]:
+    """(boxes, their source, crops) of an image: detected, or the given boxes."""
     if boxes is None:
-      return list(self.detector(image_rgb)), "detector", "detector"
+      found = list(self.detector(image_rgb))
+      return found, "detector", [self.box_crop(b, box_rule) for b in found]
     parsed = [b if isinstance(b, Box) else Box(*map(float, b)) for b in boxes]
-    return parsed, "given", "official"
+    rule = box_rule or "official"
+    return parsed, "given", [self.box_crop(b, rule) for b in parsed]
 
   def predict_faces(self, images: Sequence[np.ndarray], boxes: Sequence | None = None, *,
                     box_rule: str | None = None) -> list[list[Face]]:
     """Faces of several images, batched together. `boxes[i]` (or None: detect) per image."""
-    all_crops, owners = [], []
-    plans = []
-    for i, image in enumerate(images):
-      found, source, default_rule = self._boxes(image, None if boxes is None else boxes[i])
-      crops, geometry = self.faces_to_crops(image, found, box_rule or default_rule)
-      all_crops.append(crops)
-      owners.extend([i] * len(found))
-      plans.append((found, source, geometry))
-    landmarks = self.predict_crops(np.concatenate(all_crops)) if owners else None
-    results: list[list[Face]] = [[] for _ in images]
+    plans = [self.plan(image, None if boxes is None else boxes[i], box_rule=box_rule)
+             for i, image in enumerate(images)]
+    return self._run_plans(images, plans)
+
+  def _run_plans(self, images: Sequence[np.ndarray], plans) -> list[list[Face]]:
+    pictures, matrices = [], []
+    for image, (_, _, crops) in zip(images, plans):
+      p, m = self.crops_at(image, crops)
+      pictures.append(p)
+      matrices.extend(m)
+    landmarks = self.predict_crops(np.concatenate(pictures)) if matrices else []
+    results: list[list[Face]] = []
     k = 0
-    for i, (found, source, geometry) in enumerate(plans):
-      for box, (scale, center, matrix) in zip(found, geometry):
-        pts = transforms.landmarks_to_original(landmarks[k], matrix, self.image_size)
-        results[i].append(Face(pts, box, source, scale, center))
+    for found, source, crops in plans:
+      faces = []
+      for box, (scale, center) in zip(found, crops):
+        points = transforms.landmarks_to_original(landmarks[k], matrices[k], self.image_size)
+        faces.append(Face(points, box, source, float(scale), center))
         k += 1
+      results.append(faces)
     return results
 
   def predict(self, image_rgb: np.ndarray, boxes: Sequence | None = None, *,
@@ -156,8 +262,9 @@ class Predictor:
     """Landmarks `(N, 2)` (original pixels, x y) of each face in an RGB uint8 image.
 
     `boxes`: `(x1, y1, x2, y2)` per face, or None to detect. A given box is read with the
-    official demo's rule (tight around the landmarks) unless `box_rule` says 'detector'.
-    `num_points=68` maps 98-point output to the 300W layout.
+    official demo's rule (tight around the landmarks) unless `box_rule` says otherwise
+    ('landmarks', 'detector' or a detector name). `num_points=68` maps 98-point output to the
+    300W layout.
     """
     faces = self.predict_faces([np.asarray(image_rgb)], None if boxes is None else [boxes],
                                box_rule=box_rule)[0]
@@ -165,6 +272,24 @@ class Predictor:
     if num_points is not None:
       out = [landmark_mappings.convert_landmarks(lm, self.spec, num_points) for lm in out]
     return out
+
+  def tracker(self, config: tracking.TrackerConfig = tracking.TrackerConfig(),
+              smoothing: tracking.SmoothingConfig = tracking.SmoothingConfig()
+              ) -> tracking.FaceTracker:
+    """A `tracking.FaceTracker` driven by this predictor's network and detector."""
+    return tracking.FaceTracker(self.landmarks_in_crops, self.detector, self.box_crop,
+                                config=config, smoothing=smoothing)
+
+  def track(self, frames: Iterable, *, fps: float = video.DEFAULT_FPS,
+            config: tracking.TrackerConfig = tracking.TrackerConfig(),
+            smoothing: tracking.SmoothingConfig = tracking.SmoothingConfig()
+            ) -> Iterator[list[tracking.TrackedFace]]:
+    """Faces of each video frame, in order. `frames`: RGB uint8 arrays (timed at `fps`) or
+    `(time_s, frame)` pairs."""
+    face_tracker = self.tracker(config, smoothing)
+    for index, item in enumerate(frames):
+      time_s, frame = item if isinstance(item, tuple) else (index / fps, item)
+      yield face_tracker.update(np.asarray(frame), float(time_s))
 
 
 @dataclasses.dataclass
@@ -187,138 +312,332 @@ def _format_json(record: dict) -> str:
 
 
 def _output_stems(paths: Sequence[str]) -> list[str]:
-  """Output names per input: the file stem, or stem_ext when two inputs share a stem."""
-  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-  counts = {s: stems.count(s) for s in stems}
-  return [s if counts[s] == 1 else f"{s}_{os.path.splitext(p)[1].lstrip('.').lower()}"
-          for s, p in zip(stems, paths)]
+  """Distinct output names for the inputs: the file stem; where stems collide, the stem with
+  its extension, then with as many parent folders as it takes (`a_face`, `b_face`), then a
+  counter (the same file given twice)."""
+  def name(path: str, parents: int, with_ext: bool) -> str:
+    stem, ext = os.path.splitext(os.path.basename(path))
+    if with_ext and ext:
+      stem = f"{stem}_{ext.lstrip('.').lower()}"
+    folders = os.path.normpath(os.path.dirname(os.path.abspath(path))).split(os.sep)
+    folders = [f for f in folders if f][-parents:] if parents else []
+    return "_".join(folders + [stem])
+
+  stems = [name(p, 0, False) for p in paths]
+  for parents, with_ext in ((0, True), (1, False), (1, True), (2, False), (3, False),
+                            (4, False)):
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for i, stem in enumerate(stems):
+      groups[stem].append(i)
+    for members in groups.values():
+      # Only names of different files are worth lengthening.
+      if len({os.path.abspath(paths[i]) for i in members}) > 1:
+        for i in members:
+          stems[i] = name(paths[i], parents, with_ext)
+  seen: dict[str, int] = collections.Counter()
+  unique = []
+  for s in stems:
+    seen[s] += 1
+    unique.append(s if seen[s] == 1 else f"{s}_{seen[s]}")
+  return unique
+
+
+@dataclasses.dataclass
+class _Prepared:
+  index: int
+  image: np.ndarray | None = None
+  plan: tuple | None = None
+  error: str = ""
 
 
 def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
                   boxes: Sequence[Box] | None = None, whole_image: bool = False,
-                  box_rule: str | None = None,
-                  num_points: int | None = None, images_per_batch: int | None = None,
+                  box_rule: str | None = None, num_points: int | None = None,
+                  images_per_batch: int | None = None, workers: int = 2,
                   log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
-                  progress: bool = True) -> list[FileReport]:
+                  progress: bool = True, write_png: bool = True,
+                  stems: Sequence[str] | None = None) -> list[FileReport]:
   """Predicts every image file, writing `<stem>.json` and `<stem>.png` into `out_dir`.
 
-  Unreadable and missing files are reported (by `log`) and skipped; the others are processed.
-  Images are decoded a group at a time and their faces batched together. `boxes` are used for
-  every image; `whole_image=True` takes each image itself as the face box (pre-cropped faces,
-  which detectors tend to miss).
+  `workers` threads decode the images, find the faces and cut the crops, ahead of the network;
+  faces of consecutive images are batched together (a batch is run once `images_per_batch`
+  images, default `batch_size`, or `batch_size` faces are waiting); the outputs are written in
+  a background thread. Unreadable and missing files are reported (by `log`) and skipped.
+  `boxes` are used for every image; `whole_image=True` takes each image itself as the face box
+  (pre-cropped faces, which detectors tend to miss).
   """
   os.makedirs(out_dir, exist_ok=True)
-  stems = _output_stems(paths)
+  stems = list(stems) if stems is not None else _output_stems(paths)
   group = max(1, images_per_batch or predictor.batch_size)
-  reports: list[FileReport] = []
-  iterator: Iterable[int] = range(0, len(paths), group)
-  if progress and len(paths) > group:
-    from tqdm import tqdm
-    iterator = tqdm(iterator, total=-(-len(paths) // group), desc="predict", unit="group",
-                    file=sys.stderr)
-  for start in iterator:
-    loaded = []
-    for i in range(start, min(start + group, len(paths))):
-      try:
-        loaded.append((i, load_image(paths[i])))
-      except ImageError as e:
-        log(f"skipped {e}")
-        reports.append(FileReport(paths[i], "error", str(e)))
-    if not loaded:
-      continue
+  workers = max(1, int(workers))
+
+  def prepare(i: int) -> _Prepared:
+    try:
+      image = load_image(paths[i])
+    except ImageError as e:
+      return _Prepared(i, error=str(e))
     if whole_image:
       # Pixel-centre extent (0 .. W-1), the convention of landmark boxes.
-      image_boxes = [[Box(0, 0, img.shape[1] - 1, img.shape[0] - 1)] for _, img in loaded]
+      given = [Box(0, 0, image.shape[1] - 1, image.shape[0] - 1)]
     else:
-      image_boxes = None if boxes is None else [boxes] * len(loaded)
-    faces = predictor.predict_faces([img for _, img in loaded], image_boxes, box_rule=box_rule)
-    for (i, image), image_faces in zip(loaded, faces):
-      report = FileReport(paths[i], "ok" if image_faces else "no_face",
-                          num_faces=len(image_faces))
-      record = {"image": os.path.abspath(paths[i]), "width": int(image.shape[1]),
-                "height": int(image.shape[0]),
-                "num_points": num_points or predictor.num_points,
-                "faces": [f.to_json(num_points, predictor.spec) for f in image_faces]}
-      report.json_path = os.path.join(out_dir, stems[i] + ".json")
-      with open(report.json_path, "w") as f:
-        f.write(_format_json(record))
-      if image_faces:
-        drawn = [np.asarray(face["landmarks"]) for face in record["faces"]]
-        canvas = plots.draw_landmarks(image, drawn, [f.box.as_list() for f in image_faces])
-        report.png_path = plots.save_png(os.path.join(out_dir, stems[i] + ".png"), canvas)
-      else:
-        report.message = f"{paths[i]}: no face found"
+      given = boxes
+    return _Prepared(i, image, predictor.plan(image, given, box_rule=box_rule))
+
+  reports: list[FileReport] = []
+  bar = None
+  if progress and len(paths) > 1:
+    from tqdm import tqdm
+    bar = tqdm(total=len(paths), desc="predict", unit="image", file=sys.stderr)
+
+  def write(i: int, image: np.ndarray, faces: list[Face]) -> FileReport:
+    report = FileReport(paths[i], "ok" if faces else "no_face", num_faces=len(faces))
+    record = {"image": os.path.abspath(paths[i]), "width": int(image.shape[1]),
+              "height": int(image.shape[0]),
+              "num_points": num_points or predictor.num_points,
+              "detector": predictor.detector_name if boxes is None and not whole_image
+                          else None,
+              "faces": [f.to_json(num_points, predictor.spec) for f in faces]}
+    report.json_path = os.path.join(out_dir, stems[i] + ".json")
+    with open(report.json_path, "w") as f:
+      f.write(_format_json(record))
+    if faces and write_png:
+      drawn = [np.asarray(face["landmarks"]) for face in record["faces"]]
+      canvas = plots.draw_landmarks(image, drawn, [f.box.as_list() for f in faces])
+      report.png_path = plots.save_png(os.path.join(out_dir, stems[i] + ".png"), canvas)
+    elif not faces:
+      report.message = f"{paths[i]}: no face found"
+    return report
+
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
+       concurrent.futures.ThreadPoolExecutor(1) as writer:
+    lookahead = collections.deque()
+    next_index = 0
+    pending: list[_Prepared] = []
+    written: list[concurrent.futures.Future] = []
+
+    def flush() -> None:
+      if not pending:
+        return
+      faces = predictor._run_plans([p.image for p in pending], [p.plan for p in pending])
+      for prepared, image_faces in zip(pending, faces):
+        written.append(writer.submit(write, prepared.index, prepared.image, image_faces))
+      if bar is not None:
+        bar.update(len(pending))
+      pending.clear()
+
+    while next_index < len(paths) or lookahead:
+      while next_index < len(paths) and len(lookahead) < 2 * max(group, workers):
+        lookahead.append(pool.submit(prepare, next_index))
+        next_index += 1
+      prepared = lookahead.popleft().result()
+      if prepared.error:
+        if bar is not None:
+          bar.update(1)
+        log(f"skipped {prepared.error}")
+        reports.append(FileReport(paths[prepared.index], "error", prepared.error))
+        continue
+      pending.append(prepared)
+      if (len(pending) >= group
+          or sum(len(p.plan[2]) for p in pending) >= predictor.batch_size):
+        flush()
+    flush()
+    for future in written:
+      report = future.result()
+      if report.message:
         log(report.message)
       reports.append(report)
+  if bar is not None:
+    bar.close()
   order = {p: k for k, p in enumerate(paths)}
   reports.sort(key=lambda r: order.get(r.path, 0))
   return reports
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parse_box(text: str) -> Box:
+  try:
+    return Box.parse(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
+
+
+def _non_negative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+  return value
+
+
+def _layout(text: str) -> int:
+  known = sorted({spec.num_points for spec in SPECS.values()})
+  try:
+    value = int(text)
+  except ValueError:
+    value = -1
+  if value not in known:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a landmark layout; use one of {', '.join(map(str, known))}")
+  return value
+
+
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m star_jax.predict",
-      description="Facial landmarks on images: writes <name>.json and an annotated <name>.png "
-                  "per image.")
-  parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
-                      help="image files and/or folders of images")
+      description="Facial landmarks on images and videos: writes <name>.json and an annotated "
+                  "<name>.png per image, <name>.mp4 and <name>.jsonl per video.")
+  parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                      help="image files, video files and/or folders")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--checkpoint",
                       help="training workdir, checkpoint directory or official STAR .pkl")
   source.add_argument("--model", help="an exported .onnx or .tflite model (star_jax.export), "
                                       "run by star_jax.runtime without JAX")
-  parser.add_argument("--box", default=None, metavar="x1,y1,x2,y2",
+  parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
+  parser.add_argument("--detector", default=detection.DEFAULT,
+                      choices=[detection.DEFAULT] + detection.names(),
+                      help="face detector (default: blazeface when installed, else lbp)")
+  parser.add_argument("--box", type=_parse_box, default=None, metavar="x1,y1,x2,y2",
                       help="use this face box (every image) instead of detecting faces")
   parser.add_argument("--whole_image", action="store_true",
                       help="each image is one pre-cropped face: use the whole image as its box")
-  parser.add_argument("--box_rule", choices=("official", "detector"), default=None,
-                      help="how a box becomes the crop: 'official' (box tight around the "
-                           "landmarks, the official demo; default for --box) or 'detector' "
-                           "(a box from this package's detector; default without --box)")
-  parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
-  parser.add_argument("--points", type=int, default=None,
+  parser.add_argument("--box_rule", choices=BOX_RULES, default=None,
+                      help="how a box becomes the crop: 'official' (a box tight around the "
+                           "landmarks, as the official demo reads it; default for --box), "
+                           "'landmarks' (a landmark box read as the training crop) or "
+                           "'detector' (the detector's calibrated rule; default otherwise)")
+  parser.add_argument("--points", type=_layout, default=None,
                       help="output layout: e.g. 68 maps 98-point (WFLW) output to 300W points")
   parser.add_argument("--weights", choices=("default", "ema", "raw"), default="default",
                       help="EMA or raw weights (default: EMA; an official .pkl's 'net')")
-  parser.add_argument("--batch_size", type=int, default=8, help="faces per network call")
-  return parser.parse_args(argv)
+  parser.add_argument("--batch_size", type=_positive_int, default=8,
+                      help="faces per network call")
+  parser.add_argument("--tta", choices=TTA_MODES, default="none",
+                      help="test-time augmentation: 'flip' averages the prediction with that of "
+                           "the mirrored crop")
+  parser.add_argument("--workers", type=_positive_int, default=2,
+                      help="threads decoding images and finding faces")
+  video_group = parser.add_argument_group("video")
+  video_group.add_argument("--camera", type=_non_negative_int, default=None, metavar="N",
+                           help="read camera N (until Ctrl-C or --max_frames)")
+  video_group.add_argument("--redetect_every", type=_positive_int, default=10, metavar="K",
+                           help="run the detector every K frames (and when a track is lost)")
+  video_group.add_argument("--no_smooth", action="store_true",
+                           help="report raw landmarks (no One-Euro smoothing)")
+  video_group.add_argument("--smooth_min_cutoff", type=float, default=0.3, metavar="HZ",
+                           help="One-Euro cutoff of a still face (lower: steadier, more lag)")
+  video_group.add_argument("--smooth_beta", type=float, default=4.0,
+                           help="One-Euro speed coefficient, per face size per second")
+  video_group.add_argument("--max_faces", type=_non_negative_int, default=0,
+                           help="track at most this many faces, the largest (0: all)")
+  video_group.add_argument("--max_frames", type=_non_negative_int, default=0,
+                           help="stop after this many frames (0: all)")
+  video_group.add_argument("--no_video", action="store_true",
+                           help="write only the .jsonl of a video, not the annotated .mp4")
+  return parser
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-  args = _parse_args(argv)
+def _check_out_dir(path: str) -> None:
+  """Creates the output folder now, so a bad --out fails before any work."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UsageError(f"--out {path}: exists and is not a folder")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"--out {path}: cannot be created ({e.strerror or e})") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise UsageError(f"--out {path}: not writable")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.box is not None and args.whole_image:
+    parser.error("give --box or --whole_image, not both")
+  if not args.inputs and args.camera is None:
+    parser.error("give an image, video or folder, or --camera N")
+  if args.smooth_min_cutoff <= 0 or args.smooth_beta < 0:
+    parser.error("--smooth_min_cutoff must be > 0 and --smooth_beta >= 0")
   from star_jax import host
   host.configure_process()
-  try:
-    boxes = None if args.box is None else [Box.parse(args.box)]
-  except ValueError as e:
-    print(f"error: --box: {e}", file=sys.stderr)
-    return 2
-  if boxes is not None and args.whole_image:
-    print("error: give --box or --whole_image, not both", file=sys.stderr)
-    return 2
-  paths: list[str] = []
+  _check_out_dir(args.out)
+  images: list[str] = []
+  videos: list[str] = []
   for target in args.inputs:
-    found = list_images(target)
-    if os.path.isdir(target) and not found:
-      print(f"warning: folder {target} has no image files", file=sys.stderr)
-    paths.extend(found)
+    found_images, found_videos = list_inputs(target)
+    if os.path.isdir(target) and not found_images and not found_videos:
+      print(f"warning: folder {target} has no image or video files", file=sys.stderr)
+    images.extend(found_images)
+    videos.extend(found_videos)
+  if (videos or args.camera is not None) and (args.box is not None or args.whole_image):
+    print("warning: --box and --whole_image apply to images only; videos are tracked from "
+          "detections", file=sys.stderr)
+  if args.detector != detection.DEFAULT:
+    detection.get_detector(args.detector)  # an uninstalled detector fails before the model loads
   if args.model:
-    from star_jax.runtime import RuntimePredictor  # pylint: disable=g-import-not-at-top
-    predictor = RuntimePredictor(args.model, batch_size=args.batch_size)
+    from star_jax.runtime import RuntimePredictor
+    predictor = RuntimePredictor(args.model, batch_size=args.batch_size, detector=args.detector,
+                                 tta=args.tta)
   else:
-    predictor = Predictor(args.checkpoint, weights=args.weights, batch_size=args.batch_size)
+    predictor = Predictor(args.checkpoint, weights=args.weights, batch_size=args.batch_size,
+                          detector=args.detector, tta=args.tta)
   if args.points is not None:
-    # Fail before any work when the mapping does not exist.
-    landmark_mappings.convert_landmarks(np.zeros((predictor.num_points, 2)), predictor.spec,
-                                        args.points)
-  reports = predict_files(predictor, paths, args.out, boxes=boxes,
-                          whole_image=args.whole_image, box_rule=args.box_rule,
-                          num_points=args.points)
+    try:
+      landmark_mappings.convert_landmarks(np.zeros((predictor.num_points, 2)), predictor.spec,
+                                          args.points)
+    except ValueError as e:
+      raise UsageError(f"--points {args.points}: {e}") from None
+  stems = _output_stems(images + videos + ([f"camera{args.camera}"] if args.camera is not None
+                                           else []))
+  image_stems, video_stems = stems[:len(images)], stems[len(images):]
+  if args.camera is not None:
+    video_stems[-1] = f"camera{args.camera}"
+  reports = []
+  if images:
+    reports = predict_files(predictor, images, args.out, boxes=None if args.box is None
+                            else [args.box], whole_image=args.whole_image,
+                            box_rule=args.box_rule, num_points=args.points,
+                            workers=args.workers, stems=image_stems)
+  config = tracking.TrackerConfig(redetect_every=args.redetect_every, max_faces=args.max_faces)
+  smoothing = tracking.SmoothingConfig(enabled=not args.no_smooth,
+                                       min_cutoff=args.smooth_min_cutoff, beta=args.smooth_beta)
+
+  def layout(points: np.ndarray) -> np.ndarray:
+    if args.points is None:
+      return points
+    return landmark_mappings.convert_landmarks(points, predictor.spec, args.points)
+
+  video_errors, video_reports = [], []
+  sources: list[str | int] = list(videos) + ([args.camera] if args.camera is not None else [])
+  for source, stem in zip(sources, video_stems):
+    try:
+      video_reports.append(video.run_video(
+          source, args.out, stem, tracker=predictor.tracker(config, smoothing),
+          to_output_layout=layout, write_video=not args.no_video, max_frames=args.max_frames))
+    except video.VideoError as e:
+      print(f"skipped {e}", file=sys.stderr)
+      video_errors.append(str(source))
   ok = sum(r.status == "ok" for r in reports)
   no_face = [r.path for r in reports if r.status == "no_face"]
-  errors = [r.path for r in reports if r.status == "error"]
-  print(f"{ok} image(s) with faces, {len(no_face)} without, {len(errors)} unreadable; "
-        f"outputs in {args.out}")
+  errors = [r.path for r in reports if r.status == "error"] + video_errors
+  if images:
+    print(f"{ok} image(s) with faces, {len(no_face)} without, "
+          f"{len(errors) - len(video_errors)} unreadable; outputs in {args.out}")
+  for report in video_reports:
+    print(f"{report.source}: {report.frames} frames ({report.frames_with_faces} with faces) in "
+          f"{report.seconds:.1f} s, {report.fps:.1f} frames/s, {report.detections_run} "
+          f"detector runs -> {report.video_path or report.jsonl_path}")
   for path in no_face:
     print(f"  no face: {path}")
   for path in errors:
@@ -326,7 +645,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
   return 1 if errors else 0
 
 
-main = cli.main_wrapper(_main)
+def main(argv: Sequence[str] | None = None) -> int:
+  """The CLI under the error contract (`star_jax.cli.run`): one-line errors, exit 2 / 1."""
+  from star_jax import cli
+  return cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":

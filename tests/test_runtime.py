@@ -77,7 +77,7 @@ def test_runtime_imports_neither_jax_nor_tensorflow(exported, images):
   image = os.path.join(IMAGES, sorted(os.listdir(IMAGES))[0])
   script = textwrap.dedent(f"""
       import json, sys
-      import star_jax.data.transforms, star_jax.face_detection
+      import star_jax.data.transforms, star_jax.detection, star_jax.tracking
       from star_jax.image_io import load_image
       from star_jax.runtime import RuntimePredictor
       faces = [RuntimePredictor(path).predict(load_image({image!r}), boxes=[(20, 20, 200, 200)])
@@ -118,3 +118,15 @@ def test_runtime_errors_name_the_file(tmp_path):
       "outputs": [{"name": "landmarks"}]}))
   with pytest.raises(CheckpointError, match="lonely.onnx"):
     load_exported(str(lonely))
+
+
+def test_runtime_tracks_video_frames_like_the_jax_predictor(exported, images):
+  """The exported model inside the predictor's tracker: the same faces, frame by frame."""
+  loaded, paths = exported
+  frames = [images[0]] * 3 + [np.ascontiguousarray(images[0][:, ::-1])] * 2
+  jax_faces = list(predict.Predictor(loaded, batch_size=2, detector="lbp").track(frames))
+  runtime_faces = list(RuntimePredictor(paths["onnx"], batch_size=2, detector="lbp").track(frames))
+  assert [len(f) for f in runtime_faces] == [len(f) for f in jax_faces]
+  for got, want in zip(runtime_faces, jax_faces):
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a.landmarks, b.landmarks, atol=5e-3)

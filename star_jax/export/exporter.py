@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 import star_jax
-from star_jax import face_detection
+from star_jax import detection
 from star_jax.data import transforms
 from star_jax.errors import UsageError
 from star_jax.runtime import contract
@@ -167,11 +167,13 @@ def _sidecar_record(loaded: Any, fmt: str, out: str, *, batch: int | None, dtype
           "box_rules": {
               "official": "a box tight around the landmarks: scale = min(w, h) / 200 * 1.05, "
                           "centre = box centre",
-              "detector": {"detector": "star_jax.face_detection.detect_faces",
-                           "center_shift": face_detection.DETECTOR_CENTER_SHIFT,
-                           "scale": face_detection.DETECTOR_SCALE,
-                           "rule": "size = max(w, h); scale = scale * size / 200; centre = "
-                                   "(cx, cy + center_shift * size)"}},
+              "detectors": {
+                  name: {"dx": info.rule.dx, "dy": info.rule.dy,
+                         "size_factor": info.rule.size_factor}
+                  for name, info in detection.DETECTORS.items()},
+              "detector_rule": "crop side (scale * 200) = size_factor * max(w, h); centre = "
+                               "(cx + dx * w, cy + dy * h) of the detector's box (x1, y1, x2, "
+                               "y2) with w, h its width and height"},
           "map_back": "landmarks_original = inverse(crop matrix) applied to the crop pixels"},
       "precision": precision,
       "quantization": quantization_kind(fmt, quantize) if quantize else None,
