@@ -40,17 +40,18 @@ MODELS = {"full": "configs/wflw.py", "2x128": "configs/realtime_2x128.py",
 
 
 def loaded_model(name: str):
-  """An `eval_lib.LoadedModel` with random weights for a model name of MODELS."""
+  """A `checkpointing.LoadedModel` with random weights for a model name of MODELS."""
   import jax
   from configs import base, realtime_1x64, realtime_2x128
   from star_jax import datasets
-  from star_jax.eval_lib import LoadedModel
+  from star_jax.checkpointing import LoadedModel
   from star_jax.models import create_model, init_variables
   config = {"full": lambda: base.get_base_config("wflw"),
             "2x128": realtime_2x128.get_config, "1x64": realtime_1x64.get_config}[name]()
   model = create_model(config.model, datasets.WFLW)
   variables = jax.device_put(init_variables(model, 0, config.data.image_size))
-  return LoadedModel(model, variables, config, f"random {name}", "raw")
+  return LoadedModel(model, variables, datasets.WFLW, int(config.data.image_size), config,
+                     f"random {name}", "raw")
 
 
 def write_folder(folder: str, count: int) -> list[str]:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
   args = parser.parse_args(argv)
   from star_jax import host
-  host.tune_process()
+  host.configure_process()
   from star_jax import predict
   from star_jax.image_io import load_image
   folder = tempfile.mkdtemp(prefix="star_jax_throughput_")

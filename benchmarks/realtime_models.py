@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
   args = parser.parse_args(argv)
   from star_jax import host
-  host.tune_process()
+  host.configure_process()
   import jax
   import jax.numpy as jnp
   from star_jax import datasets

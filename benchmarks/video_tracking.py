@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--record", action="store_true", help="append the tables to RESULTS.md")
   args = parser.parse_args(argv)
   from star_jax import host
-  host.tune_process()
+  host.configure_process()
   from star_jax import clips, predict, tracking, video
   predictor = predict.Predictor(args.checkpoint, batch_size=8)
   label = os.path.basename(os.path.normpath(args.checkpoint))

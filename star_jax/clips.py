@@ -95,8 +95,8 @@ def moving_face_clip(num_frames: int = 60, *, size: tuple[int, int] = (640, 480)
 
 def main(argv: list[str] | None = None) -> int:
   """`python -m star_jax.clips --out clip.mp4`: writes a synthetic clip (for the demo)."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  from star_jax import cli, video  # pylint: disable=g-import-not-at-top
+  import argparse
+  from star_jax import cli, video
 
   parser = argparse.ArgumentParser(prog="python -m star_jax.clips", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,5 +120,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  import sys  # pylint: disable=g-import-not-at-top
+  import sys
   sys.exit(main())

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
+from star_jax import checkpointing
 from star_jax import detection
-from star_jax import eval_lib
 from star_jax import predict
 from star_jax.data import annotations as annotations_lib
 from star_jax.datasets import get_spec
@@ -31,7 +31,7 @@ ASTRONAUT_FACE = (178, 85, 270, 172)
 
 @pytest.fixture(scope="module")
 def predictor():
-  return predict.Predictor(eval_lib.load_model(CHECKPOINT), batch_size=BATCH)
+  return predict.Predictor(checkpointing.load_model(CHECKPOINT), batch_size=BATCH)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
   blocker = tmp_path / "file"
   blocker.write_text("not a folder")
   loaded = []
-  monkeypatch.setattr(eval_lib, "load_model", lambda *a, **k: loaded.append(1))
+  monkeypatch.setattr(checkpointing, "load_model", lambda *a, **k: loaded.append(1))
   with pytest.raises(SystemExit) as exit_info:
     predict.main(["--checkpoint", CHECKPOINT, str(blocker), "--out", str(blocker)])
   assert exit_info.value.code == 2

@@ -41,7 +41,8 @@ def test_configs_keep_the_recipe_and_shrink_the_model(name):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_small_configs_train_on_the_embedded_dataset(name, tmp_path_factory):
   from star_jax import train_lib
-  from star_jax.eval_lib import load_model
+  from star_jax import eval_lib
+  from star_jax.checkpointing import load_model
   root = tmp_path_factory.getbasetemp() / "embedded_small"
   files = embedded.ensure_embedded_dataset(str(root), counts=(8, 4, 4))
   config = CONFIGS[name].get_config("demo")
@@ -64,5 +65,6 @@ def test_small_configs_train_on_the_embedded_dataset(name, tmp_path_factory):
   assert any("val_nme" in r and np.isfinite(r["val_nme"]) for r in records)
   loaded = load_model(str(workdir))
   assert loaded.image_size == 128 and loaded.model.num_stacks == config.model.num_stacks
-  out = loaded.landmark_fn(loaded.variables, np.zeros((1, 128, 128, 3), np.float32))
+  out = eval_lib.landmark_fn_for(loaded)(loaded.variables,
+                                        np.zeros((1, 128, 128, 3), np.float32))
   assert out.shape == (1, 98, 2) and np.all(np.isfinite(np.asarray(out)))

@@ -35,7 +35,7 @@ class ModelUnavailable(RuntimeError):
 
 def _dlib():
   try:
-    import dlib  # pylint: disable=g-import-not-at-top
+    import dlib
   except ImportError:
     raise ModelUnavailable(f"dlib detectors need dlib: {DLIB_HINT}") from None
   return dlib

@@ -14,7 +14,7 @@ The crop, the detector and the map back to the image are those of `star_jax.pred
 
 from star_jax.runtime.backends import LandmarkModel, load_model
 from star_jax.runtime.contract import ModelInfo, read_sidecar
-from star_jax.predict import Face
+from star_jax.inference import Face
 from star_jax.runtime.predictor import RuntimePredictor
 
 __all__ = ["Face", "LandmarkModel", "ModelInfo", "RuntimePredictor", "load_model",

@@ -1,6 +1,6 @@
 """Landmarks on images and videos with an exported model, without JAX or TensorFlow.
 
-`RuntimePredictor` is `star_jax.predict.Predictor` with another network: an exported `.onnx` or
+`RuntimePredictor` is `star_jax.inference.Predictor` with another network: an exported `.onnx` or
 `.tflite` model (`star_jax.runtime.backends`) instead of the JAX one. Detection, the crop
 (`transforms.crop_matrix`, `transforms.warp`), batching, test-time flip, tracking and the map
 back to the image are the predictor's own code, so the two agree by construction. The exported
@@ -19,13 +19,13 @@ import numpy as np
 
 from star_jax import datasets
 from star_jax import detection
-from star_jax import predict
+from star_jax import inference
 from star_jax.detection import Box, CropRule
 from star_jax.runtime import backends
 
 
-class RuntimePredictor(predict.Predictor):
-  """`star_jax.predict.Predictor` on an exported model.
+class RuntimePredictor(inference.Predictor):
+  """`star_jax.inference.Predictor` (what `star_jax.predict` uses) on an exported model.
 
   Args:
     model: path of the exported model (its sidecar JSON beside it), or a loaded
