@@ -133,10 +133,17 @@ def test_custom_scheme_from_scratch_and_by_finetuning_a_98_point_run(data, tmp_p
     assert loaded.spec.name == "face29" and loaded.model.channels == 16
     out = eval_lib.evaluate(config, run, None, progress=False, verbose=False)
     assert out.landmarks.shape == (8, 29, 2) and np.isfinite(out.metrics["nme"])
-  # The checkpoint carries its scheme: prediction needs nothing else.
-  faces = predict.Predictor(tuned, batch_size=2).predict(
-      np.zeros((128, 128, 3), np.uint8), boxes=[(20, 20, 100, 100)])
+  # The checkpoint carries its scheme: prediction and export need nothing else.
+  image = np.zeros((128, 128, 3), np.uint8)
+  faces = predict.Predictor(tuned, batch_size=2).predict(image, boxes=[(20, 20, 100, 100)])
   assert faces[0].shape == (29, 2)
+  from star_jax.export import exporter
+  from star_jax.runtime import RuntimePredictor
+  onnx_path = exporter.export(tuned, "onnx", str(tmp_path / "face29.onnx")).path
+  runtime = RuntimePredictor(onnx_path, batch_size=2)
+  assert runtime.spec.name == "face29" and runtime.spec.flip_pairs
+  exported = runtime.predict(image, boxes=[(20, 20, 100, 100)])
+  np.testing.assert_allclose(exported[0], faces[0], atol=1e-2)
 
 
 def test_scheme_file_errors_name_the_file(tmp_path):

@@ -99,3 +99,71 @@ def scheme29(root: str, source: embedded.DataFiles) -> str:
     with open(os.path.join(root, f"{split}.tsv"), "w") as f:
       f.write("\n".join(lines) + "\n")
   return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The files the dataset authors distribute, in miniature (inputs of the converters).
+
+def _faces(source: embedded.DataFiles, split: str):
+  """(image path, 98 landmarks, tags) of the embedded faces of a split."""
+  for row in _rows(getattr(source, f"{split}_tsv")):
+    yield (os.path.join(source.image_dir, row[0]),
+           np.array(row[2].split(","), np.float64).reshape(98, 2),
+           [int(t) for t in row[6].split(",")])
+
+
+def wflw_release(root: str, source: embedded.DataFiles) -> str:
+  """`WFLW_annotations/list_98pt_rect_attr_train_test/*.txt` and `WFLW_images/` under root."""
+  lists = os.path.join(root, "WFLW_annotations", "list_98pt_rect_attr_train_test")
+  os.makedirs(lists, exist_ok=True)
+  for split in ("train", "test"):
+    lines = []
+    for k, (image, lm, tags) in enumerate(_faces(source, split)):
+      rel = f"{k % 3}--Event/{split}_{k:03d}.jpg"
+      os.makedirs(os.path.join(root, "WFLW_images", os.path.dirname(rel)), exist_ok=True)
+      shutil.copy(image, os.path.join(root, "WFLW_images", rel))
+      lo, hi = lm.min(axis=0), lm.max(axis=0)
+      rect = [int(lo[0]) - 5, int(lo[1]) - 5, int(hi[0]) + 5, int(hi[1]) + 5]
+      lines.append(" ".join([f"{v:.6f}" for v in lm.reshape(-1)] + [str(v) for v in rect]
+                            + [str(t) for t in tags] + [rel]))
+    with open(os.path.join(lists, f"list_98pt_rect_attr_{split}.txt"), "w") as f:
+      f.write("\n".join(lines) + "\n")
+  return root
+
+
+def w300_release(root: str, source: embedded.DataFiles) -> str:
+  """The 300W download layout (images beside 1-based `.pts` files) under root/300W."""
+  folders = {"train": ("afw", "helen/trainset", "lfpw/trainset"),
+             "test": ("helen/testset", "ibug", "lfpw/testset")}
+  base = os.path.join(root, "300W")
+  for split, names in folders.items():
+    for k, (image, lm, _) in enumerate(_faces(source, split)):
+      folder = os.path.join(base, names[k % len(names)])
+      os.makedirs(folder, exist_ok=True)
+      stem = os.path.join(folder, f"{split}_{k:03d}")
+      shutil.copy(image, stem + ".jpg")
+      pts = landmark_mappings.convert_landmarks(lm, "wflw", 68) + 1.0   # MATLAB, 1-based
+      with open(stem + ".pts", "w") as f:
+        f.write("version: 1\nn_points: 68\n{\n")
+        f.writelines(f"{x:.3f} {y:.3f}\n" for x, y in pts)
+        f.write("}\n")
+  return base
+
+
+def cofw_release(root: str, source: embedded.DataFiles) -> str:
+  """`COFW_train_color.mat` and `COFW_test_color.mat` (MATLAB v5) under root."""
+  import cv2
+  import scipy.io
+  for split, (image_key, phis_key) in (("train", ("IsTr", "phisTr")),
+                                       ("test", ("IsT", "phisT"))):
+    images, phis = [], []
+    for image, lm, _ in _faces(source, split):
+      images.append(cv2.imread(image)[..., ::-1])
+      pts = lm[list(SCHEME29_POINTS)] + 1.0
+      phis.append(np.concatenate([pts[:, 0], pts[:, 1], np.zeros(29)]))
+    cells = np.empty((len(images), 1), object)
+    for k, image in enumerate(images):
+      cells[k, 0] = image
+    scipy.io.savemat(os.path.join(root, f"COFW_{split}_color.mat"),
+                     {image_key: cells, phis_key: np.asarray(phis)})
+  return root
