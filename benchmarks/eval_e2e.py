@@ -13,17 +13,22 @@ channels at 128x128) does not shrink with `channels`, so on a CPU the network do
 Weights are random: the figures are throughput, not accuracy. The first pass (compile + warm
 caches) is not timed.
 
-Run from the repository root: `python -m benchmarks.eval_e2e [--images 64] [--channels 0,32,256]`.
+Run from the repository root:
+  python -m benchmarks.eval_e2e [--images 64] [--channels 0,32,256] [--record]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
+
+if __package__ in (None, ""):  # `python benchmarks/eval_e2e.py`: import as `python -m` does
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
 import tempfile
 import time
 
-import jax
 import numpy as np
 
 from benchmarks import common
@@ -33,7 +38,7 @@ from benchmarks import input_pipeline
 def _config(root: str, tsv: str, batch: int, channels: int):
   from configs import base
   c = base.get_base_config("wflw")
-  c.data.image_dir = root
+  c.data.image_dir = os.path.join(root, input_pipeline.IMAGES)
   c.data.train_tsv = tsv
   c.data.test_tsv = tsv
   c.data.val_fraction = 0.0
@@ -43,6 +48,7 @@ def _config(root: str, tsv: str, batch: int, channels: int):
 
 
 def _loaded(config):
+  import jax
   from star_jax import datasets, eval_lib
   from star_jax.models import create_model, init_variables
   spec = datasets.get_spec("wflw")
@@ -101,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--channels", default="0,32,256", help="0: no network (data path only)")
   parser.add_argument("--paths", default="eval_lib,tf.data")
   parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--no_record", action="store_true")
+  common.add_common_flags(parser)
   args = parser.parse_args(argv)
+  settings = common.apply_process_settings(args.process_settings)
   runners = {"eval_lib": run_eval_lib, "tf.data": run_tf_data}
   rows = []
   with tempfile.TemporaryDirectory() as root:
@@ -122,7 +129,6 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([path, channels, count, args.batch_size, f"{count / wall:.1f}",
                      f"{count / cpu:.1f}"])
         print(rows[-1], flush=True)
-  load = os.getloadavg()[0]
   common.record(
       "Evaluation end to end (TSV -> crops -> jitted network -> original pixels -> metrics)",
       ["path", "channels", "images", "batch", "images/s (wall)", "images per CPU-second"],
@@ -130,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
       notes=(f"{args.images} generated 1000x800 JPEGs (mean {kb:.0f} KB, face ~1/3 width), "
              f"WFLW 4 stacks x 4 levels, 256x256 crops, random weights, float32; median of "
              f"{args.repeats} passes after a warm-up pass; target: the train-pipeline rate per "
-             f"core (RESULTS.md, input pipeline). 1-min load average at end: {load:.1f} on "
-             f"{os.cpu_count()} cores (other work shares the machine)."),
-      write=not args.no_record)
+             f"core (RESULTS.md, input pipeline); {settings}; {common.load_average()} at the "
+             "end (other work shares the machine)."),
+      write=args.record)
 
 
 if __name__ == "__main__":

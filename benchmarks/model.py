@@ -1,37 +1,78 @@
 """Forward latency and parameter count of the full STAR network (WFLW, 4 stacks, 256 channels).
 
-Run from the repository root: `python -m benchmarks.model [--batch_sizes 1,8,32] [--dtype float32]`.
-Times a jitted inference forward pass (median after warm-up) and compares it with the official
-PyTorch model measured on this machine (0.172 s per image at batch 1, 2 threads).
+    python -m benchmarks.model [--batch_sizes 1,8] [--dtype float32]
+                               [--official_repo /path/to/STAR] [--record]
+
+Times a jitted inference forward pass (median after warm-up). With an official STAR checkout
+(`--official_repo` or `STAR_OFFICIAL_REPO`) and torch installed, the official StackedHGNetV1
+(eval mode, `torch.no_grad`, every core) is timed in the same process right after, on the same
+batch sizes and under the same process settings (`--process_settings`, stated in the output),
+and the speed-up column compares the two. Without it no speed-up is given: a figure measured
+elsewhere, under other settings, is not a like-for-like comparison.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __package__ in (None, ""):  # `python benchmarks/model.py`: import as `python -m` does
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from configs import base
-from star_jax import datasets
-from star_jax.models import count_parameters, create_model, init_variables, parameter_shapes
 
-# The official StackedHGNetV1 (PyTorch 2.13, CPU, 2 threads, eval, no_grad) on this machine.
-OFFICIAL_SECONDS_PER_IMAGE_BATCH1 = 0.172
+
+def time_official(repo: str, batch_sizes: list[int], image_size: int,
+                  repeats: int) -> dict[int, float] | None:
+  """Median seconds per batch of the official network's forward, or None without torch."""
+  try:
+    import torch
+  except ImportError:
+    print("torch not installed: the official network is not timed")
+    return None
+  from benchmarks import official_step
+  torch.set_num_threads(os.cpu_count() or 1)
+  net = official_step.official_wflw_network(official_step.load_official_modules(repo),
+                                            image_size=image_size)
+  net.eval()
+  seconds = {}
+  with torch.no_grad():
+    for batch in batch_sizes:
+      images = torch.from_numpy(np.random.default_rng(0).uniform(
+          -1, 1, (batch, 3, image_size, image_size)).astype(np.float32))
+      walls, _ = common.time_calls(lambda: net(images), warmup=2, repeats=repeats)
+      seconds[batch] = common.median(walls)
+      print(f"official batch {batch}: {seconds[batch]:.4f} s", flush=True)
+  return seconds
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--batch_sizes", default="1,8,32")
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--batch_sizes", default="1,8")
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--image_size", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--no_record", action="store_true", help="print only, skip RESULTS.md")
+  parser.add_argument("--official_repo", default=os.environ.get("STAR_OFFICIAL_REPO"),
+                      help="an official STAR checkout: time its network beside ours")
+  common.add_common_flags(parser)
   args = parser.parse_args(argv)
-  from star_jax import host  # pylint: disable=g-import-not-at-top
-  host.tune_process()
+  if args.official_repo:
+    from benchmarks import official_step
+    problem = official_step.official_repo_problem(args.official_repo)
+    if problem:
+      parser.error(problem)
+  settings = common.apply_process_settings(args.process_settings)
+
+  import jax
+  import jax.numpy as jnp
+  from configs import base
+  from star_jax import datasets
+  from star_jax.models import count_parameters, create_model, init_variables, parameter_shapes
 
   config = base.get_base_config("wflw")
   config.model.dtype = args.dtype
@@ -44,26 +85,37 @@ def main(argv: list[str] | None = None) -> None:
   def forward(variables, images):
     return model.apply(variables, images, train=False).landmarks[-1]
 
-  rows = []
-  for batch in (int(b) for b in args.batch_sizes.split(",")):
+  batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+  ours = {}
+  for batch in batch_sizes:
     images = jnp.asarray(np.random.default_rng(0).uniform(
         -1, 1, (batch, args.image_size, args.image_size, 3)).astype(np.float32))
-    times = common.time_fn(lambda: forward(variables, images), warmup=2, repeats=args.repeats,
-                           sync=jax.block_until_ready)
-    per_batch = common.median(times)
-    per_image = per_batch / batch
-    rows.append([batch, args.dtype, f"{per_batch:.4f}", f"{min(times):.4f}", f"{per_image:.4f}",
-                 f"{OFFICIAL_SECONDS_PER_IMAGE_BATCH1:.3f}",
-                 f"{OFFICIAL_SECONDS_PER_IMAGE_BATCH1 / per_image:.2f}x", f"{num_params:,}"])
+    walls, _ = common.time_calls(lambda: forward(variables, images), warmup=2,
+                                 repeats=args.repeats, sync=jax.block_until_ready)
+    ours[batch] = (common.median(walls), min(walls))
+    print(f"star-jax batch {batch}: {ours[batch][0]:.4f} s", flush=True)
+  official = (time_official(args.official_repo, batch_sizes, args.image_size, args.repeats)
+              if args.official_repo else None)
+  rows = []
+  for batch in batch_sizes:
+    median, fastest = ours[batch]
+    theirs = official[batch] if official else None
+    rows.append([batch, args.dtype, f"{median:.4f}", f"{fastest:.4f}", f"{median / batch:.4f}",
+                 f"{theirs / batch:.4f}" if theirs else "not measured",
+                 f"{theirs / median:.2f}x" if theirs else "-", f"{num_params:,}"])
   common.record(
       "Model forward (WFLW, 4 stacks x 4 levels, 256 channels, jit, inference)",
-      ["batch", "dtype", "s / batch (median)", "s / batch (min)", "s / image (median)", "official s / image (batch 1)",
-       "speed-up vs official", "parameters"],
+      ["batch", "dtype", "s / batch (median)", "s / batch (min)", "s / image (median)",
+       "official s / image (same process)", "speed-up vs official", "parameters"],
       rows,
       notes=(f"{args.image_size}x{args.image_size} input, median of {args.repeats} after 2 "
-             "warm-up calls; official figure: PyTorch StackedHGNetV1 on this machine, 2 threads, "
-             "batch 1"),
-      write=not args.no_record)
+             f"warm-up calls; {settings}; official: "
+             + (f"StackedHGNetV1 from {os.path.basename(os.path.abspath(args.official_repo))}, "
+                f"eval, no_grad, torch with {os.cpu_count()} threads, timed right after "
+                "star-jax in the same process" if official else
+                "not measured (needs --official_repo and torch)")
+             + f"; {common.load_average()} at the end"),
+      write=args.record)
 
 
 if __name__ == "__main__":

@@ -16,32 +16,31 @@ Variants (each a flag, so before/after rows can be recorded side by side):
   marginals, to measure what the fused reductions buy inside the whole step.
 
 Run from the repository root:
-  python -m benchmarks.train_step [--batch_size 4] [--dtype float32] [--repeats 3]
+  python -m benchmarks.train_step [--batch_size 4] [--dtypes float32] [--repeats 3] [--record]
 
-This module also provides the builders `benchmarks/gpu_check.py` uses; it imports neither
-TensorFlow nor (when missing) ml_collections.
+The official PyTorch step, timed beside this one under the same process settings, is
+`benchmarks/official_step.py`'s table; this script gives no ratio against a figure measured
+elsewhere. This module also provides the builders `benchmarks/gpu_check.py` uses; it imports
+neither TensorFlow nor (when missing) ml_collections, and JAX only when a function runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import os
 import sys
+
+if __package__ in (None, ""):  # `python benchmarks/train_step.py`: import as `python -m` does
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import functools
 import time
 import types
 from typing import Any, Callable
 
-import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-
-# The official PyTorch training step (StackedHGNetV1 + STAR/AWing losses, Adam, batch 4, fp32,
-# CPU, 2 threads) on this 2-core machine class.
-OFFICIAL_CPU_STEP_SECONDS_BATCH4 = 2.18
 # Forward FLOPs of the WFLW network per 256x256 image (multiply and add counted separately);
 # a training step (forward + backward for activations and weights) is about 3x that.
 FORWARD_GFLOP_PER_IMAGE = 34.7
@@ -98,6 +97,7 @@ def dense_star_loss(heatmaps, landmarks, *, w=1.0, dist="smoothl1", eps=1e-5, ve
   for `eigh`; that part is not what is compared here).
   """
   del dist, version
+  import jax.numpy as jnp
   from star_jax import losses
   h = heatmaps.astype(jnp.float32)
   _, height, width, _ = h.shape
@@ -144,6 +144,8 @@ def _patched_star(impl: str):
 def shard_to_devices(tree: Any) -> Any:
   """Host arrays (leading axis = global batch) -> per-device shards `(devices, b/devices, ...)`
   placed on the local devices, as the mapped step expects (no transfer at call time)."""
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
   from star_jax import parallel
   devices = jax.local_devices()
   sharding = NamedSharding(Mesh(np.array(devices), (parallel.AXIS_NAME,)),
@@ -181,6 +183,8 @@ def initial_state(train_lib, model, tx, image_size: int, seed: int = 0):
   running mean 0 / variance 1) on the shapes `jax.eval_shape` gives; the optimiser state is the
   zeros Adam starts from, and the EMA starts as a copy of the weights.
   """
+  import jax
+  import jax.numpy as jnp
   rng = np.random.default_rng(seed)
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3), jnp.float32)))
@@ -246,6 +250,7 @@ def time_train_step(config, *, steps_per_window: int = 2, windows: int = 3, warm
   """Seconds per step (median over `windows` windows of `steps_per_window` steps after warm-up)
   and the first call's seconds (compile + one step). With `profile_dir`, three more steps are
   traced there (`jax.profiler`, viewable in TensorBoard/Perfetto)."""
+  import jax
   step, state, batch = build_train_step(config, donate=donate, star_impl=star_impl)
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
@@ -294,10 +299,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="comma list of default,no_donate,sync_every_step,dense_star")
   parser.add_argument("--channels", type=int, default=256)
   parser.add_argument("--image_size", type=int, default=256)
-  parser.add_argument("--no_record", action="store_true", help="print only, skip RESULTS.md")
+  common.add_common_flags(parser)
   args = parser.parse_args(argv)
-  from star_jax import host  # pylint: disable=g-import-not-at-top
-  host.tune_process()
+  settings = common.apply_process_settings(args.process_settings)
 
   variants = {
       "default": {},
@@ -305,7 +309,11 @@ def main(argv: list[str] | None = None) -> None:
       "sync_every_step": {"sync_every_step": True},
       "dense_star": {"star_impl": "dense"},
   }
+  for name in args.variants.split(","):
+    if name not in variants:
+      parser.error(f"--variants: {name!r} is not one of {sorted(variants)}")
   rows = []
+  cores = os.cpu_count() or 1
   for dtype in args.dtypes.split(","):
     for name in args.variants.split(","):
       config = recipe_config(dtype=dtype, batch_size=args.batch_size, channels=args.channels,
@@ -314,33 +322,24 @@ def main(argv: list[str] | None = None) -> None:
                                windows=args.repeats, **variants[name])
       seconds = result["seconds"]
       gflops = train_flops(args.batch_size, args.image_size) / seconds / 1e9
-      cores = os.cpu_count() or 1
-      flags = os.environ.get("XLA_FLAGS", "")
-      rows.append([name + (f" ({flags})" if flags else ""), dtype, args.batch_size,
-                   f"{seconds:.3f}",
+      rows.append([name, dtype, args.batch_size, f"{seconds:.3f}",
                    f"{result['cpu_seconds']:.2f} ({result['cpu_seconds'] / cores:.2f})",
                    f"{args.batch_size / seconds:.2f}", f"{gflops:.0f}",
-                   f"{OFFICIAL_CPU_STEP_SECONDS_BATCH4 / seconds * args.batch_size / 4:.2f}x",
                    f"{result['first_call_seconds']:.1f}", f"{result['loss']:.4f}"])
       print(rows[-1], "windows:", [f"{t:.3f}" for t in result["all"]], flush=True)
-  load = os.getloadavg()[0]
   common.record(
       f"Train step (WFLW, {args.channels} channels, 4 stacks, {args.image_size}x{args.image_size},"
       " STAR + AWing, Adam, EMA; step only)",
       ["variant", "dtype", "batch", "s / step (median)", "CPU-s / step (/ cores)", "images/s",
-       "GFLOP/s (3x34.7/img)",
-       "vs official step", "first call s (compile)", "loss"],
+       "GFLOP/s (3x34.7/img)", "first call s (compile)", "loss"],
       rows,
       notes=(f"star_jax.train_lib.train_step via parallel.map_over_devices (state donated unless "
              f"no_donate), synthetic on-device batch; median of {args.repeats} windows of "
-             f"{args.steps_per_window} steps after warm-up; official PyTorch step: "
-             f"{OFFICIAL_CPU_STEP_SECONDS_BATCH4} s at batch 4 on this machine class (2 threads); "
-             f"'vs official' scales it to the batch size. 1-min load average at end: {load:.1f} "
-             "on 2 cores (other work shares the machine), so 'CPU-s / step' (process CPU time; "
-             "divided by the core count: the step time with the cores to itself, if it "
-             "scaled perfectly) is "
-             "given beside the wall time."),
-      write=not args.no_record)
+             f"{args.steps_per_window} steps after warm-up; {settings}; the official step under "
+             "the same settings: benchmarks/official_step.py. 'CPU-s / step' is process CPU "
+             "time (divided by the core count: the step time with the cores to itself, if it "
+             f"scaled perfectly), given beside wall time; {common.load_average()} at the end"),
+      write=args.record)
 
 
 if __name__ == "__main__":
