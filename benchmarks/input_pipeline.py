@@ -1,32 +1,50 @@
 """Training input pipeline throughput: augmented samples with point and edge maps, per CPU core.
 
 Images of the real datasets' size: 1000x800 JPEGs (quality 90, photo-like texture) with a face
-box about a third of the image width, as WFLW photos. The pipeline runs with a private tf.data
-thread pool of 1 (then 2) threads; samples/s/core is reported both per thread of wall time and
-per second of process CPU time (all threads, TensorFlow's included), and the lower is the
-headline. A per-stage breakdown (single thread, in-process) says where the time goes.
+box about a third of the image width (`--face_fraction`), as WFLW photos. They are written as a
+converter writes a dataset: OUT/train.tsv, OUT/test.tsv and OUT/images/, which is both a TSV
+dataset folder and a TFDS manual dir. Two sources are timed on the same images:
+- `tsv`: the photos themselves; per sample the JPEG header is read and only the window the
+  crop needs is decoded (`tf.image.decode_and_crop_jpeg`);
+- `tfds`: the pre-cropped records of `star_jax.data.tfds_builders` (margin-padded face crops,
+  JPEG quality 95), built once from that folder (build time reported, not counted); per sample
+  the stored crop is decoded whole.
+Each runs with a private tf.data thread pool of 1, then 2 threads; samples/s/core is reported
+both per thread of wall time and per second of process CPU time (all threads, TensorFlow's
+included), and the lower CPU rate of a source is its headline. A per-stage breakdown (single
+thread, in-process, CPU time) says where the time of the `tsv` source goes, and what decoding
+a stored crop costs in its place.
 
-Run: `python -m benchmarks.input_pipeline [--images 48] [--batches 12] [--no-record]`.
+Run: `python -m benchmarks.input_pipeline [--images 48] [--batches 12] [--sources tsv,tfds]
+[--record]`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
+
+if __package__ in (None, ""):  # `python benchmarks/input_pipeline.py`: import as `python -m` does
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import shutil
 import tempfile
 import time
 
-import cv2
 import numpy as np
 
 from benchmarks import common
 
-FIXTURE_TSV = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures",
-                           "official_wflw_data", "test.tsv")
+FIXTURE_TSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                           "fixtures", "official_wflw_data", "test.tsv")
+IMAGES = "images"
+TEST_ROWS = 8
 
 
 def _photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
   """A photo-like BGR image: smooth shading, shapes and fine noise (realistic JPEG sizes)."""
+  import cv2
   small = rng.uniform(0, 255, (h // 40 + 2, w // 40 + 2, 3)).astype(np.float32)
   image = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
   for _ in range(40):
@@ -37,8 +55,11 @@ def _photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
   return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def make_dataset(root: str, count: int, seed: int = 0) -> tuple[str, float]:
-  """Writes `count` 1000x800 JPEGs and a TSV; returns (tsv path, mean JPEG size in KB)."""
+def make_dataset(root: str, count: int, seed: int = 0,
+                 face_fraction: float = 1 / 3) -> tuple[str, float]:
+  """Writes `count` 1000x800 JPEGs to root/images with root/train.tsv and root/test.tsv (its
+  first rows), paths relative to root/images; returns (train TSV path, mean JPEG size in KB)."""
+  import cv2
   from star_jax.data.annotations import read_tsv
   from star_jax.datasets import get_spec
   template = read_tsv(FIXTURE_TSV, get_spec("wflw")).landmarks[0]
@@ -46,19 +67,19 @@ def make_dataset(root: str, count: int, seed: int = 0) -> tuple[str, float]:
   template /= np.ptp(template[:, 0])
   rng = np.random.default_rng(seed)
   rows, sizes = [], []
-  os.makedirs(os.path.join(root, "images"), exist_ok=True)
+  os.makedirs(os.path.join(root, IMAGES), exist_ok=True)
   for i in range(count):
     h, w = 800, 1000
     image = _photo(rng, h, w)
-    face_w = w / 3 * rng.uniform(0.85, 1.15)
+    face_w = w * face_fraction * rng.uniform(0.85, 1.15)
     centre = np.array([rng.uniform(0.35, 0.65) * w, rng.uniform(0.4, 0.6) * h])
     pts = (template * face_w + centre).astype(np.float32)
     cv2.fillPoly(image, [pts[:33].astype(np.int32)], (150, 170, 200), cv2.LINE_AA)
     for j in range(0, 98):
       cv2.circle(image, (int(pts[j, 0]), int(pts[j, 1])), 3, (40, 40, 40), -1)
-    name = f"images/{i:04d}.jpg"
-    cv2.imwrite(os.path.join(root, name), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    sizes.append(os.path.getsize(os.path.join(root, name)))
+    name = f"{i:04d}.jpg"
+    cv2.imwrite(os.path.join(root, IMAGES, name), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    sizes.append(os.path.getsize(os.path.join(root, IMAGES, name)))
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     scale = float((hi - lo).max()) / 200 * 1.05
     cw, ch = (lo + hi) / 2
@@ -66,18 +87,34 @@ def make_dataset(root: str, count: int, seed: int = 0) -> tuple[str, float]:
     rows.append("\t".join([name, ",".join(f"{v:.3f}" for v in five),
                            ",".join(f"{v:.3f}" for v in pts.ravel()), f"{scale:.6f}",
                            f"{cw:.4f}", f"{ch:.4f}", "0,0,0,0,0,0"]))
-  tsv = os.path.join(root, "train.tsv")
-  with open(tsv, "w") as f:
-    f.write("image_path\tlandmarks_5pts\tlandmarks_98\tscale\tcenter_w\tcenter_h\ttags\n")
-    f.write("\n".join(rows) + "\n")
-  return tsv, float(np.mean(sizes)) / 1024
+  head = "image_path\tlandmarks_5pts\tlandmarks_98\tscale\tcenter_w\tcenter_h\ttags\n"
+  for name, subset in (("train.tsv", rows), ("test.tsv", rows[:TEST_ROWS])):
+    with open(os.path.join(root, name), "w") as f:
+      f.write(head + "\n".join(subset) + "\n")
+  return os.path.join(root, "train.tsv"), float(np.mean(sizes)) / 1024
 
 
-def _config(root: str, tsv: str, batch: int):
+def build_tfds(root: str) -> tuple[str, float]:
+  """Builds the TFDS WFLW records (jpeg config) from the manual dir `root`; returns (data dir,
+  build seconds)."""
+  import tensorflow_datasets as tfds
+  from star_jax.data import tfds_builders
+  tfds.disable_progress_bar()
+  data_dir = os.path.join(root, "tfds")
+  t0 = time.perf_counter()
+  builder = tfds_builders.builder_for("wflw", data_dir=data_dir, config="jpeg")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
+  return data_dir, time.perf_counter() - t0
+
+
+def _config(root: str, batch: int, source: str = "tsv", tfds_data_dir: str = ""):
   from configs import base
   c = base.get_base_config("wflw")
-  c.data.image_dir = root
-  c.data.train_tsv = tsv
+  c.data.source = source
+  c.data.image_dir = os.path.join(root, IMAGES)
+  c.data.train_tsv = os.path.join(root, "train.tsv")
+  c.data.test_tsv = os.path.join(root, "test.tsv")
+  c.data.tfds_data_dir = tfds_data_dir
   c.data.val_fraction = 0.0
   c.batch_size = batch
   return c
@@ -107,7 +144,7 @@ def stage_breakdown(config, count: int) -> dict[str, float]:
   from star_jax.data import annotations, images, targets, transforms
   from star_jax.datasets import get_spec
   spec = get_spec("wflw")
-  ann = annotations.read_tsv(config.data.train_tsv, spec)
+  ann = annotations.read_tsv(config.data.train_tsv, spec, image_dir=config.data.image_dir)
   aug = dict(config.data.augment)
   times = dict(read_header_plan=0.0, decode_full=0.0, decode_window=0.0, warp=0.0,
                texture=0.0, pointmaps=0.0, edgemaps=0.0)
@@ -150,36 +187,79 @@ def stage_breakdown(config, count: int) -> dict[str, float]:
   return {k: v / n * 1e3 for k, v in times.items()}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
+def stored_crops(config, count: int) -> dict[str, float]:
+  """What the `tfds` source decodes instead: CPU ms per sample to decode a stored crop whole,
+  and the stored crop's share of the original image's pixels."""
+  import tensorflow as tf
+  from star_jax.data import tfds_builders
+  builder = tfds_builders.prepared_builder(config)
+  records = list(tfds_builders.load_records(builder, "train", decode_image=False).take(count))
+  tf.io.decode_jpeg(records[0]["pixels"]).numpy()   # warm the eager op
+  cpu, area = 0.0, 0.0
+  for rec in records:
+    t = time.process_time()
+    pixels = tf.io.decode_jpeg(rec["pixels"], channels=3).numpy()
+    cpu += time.process_time() - t
+    area += pixels.shape[0] * pixels.shape[1] / (800 * 1000)
+  return {"decode_stored_crop": cpu / len(records) * 1e3, "area": area / len(records)}
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--images", type=int, default=48)
   parser.add_argument("--batches", type=int, default=12)
   parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--no-record", dest="record", action="store_false")
-  args = parser.parse_args()
+  parser.add_argument("--sources", default="tsv,tfds", help="comma list of tsv,tfds")
+  parser.add_argument("--face_fraction", type=float, default=1 / 3,
+                      help="face box width / image width (WFLW photos: about 1/3 and less)")
+  common.add_common_flags(parser)
+  args = parser.parse_args(argv)
+  sources = [s for s in args.sources.split(",") if s]
+  for source in sources:
+    if source not in ("tsv", "tfds"):
+      parser.error(f"--sources: {source!r} is not 'tsv' or 'tfds'")
+  settings = common.apply_process_settings(args.process_settings)
 
   root = tempfile.mkdtemp(prefix="star_jax_bench_")
-  tsv, kb = make_dataset(root, args.images)
-  config = _config(root, tsv, args.batch_size)
-  stages = stage_breakdown(config, args.images)
-  rows = []
-  per_core = []
-  load = os.getloadavg()[0]
-  for threads in (1, 2):
-    wall_rate, cpu_rate = measure(config, threads, args.batches)
-    rows.append([f"tf.data, {threads} thread(s)", f"{wall_rate:.0f}", f"{cpu_rate:.0f}"])
-    per_core.append(cpu_rate)
-  stage_text = ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
-  notes = (f"1000x800 JPEG q90 (mean {kb:.0f} KB), face box ~1/3 width, S=256, batch "
-           f"{args.batch_size}, WFLW targets (98 point maps + 9 edge maps at 64x64); official "
-           f"PyTorch loader: 27 samples/s/core. Headline: samples per CPU-second of the whole "
-           f"process (all threads), the lower of the two settings; wall rates are lower when "
-           f"other work shares the cores (1-min load average at start: {load:.1f} on "
-           f"{os.cpu_count()} cores). Per-sample CPU ms by stage: {stage_text}")
-  common.record("Training input pipeline (augmentation + AAM targets)",
-                ["setting", "samples/s/thread (wall)", "samples/s per CPU-second"], rows,
-                notes=notes, write=args.record)
-  print(f"samples/s/core: {min(per_core):.0f}")
+  try:
+    _, kb = make_dataset(root, args.images, face_fraction=args.face_fraction)
+    configs = {"tsv": _config(root, args.batch_size)}
+    stage_text = ", ".join(f"{k} {v:.2f}"
+                           for k, v in stage_breakdown(configs["tsv"], args.images).items())
+    tfds_text = ""
+    if "tfds" in sources:
+      data_dir, build_s = build_tfds(root)
+      configs["tfds"] = _config(root, args.batch_size, "tfds", data_dir)
+      crops = stored_crops(configs["tfds"], args.images)
+      tfds_text = (f"; tfds source: records built once in {build_s:.1f} s "
+                   f"({build_s / args.images * 1e3:.0f} ms per image, not counted), stored crops "
+                   f"hold {crops['area'] * 100:.0f} % of the original pixels on average and "
+                   f"decode in {crops['decode_stored_crop']:.2f} CPU ms per sample")
+    rows, headline = [], {}
+    load = common.load_average()
+    for source in sources:
+      for threads in (1, 2):
+        wall_rate, cpu_rate = measure(configs[source], threads, args.batches)
+        rows.append([source, f"tf.data, {threads} thread(s)", f"{wall_rate:.0f}",
+                     f"{cpu_rate:.0f}"])
+        print(rows[-1], flush=True)
+        headline[source] = min(headline.get(source, cpu_rate), cpu_rate)
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+  notes = (f"{args.images} generated 1000x800 JPEG q90 (mean {kb:.0f} KB), face box "
+           f"~{args.face_fraction:.2f} of the width, S=256, batch {args.batch_size}, WFLW targets "
+           f"(98 point maps + 9 edge maps at 64x64); {args.batches} batches after 2 warm-up "
+           "batches. Headline: samples per CPU-second of the whole process (all threads), the "
+           "lower of the two thread settings: "
+           + ", ".join(f"{s} {r:.0f}" for s, r in headline.items())
+           + f". {settings}; {load} at the start of the timing. Per-sample "
+           f"CPU ms by stage (tsv source): {stage_text}{tfds_text}")
+  common.record("Training input pipeline (augmentation + AAM targets), TSV and TFDS sources",
+                ["source", "setting", "samples/s/thread (wall)", "samples/s per CPU-second"],
+                rows, notes=notes, write=args.record)
+  for source, rate in headline.items():
+    print(f"{source}: {rate:.0f} samples per CPU-second")
 
 
 if __name__ == "__main__":

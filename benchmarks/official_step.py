@@ -12,20 +12,27 @@ star-jax's step is `benchmarks/train_step.py`'s (the `train_and_evaluate` step, 
 synthetic on-device batch), run in a child process after the official one so that the two never
 share the cores. Both get the same batch size, the same synthetic value ranges, and the same
 number of warm-up and timed steps; the table gives wall seconds and process CPU seconds per step.
+Every child runs under the same process settings (`--process_settings`, default 'tuned': the
+allocator setting star-jax's entry points make applies to the PyTorch children too; the XLA:CPU
+options only to star-jax's), stated in the output.
 
 Run from the repository root (torch must be installed: `pip install -e '.[torch]'`):
-  python -m benchmarks.official_step --official_repo /path/to/STAR [--batch_size 4]
+  python -m benchmarks.official_step --official_repo /path/to/STAR [--batch_size 4] [--record]
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # `python benchmarks/official_step.py`: import as `python -m` does
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import copy
 import importlib
 import json
-import os
 import subprocess
-import sys
 import types
 from typing import Any
 
@@ -34,13 +41,24 @@ import numpy as np
 from benchmarks import common
 
 
+def official_repo_problem(repo: str | None) -> str | None:
+  """Why `repo` is not an official STAR checkout (a message for --official_repo), or None."""
+  if not repo:
+    return ("--official_repo (or STAR_OFFICIAL_REPO) is required: a checkout of "
+            "github.com/ZhenglinZhou/STAR")
+  network_file = os.path.join(os.path.abspath(repo), "lib", "backbone", "stackedHGNetV1.py")
+  if not os.path.isfile(network_file):
+    return (f"--official_repo {repo}: {network_file} not found (a checkout of "
+            "github.com/ZhenglinZhou/STAR is needed)")
+  return None
+
+
 def load_official_modules(repo: str) -> dict[str, Any]:
   """The official network and loss modules, imported from the checkout at `repo`."""
   repo = os.path.abspath(repo)
-  network_file = os.path.join(repo, "lib", "backbone", "stackedHGNetV1.py")
-  if not os.path.isfile(network_file):
-    raise FileNotFoundError(f"{network_file} not found: --official_repo must point at a checkout "
-                            "of github.com/ZhenglinZhou/STAR")
+  problem = official_repo_problem(repo)
+  if problem:
+    raise FileNotFoundError(problem)
   if repo not in sys.path:
     sys.path.insert(0, repo)
   # Empty package objects stand in for the official `lib`, `lib.dataset`, `lib.loss` and
@@ -58,20 +76,30 @@ def load_official_modules(repo: str) -> dict[str, Any]:
   }
 
 
+def official_wflw_network(modules: dict[str, Any], *, image_size: int = 256,
+                          num_stacks: int = 4, seed: int = 0):
+  """The official StackedHGNetV1 as the WFLW recipe builds it (98 points, 9 edges, AAM)."""
+  import torch
+  from star_jax import datasets
+
+  spec = datasets.get_spec("wflw")
+  config = types.SimpleNamespace(width=image_size, height=image_size, use_AAM=True)
+  edge_info = tuple((edge.closed, tuple(edge.points)) for edge in spec.edges)
+  torch.manual_seed(seed)
+  return modules["network"].StackedHGNetV1(
+      config=config, classes_num=[spec.num_points, spec.num_edges, spec.num_points],
+      edge_info=edge_info, nstack=num_stacks, add_coord=True, decoder_type="default").float()
+
+
 def official_wflw_setup(modules: dict[str, Any], batch_size: int, seed: int = 0):
   """(network, EMA copy, Adam, loss terms, batch) as the official WFLW recipe builds them."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   from star_jax import datasets
   from benchmarks import train_step
 
   spec = datasets.get_spec("wflw")
   num_stacks = 4
-  config = types.SimpleNamespace(width=256, height=256, use_AAM=True)
-  edge_info = tuple((edge.closed, tuple(edge.points)) for edge in spec.edges)
-  torch.manual_seed(seed)
-  net = modules["network"].StackedHGNetV1(
-      config=config, classes_num=[spec.num_points, spec.num_edges, spec.num_points],
-      edge_info=edge_info, nstack=num_stacks, add_coord=True, decoder_type="default").float()
+  net = official_wflw_network(modules, num_stacks=num_stacks, seed=seed)
   net.train(True)
   net_ema = copy.deepcopy(net)
   optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -94,7 +122,7 @@ def official_wflw_setup(modules: dict[str, Any], batch_size: int, seed: int = 0)
 def official_step_fn(net, net_ema, optimizer, losses, batch, *, anomaly: bool,
                      ema_decay: float):
   """One official training step as a closure (returns the summed loss as a float)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   star, awing, terms = losses
   params = dict(net.named_parameters())
   ema_params = dict(net_ema.named_parameters())
@@ -148,24 +176,25 @@ def time_steps(step, *, warmup: int, windows: int, steps_per_window: int) -> dic
 
 
 def measure_official(args, anomaly: bool) -> dict[str, Any]:
-  import torch  # pylint: disable=g-import-not-at-top
+  settings = common.apply_process_settings(args.process_settings, jax_in_process=False)
+  import torch
   torch.set_num_threads(args.threads)
   modules = load_official_modules(args.official_repo)
   net, net_ema, optimizer, losses, batch = official_wflw_setup(modules, args.batch_size)
   step = official_step_fn(net, net_ema, optimizer, losses, batch, anomaly=anomaly,
                           ema_decay=0.5 ** (args.batch_size / 10000.0))
-  return time_steps(step, warmup=args.warmup, windows=args.windows,
-                    steps_per_window=args.steps_per_window)
+  return dict(time_steps(step, warmup=args.warmup, windows=args.windows,
+                         steps_per_window=args.steps_per_window), settings=settings)
 
 
 def measure_star_jax(args) -> dict[str, Any]:
-  from star_jax import host  # pylint: disable=g-import-not-at-top
-  host.tune_process()
+  settings = common.apply_process_settings(args.process_settings)
   from benchmarks import train_step
   config = train_step.recipe_config(batch_size=args.batch_size)
   result = train_step.time_train_step(config, steps_per_window=args.steps_per_window,
                                       windows=args.windows, warmup=args.warmup)
-  return {k: result[k] for k in ("seconds", "cpu_seconds", "all", "first_call_seconds")}
+  return dict({k: result[k] for k in ("seconds", "cpu_seconds", "all", "first_call_seconds")},
+              settings=settings)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--windows", type=int, default=3)
   parser.add_argument("--steps_per_window", type=int, default=2)
   parser.add_argument("--skip_star_jax", action="store_true")
-  parser.add_argument("--no_record", action="store_true", help="print only, skip RESULTS.md")
+  common.add_common_flags(parser)
   parser.add_argument("--child", choices=("official", "official_no_anomaly", "star_jax"),
                       help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -190,9 +219,9 @@ def main(argv: list[str] | None = None) -> None:
               else measure_official(args, anomaly=args.child == "official"))
     print("RESULT " + json.dumps(result), flush=True)
     return
-  if not args.official_repo:
-    parser.error("--official_repo (or STAR_OFFICIAL_REPO) is required: a checkout of "
-                 "github.com/ZhenglinZhou/STAR")
+  problem = official_repo_problem(args.official_repo)
+  if problem:
+    parser.error(problem)
 
   # Each measurement runs in its own process, one after the other (no shared thread pools).
   children = [("official PyTorch (detect_anomaly, as it trains)", "official"),
@@ -201,18 +230,19 @@ def main(argv: list[str] | None = None) -> None:
     children.append(("star-jax (float32)", "star_jax"))
   common_flags = [f"--official_repo={args.official_repo}", f"--batch_size={args.batch_size}",
                   f"--threads={args.threads}", f"--warmup={args.warmup}",
-                  f"--windows={args.windows}", f"--steps_per_window={args.steps_per_window}"]
+                  f"--windows={args.windows}", f"--steps_per_window={args.steps_per_window}",
+                  f"--process_settings={args.process_settings}"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   results = {}
   for label, child in children:
     run = subprocess.run([sys.executable, "-m", "benchmarks.official_step", f"--child={child}",
                           *common_flags], cwd=root, capture_output=True, text=True, check=False)
-    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode != 0 or not lines:
       sys.stderr.write(run.stdout[-3000:] + run.stderr[-3000:])
       raise SystemExit(f"{label}: measurement failed (exit {run.returncode})")
     results[label] = json.loads(lines[-1][len("RESULT "):])
-    print(label, {k: v for k, v in results[label].items()}, flush=True)
+    print(label, results[label], flush=True)
 
   reference = results[children[0][0]]["seconds"]
   rows = []
@@ -221,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     rows.append([label, args.batch_size, f"{r['seconds']:.3f}", f"{r['cpu_seconds']:.2f}",
                  f"{args.batch_size / r['seconds']:.2f}", f"{reference / r['seconds']:.2f}x",
                  " ".join(f"{t:.3f}" for t in r["all"])])
-  load = os.getloadavg()[0]
+  settings = sorted({results[label]["settings"] for label, _ in children})
   common.record(
       f"Training step side by side: official PyTorch vs star-jax (WFLW network, batch "
       f"{args.batch_size}, CPU)",
@@ -233,8 +263,9 @@ def main(argv: list[str] | None = None) -> None:
              f"windows of {args.steps_per_window} steps; synthetic batch "
              "(benchmarks/train_step.synthetic_batch); official code from "
              f"{os.path.basename(os.path.abspath(args.official_repo))} (StackedHGNetV1, "
-             f"STARLoss_v2, AWingLoss, Adam, EMA); 1-min load average at the end {load:.1f}"),
-      write=not args.no_record)
+             f"STARLoss_v2, AWingLoss, Adam, EMA); {' | '.join(settings)}; "
+             f"{common.load_average()} at the end"),
+      write=args.record)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import time
 if __package__ in (None, ""):  # run as `python benchmarks/realtime_models.py`
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np
 
 from benchmarks import common
 
@@ -51,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdirs", default="",
-                      help="name=workdir pairs (names: 1x64, 2x128, 'demo (2x32)'), comma-separated")
+                      help="name=workdir pairs (names: 1x64, 2x128, 'demo (2x32)'), "
+                           "comma-separated")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
   args = parser.parse_args(argv)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     size = int(config.data.image_size)
     model = create_model(config.model, datasets.WFLW)
     variables = jax.device_put(init_variables(model, 0, size))
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False).landmarks[-1])
+    forward = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False).landmarks[-1])
     images = jnp.zeros((1, size, size, 3), jnp.float32)
     cost = forward.lower(variables, images).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
       result = eval_lib.evaluate(config, workdir, progress=False, verbose=False)
       nme = f"{100 * result.metrics['nme']:.2f}"
       step = _trained_step(workdir)
-    rows.append([name, f"{size}x{size}", config.model.num_stacks, config.model.channels,
+    rows.append([name, f"{size}x{size}", model.num_stacks, model.channels,
                  f"{cost['flops'] / 1e9:.2f}", f"{params / 1e6:.2f}",
                  f"{1000 * statistics.median(walls):.1f}", f"{1000 * statistics.median(cpus):.1f}",
                  step, nme])

@@ -1,27 +1,44 @@
-"""STAR loss forward + backward time: star-jax (jit) beside a PyTorch STARLoss_v2-style loss.
+"""STAR loss forward + backward: star-jax against the memory floor and against PyTorch.
 
-    python -m benchmarks.star_loss [--batch 32 --points 98 --size 64 --repeats 20] [--no_record]
+    python -m benchmarks.star_loss [--batch 32 --points 98 --size 64] [--settings tuned,default]
+                                   [--record]
 
-Times `jax.value_and_grad(star_loss)` under jit on float32 heatmaps `(B, S, S, N)` (median
-after warm-up), and, when torch is importable, the same formula written with PyTorch as the
-official code does it (dense per-pixel covariance, `torch.linalg.eigh` on the CPU), on the same
-data. Also times two memory-traffic references on the same tensor: one read (a sum) and one
-read + one write (`2 * h`): the loss needs about 3 reads and 1 write.
+On float32 heatmaps `(B, S, S, N)` (51 MB at the default 32 x 64 x 64 x 98) it times:
+- star-jax: `jax.jit(jax.value_and_grad(star_loss))`, and the forward alone;
+- the memory floor: a jitted pass that reads the heatmaps twice and writes a tensor of their
+  size once (`h * h.sum(axis=(1, 2), keepdims=True)`: per-map statistics, then an elementwise
+  pass that needs them). Forward + backward of any loss of this shape must do at least that
+  (statistics, then the gradient), so `star-jax / floor` says how close the loss is to what the
+  memory allows on this machine. This ratio is the headline (a pass that only reads the
+  heatmaps once is timed too, for reference);
+- PyTorch (when torch is importable): the official STARLoss_v2 formula (dense per-pixel
+  covariance, `torch.linalg.eigh` on the CPU, as the official code), forward + backward, on the
+  same data. Its value is checked against star-jax's first.
 
-A 51 MB output buffer costs about as much in page faults as in arithmetic on this CPU: glibc
-`malloc` maps every allocation this large afresh. star-jax's entry points call
-`star_jax.host.tune_allocator()` so freed buffers are reused (what tcmalloc/jemalloc do by
-default); this benchmark does too, and `--default_malloc` measures without it for comparison.
+Like with like. Each setting of `--settings` runs in a child process of its own, and within a
+child both sides (and the floor) run one after the other under the same process settings
+(`benchmarks.common.apply_process_settings`): 'tuned' is what star-jax's entry points set
+(glibc malloc keeps large freed blocks, which PyTorch benefits from too, plus XLA:CPU options
+that only JAX reads); 'default' is neither. Both sides use every core (XLA by default, torch
+through `torch.set_num_threads`). Times are medians after warm-up; CPU time (all threads of
+the process) is given beside wall time because it moves less when other work shares the cores.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import time
+import sys
+
+if __package__ in (None, ""):  # `python benchmarks/star_loss.py`: import as `python -m` does
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import json
+import subprocess
 
 import numpy as np
 
+from benchmarks import common
 
 
 def make_inputs(batch: int, points: int, size: int, seed: int = 0):
@@ -38,114 +55,128 @@ def make_inputs(batch: int, points: int, size: int, seed: int = 0):
   return heatmaps, np.clip(gt, -1, 1).astype(np.float32)
 
 
-def torch_star_v2(heatmap, gt, w: float = 1.0, eps: float = 1e-5):
-  """STARLoss_v2 (smooth-L1) in PyTorch, NCHW, covariance per pixel and eigh on the CPU."""
-  import torch
-  b, n, h, wd = heatmap.shape
-  p = heatmap / heatmap.sum((2, 3)).clamp(min=1e-6)[..., None, None]
-  ys = torch.arange(h, dtype=torch.float32) / (h - 1) * 2 - 1
-  xs = torch.arange(wd, dtype=torch.float32) / (wd - 1) * 2 - 1
-  yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-  mean = torch.stack([(p * xx).sum((2, 3)), (p * yy).sum((2, 3))], -1)          # (B, N, 2)
-  d = torch.stack([xx - mean[..., :1, None], yy - mean[..., 1:, None]], -1)      # (B,N,H,W,2)
-  d = d.reshape(b * n, h * wd, 2)
-  cov = torch.bmm((p.reshape(b * n, h * wd, 1) * d).transpose(1, 2), d).reshape(b, n, 2, 2)
-  v1 = p.sum((2, 3)) + eps
-  v2 = (p * p).sum((2, 3)) + eps
-  cov = cov / (v1 - v2 / v1)[..., None, None]
-  evals, evecs = torch.linalg.eigh(cov.cpu())
-  proj = torch.einsum("bnij,bni->bnj", evecs, gt - mean)                        # on columns
-  e2 = proj * proj
-  huber = torch.where(e2 < 1e-4, 50 * e2, e2.clamp(min=1e-6).sqrt() - 0.005)
-  per_point = (huber / torch.sqrt(evals + eps)).sum(-1) + w * evals.abs().sum(-1)
-  return per_point.mean()
+def _timing(walls, cpus) -> dict[str, float]:
+  return {"wall": common.median(walls), "min": min(walls), "cpu": common.median(cpus)}
 
 
-def measure(args) -> list[list[object]]:
+def measure(args) -> dict:
+  """Child process: every row under this process's settings, as a JSON-able dict."""
+  settings = common.apply_process_settings(args.process_settings)
   import jax
   import jax.numpy as jnp
-
-  from benchmarks.common import median, time_fn
   from star_jax.losses import star_loss
 
   heatmaps_np, gt_np = make_inputs(args.batch, args.points, args.size)
   heatmaps, gt = jnp.asarray(heatmaps_np), jnp.asarray(gt_np)
-  mb = heatmaps_np.nbytes / 1e6
   sync = jax.block_until_ready
-  rows = []
+  result = {"settings": settings, "mb": heatmaps_np.nbytes / 1e6, "rows": {}}
 
-  def add(name, fn, warmup=3, repeats=args.repeats, sync=sync):
-    times = time_fn(fn, warmup=warmup, repeats=repeats, sync=sync)
-    cpu = cpu_time(fn, repeats, sync)
-    rows.append([name, f"{median(times) * 1e3:.2f}", f"{min(times) * 1e3:.2f}",
-                 f"{cpu * 1e3:.2f}"])
-    print(rows[-1], flush=True)
-    return median(times)
+  def add(name, fn, repeats, warmup=3, sync=sync):
+    walls, cpus = common.time_calls(fn, warmup=warmup, repeats=repeats, sync=sync)
+    result["rows"][name] = _timing(walls, cpus)
+    print(args.process_settings, name, result["rows"][name], flush=True)
 
   fwd_bwd = jax.jit(jax.value_and_grad(star_loss))
   fwd = jax.jit(star_loss)
-  read = jax.jit(lambda h: h.sum(axis=(1, 2)))
-  read_write = jax.jit(lambda h: 2 * h)
-  ours = add(f"star-jax fwd+bwd (jit, {mb:.0f} MB f32)", lambda: fwd_bwd(heatmaps, gt))
-  add("star-jax fwd (jit)", lambda: fwd(heatmaps, gt))
-  add("reference: 1 read (sum over H, W)", lambda: read(heatmaps))
-  add("reference: 1 read + 1 write (2 * h)", lambda: read_write(heatmaps))
+  floor = jax.jit(lambda h: h * h.sum(axis=(1, 2), keepdims=True))
+  read_once = jax.jit(lambda h: h.sum(axis=(1, 2)))
+  add("star-jax", lambda: fwd_bwd(heatmaps, gt), args.repeats)
+  add("star-jax forward", lambda: fwd(heatmaps, gt), args.repeats)
+  add("floor", lambda: floor(heatmaps), args.repeats)
+  add("read once", lambda: read_once(heatmaps), args.repeats)
+  result["jax_value"] = float(fwd(heatmaps, gt))
   try:
     import torch
   except ImportError:
-    print("torch not importable: PyTorch row skipped")
-    return rows
-  torch.set_num_threads(os.cpu_count() or 1)
+    result["torch"] = None
+    return result
+  from benchmarks.gpu_check import torch_star_v2
+  threads = os.cpu_count() or 1
+  torch.set_num_threads(threads)
   heat_t = torch.from_numpy(heatmaps_np.transpose(0, 3, 1, 2).copy())
   gt_t = torch.from_numpy(gt_np)
 
   def torch_step():
-    h = heat_t.clone().requires_grad_(True)
-    loss = torch_star_v2(h, gt_t)
+    h = heat_t.detach().requires_grad_(True)
+    loss = torch_star_v2(torch, h, gt_t)
     loss.backward()
     return h.grad
 
-  theirs = add("PyTorch STARLoss_v2 formula fwd+bwd (eigh on CPU)", torch_step, warmup=2,
-               repeats=max(3, args.repeats // 4), sync=lambda x: x)
-  rows.append(["speed-up vs PyTorch (median wall)", f"{theirs / ours:.1f}x", "", ""])
-  return rows
+  with torch.no_grad():
+    result["torch_value"] = float(torch_star_v2(torch, heat_t, gt_t))
+  result["torch"] = f"{torch.__version__}, {threads} intra-op threads"
+  add("PyTorch", torch_step, max(5, args.repeats // 2), warmup=2, sync=lambda x: x)
+  return result
 
 
-def cpu_time(fn, repeats: int, sync) -> float:
-  """Median process CPU seconds per call (all threads): less sensitive to other load."""
-  samples = []
-  for _ in range(repeats):
-    start = time.process_time()
-    sync(fn())
-    samples.append(time.process_time() - start)
-  return float(np.median(samples))
+def _child(args, settings: str) -> dict:
+  flags = [f"--batch={args.batch}", f"--points={args.points}", f"--size={args.size}",
+           f"--repeats={args.repeats}", f"--process_settings={settings}", "--child"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run([sys.executable, "-m", "benchmarks.star_loss", *flags], cwd=root,
+                       capture_output=True, text=True, check=False)
+  lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+  if run.returncode != 0 or not lines:
+    sys.stderr.write(run.stdout[-3000:] + run.stderr[-3000:])
+    raise SystemExit(f"star_loss child ({settings}): measurement failed (exit {run.returncode})")
+  print("\n".join(line for line in run.stdout.splitlines() if not line.startswith("RESULT ")))
+  return json.loads(lines[-1][len("RESULT "):])
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--points", type=int, default=98)
   parser.add_argument("--size", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--no_record", action="store_true")
-  parser.add_argument("--default_malloc", action="store_true",
-                      help="leave glibc malloc as it is (no star_jax.host.tune_allocator)")
+  parser.add_argument("--settings", default="tuned,default",
+                      help="comma list of process settings to measure, each in its own process")
+  common.add_common_flags(parser)
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.child:
+    print("RESULT " + json.dumps(measure(args)), flush=True)
+    return
+  modes = [m for m in args.settings.split(",") if m]
+  for mode in modes:
+    if mode not in common.PROCESS_SETTINGS:
+      parser.error(f"--settings: {mode!r} is not one of {common.PROCESS_SETTINGS}")
 
-  from benchmarks.common import record
-  from star_jax import host
-
-  tuned = not args.default_malloc and host.tune_allocator()
-  rows = measure(args)
-  malloc = "star_jax.host.tune_allocator: malloc reuses large buffers" if tuned else (
-      "default glibc malloc")
-  title = (f"STAR loss forward+backward, B={args.batch} N={args.points} "
-           f"{args.size}x{args.size} float32 ({malloc})")
-  load = os.getloadavg()[0]
-  record(title, ["what", "median ms", "min ms", "median CPU ms (all threads)"], rows,
-         notes=(f"1-min load average at the end {load:.1f} on {os.cpu_count()} cores; official "
-                "PyTorch loss measured at 0.173 s on this 2-core CPU (issue 2)"),
-         write=not args.no_record)
+  rows, notes = [], []
+  for mode in modes:
+    r = _child(args, mode)
+    t = r["rows"]
+    ours, floor = t["star-jax"], t["floor"]
+    torch_t = t.get("PyTorch")
+    vs_torch = (f"{torch_t['wall'] / ours['wall']:.1f}x ({torch_t['cpu'] / ours['cpu']:.1f}x)"
+                if torch_t else "torch not installed")
+    rows.append([mode, f"{ours['wall'] * 1e3:.2f} ({ours['cpu'] * 1e3:.2f})",
+                 f"{floor['wall'] * 1e3:.2f} ({floor['cpu'] * 1e3:.2f})",
+                 f"**{ours['wall'] / floor['wall']:.2f}x** ({ours['cpu'] / floor['cpu']:.2f}x)",
+                 f"{t['star-jax forward']['wall'] * 1e3:.2f}",
+                 f"{torch_t['wall'] * 1e3:.1f} ({torch_t['cpu'] * 1e3:.1f})" if torch_t else "-",
+                 vs_torch])
+    notes.append(f"{mode}: {r['settings']}; one read of the heatmaps (a sum over H, W) "
+                 f"{t['read once']['wall'] * 1e3:.2f} ms")
+    if r.get("torch"):
+      rel = abs(r["torch_value"] / r["jax_value"] - 1)
+      notes.append(f"{mode}: torch {r['torch']}; loss values agree to {rel:.1e} (relative)")
+  title = (f"STAR loss forward+backward vs the memory floor and PyTorch, B={args.batch} "
+           f"N={args.points} {args.size}x{args.size} float32 "
+           f"({args.batch * args.points * args.size ** 2 * 4 / 1e6:.0f} MB)")
+  common.record(
+      title,
+      ["process settings (both sides)", "star-jax fwd+bwd ms (CPU ms)",
+       "floor: read 2x + write 1x ms (CPU ms)", "star-jax / floor (CPU)",
+       "star-jax fwd only ms", "PyTorch official formula fwd+bwd ms (CPU ms)",
+       "PyTorch / star-jax (CPU)"],
+      rows,
+      notes=("headline: star-jax / floor. Each row is one process; within it every column ran "
+             "under the same settings, one after the other, median of "
+             f"{args.repeats} calls (PyTorch {max(5, args.repeats // 2)}) after warm-up. "
+             + "; ".join(notes) + f"; {common.load_average()} at the end"),
+      write=args.record)
 
 
 if __name__ == "__main__":

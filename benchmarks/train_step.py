@@ -16,32 +16,31 @@ Variants (each a flag, so before/after rows can be recorded side by side):
   marginals, to measure what the fused reductions buy inside the whole step.
 
 Run from the repository root:
-  python -m benchmarks.train_step [--batch_size 4] [--dtype float32] [--repeats 3]
+  python -m benchmarks.train_step [--batch_size 4] [--dtypes float32] [--repeats 3] [--record]
 
-This module also provides the builders `benchmarks/gpu_check.py` uses; it imports neither
-TensorFlow nor (when missing) ml_collections.
+The official PyTorch step, timed beside this one under the same process settings, is
+`benchmarks/official_step.py`'s table; this script gives no ratio against a figure measured
+elsewhere. This module also provides the builders `benchmarks/gpu_check.py` uses; it imports
+neither TensorFlow nor (when missing) ml_collections, and JAX only when a function runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import os
 import sys
+
+if __package__ in (None, ""):  # `python benchmarks/train_step.py`: import as `python -m` does
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import functools
 import time
 import types
 from typing import Any, Callable
 
-import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-
-# The official PyTorch training step (StackedHGNetV1 + STAR/AWing losses, Adam, batch 4, fp32,
-# CPU, 2 threads) on this 2-core machine class.
-OFFICIAL_CPU_STEP_SECONDS_BATCH4 = 2.18
 # Forward FLOPs of the WFLW network per 256x256 image (multiply and add counted separately);
 # a training step (forward + backward for activations and weights) is about 3x that.
 FORWARD_GFLOP_PER_IMAGE = 34.7
@@ -50,7 +49,7 @@ TRAIN_FLOP_FACTOR = 3.0
 
 def import_train_lib():
   """`star_jax.train_lib` (imports neither TensorFlow nor ml_collections at module level)."""
-  from star_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from star_jax import train_lib
   return train_lib
 
 
@@ -98,6 +97,7 @@ def dense_star_loss(heatmaps, landmarks, *, w=1.0, dist="smoothl1", eps=1e-5, ve
   for `eigh`; that part is not what is compared here).
   """
   del dist, version
+  import jax.numpy as jnp
   from star_jax import losses
   h = heatmaps.astype(jnp.float32)
   _, height, width, _ = h.shape
@@ -114,7 +114,7 @@ def dense_star_loss(heatmaps, landmarks, *, w=1.0, dist="smoothl1", eps=1e-5, ve
   cxx = (p * dx * dx).sum(axis=(1, 2)) / denominator
   cxy = (p * dx * dy).sum(axis=(1, 2)) / denominator
   cyy = (p * dy * dy).sum(axis=(1, 2)) / denominator
-  l0, l1, cos_t, sin_t = losses._eigh_2x2(cxx, cxy, cyy)  # pylint: disable=protected-access
+  l0, l1, cos_t, sin_t = losses._eigh_2x2(cxx, cxy, cyy)
   ex, ey = landmarks[..., 0] - mean_x, landmarks[..., 1] - mean_y
   normal = -sin_t * ex + cos_t * ey
   tangent = cos_t * ex + sin_t * ey
@@ -144,6 +144,8 @@ def _patched_star(impl: str):
 def shard_to_devices(tree: Any) -> Any:
   """Host arrays (leading axis = global batch) -> per-device shards `(devices, b/devices, ...)`
   placed on the local devices, as the mapped step expects (no transfer at call time)."""
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
   from star_jax import parallel
   devices = jax.local_devices()
   sharding = NamedSharding(Mesh(np.array(devices), (parallel.AXIS_NAME,)),
@@ -172,43 +174,10 @@ def synthetic_batch(batch_size: int, image_size: int, num_points: int, num_edges
 
 
 def initial_state(train_lib, model, tx, image_size: int, seed: int = 0):
-  """A fresh `train_lib.TrainState` built on the host without compiling anything.
-
-  `train_lib.create_train_state` jits `model.init`, which compiles (and on GPUs autotunes) the
-  whole forward pass once more just to draw the initial weights: minutes on a GPU for the full
-  network. The timed step does not depend on how the weights were drawn, so here they are drawn
-  with numpy from the same distributions (torch's Conv2d defaults, BatchNorm scale 1 / bias 0,
-  running mean 0 / variance 1) on the shapes `jax.eval_shape` gives; the optimiser state is the
-  zeros Adam starts from, and the EMA starts as a copy of the weights.
-  """
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3), jnp.float32)))
-
-  def params_of(tree):
-    if "kernel" in tree:  # a convolution: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both
-      shape = tree["kernel"].shape
-      bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
-      return {"kernel": rng.uniform(-bound, bound, shape).astype(np.float32),
-              "bias": rng.uniform(-bound, bound, tree["bias"].shape).astype(np.float32)}
-    if "scale" in tree:   # BatchNorm affine
-      return {"scale": np.ones(tree["scale"].shape, np.float32),
-              "bias": np.zeros(tree["bias"].shape, np.float32)}
-    return {k: params_of(v) for k, v in tree.items()}
-
-  def stats_of(tree):
-    if "mean" in tree:
-      return {"mean": np.zeros(tree["mean"].shape, np.float32),
-              "var": np.ones(tree["var"].shape, np.float32)}
-    return {k: stats_of(v) for k, v in tree.items()}
-
-  params = params_of(dict(shapes["params"]))
-  batch_stats = stats_of(dict(shapes.get("batch_stats", {})))
-  opt_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tx.init, params))
-  copy = lambda tree: jax.tree.map(np.copy, tree)
-  return train_lib.TrainState(step=np.zeros((), np.int32), params=params,
-                              batch_stats=batch_stats, opt_state=opt_state,
-                              ema_params=copy(params), ema_batch_stats=copy(batch_stats))
+  """A fresh `train_lib.TrainState`, as training starts: host-drawn weights
+  (`models.init_variables`, no compilation), EMA a copy of them."""
+  from star_jax import models
+  return train_lib.create_train_state(models.init_variables(model, seed, image_size), tx)
 
 
 def build_train_step(config, *, donate: bool = True, star_impl: str = "fused"
@@ -246,6 +215,7 @@ def time_train_step(config, *, steps_per_window: int = 2, windows: int = 3, warm
   """Seconds per step (median over `windows` windows of `steps_per_window` steps after warm-up)
   and the first call's seconds (compile + one step). With `profile_dir`, three more steps are
   traced there (`jax.profiler`, viewable in TensorBoard/Perfetto)."""
+  import jax
   step, state, batch = build_train_step(config, donate=donate, star_impl=star_impl)
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
@@ -294,10 +264,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="comma list of default,no_donate,sync_every_step,dense_star")
   parser.add_argument("--channels", type=int, default=256)
   parser.add_argument("--image_size", type=int, default=256)
-  parser.add_argument("--no_record", action="store_true", help="print only, skip RESULTS.md")
+  common.add_common_flags(parser)
   args = parser.parse_args(argv)
-  from star_jax import host  # pylint: disable=g-import-not-at-top
-  host.tune_process()
+  settings = common.apply_process_settings(args.process_settings)
 
   variants = {
       "default": {},
@@ -305,7 +274,11 @@ def main(argv: list[str] | None = None) -> None:
       "sync_every_step": {"sync_every_step": True},
       "dense_star": {"star_impl": "dense"},
   }
+  for name in args.variants.split(","):
+    if name not in variants:
+      parser.error(f"--variants: {name!r} is not one of {sorted(variants)}")
   rows = []
+  cores = os.cpu_count() or 1
   for dtype in args.dtypes.split(","):
     for name in args.variants.split(","):
       config = recipe_config(dtype=dtype, batch_size=args.batch_size, channels=args.channels,
@@ -314,33 +287,24 @@ def main(argv: list[str] | None = None) -> None:
                                windows=args.repeats, **variants[name])
       seconds = result["seconds"]
       gflops = train_flops(args.batch_size, args.image_size) / seconds / 1e9
-      cores = os.cpu_count() or 1
-      flags = os.environ.get("XLA_FLAGS", "")
-      rows.append([name + (f" ({flags})" if flags else ""), dtype, args.batch_size,
-                   f"{seconds:.3f}",
+      rows.append([name, dtype, args.batch_size, f"{seconds:.3f}",
                    f"{result['cpu_seconds']:.2f} ({result['cpu_seconds'] / cores:.2f})",
                    f"{args.batch_size / seconds:.2f}", f"{gflops:.0f}",
-                   f"{OFFICIAL_CPU_STEP_SECONDS_BATCH4 / seconds * args.batch_size / 4:.2f}x",
                    f"{result['first_call_seconds']:.1f}", f"{result['loss']:.4f}"])
       print(rows[-1], "windows:", [f"{t:.3f}" for t in result["all"]], flush=True)
-  load = os.getloadavg()[0]
   common.record(
       f"Train step (WFLW, {args.channels} channels, 4 stacks, {args.image_size}x{args.image_size},"
       " STAR + AWing, Adam, EMA; step only)",
       ["variant", "dtype", "batch", "s / step (median)", "CPU-s / step (/ cores)", "images/s",
-       "GFLOP/s (3x34.7/img)",
-       "vs official step", "first call s (compile)", "loss"],
+       "GFLOP/s (3x34.7/img)", "first call s (compile)", "loss"],
       rows,
       notes=(f"star_jax.train_lib.train_step via parallel.map_over_devices (state donated unless "
              f"no_donate), synthetic on-device batch; median of {args.repeats} windows of "
-             f"{args.steps_per_window} steps after warm-up; official PyTorch step: "
-             f"{OFFICIAL_CPU_STEP_SECONDS_BATCH4} s at batch 4 on this machine class (2 threads); "
-             f"'vs official' scales it to the batch size. 1-min load average at end: {load:.1f} "
-             "on 2 cores (other work shares the machine), so 'CPU-s / step' (process CPU time; "
-             "divided by the core count: the step time with the cores to itself, if it "
-             "scaled perfectly) is "
-             "given beside the wall time."),
-      write=not args.no_record)
+             f"{args.steps_per_window} steps after warm-up; {settings}; the official step under "
+             "the same settings: benchmarks/official_step.py. 'CPU-s / step' is process CPU "
+             "time (divided by the core count: the step time with the cores to itself, if it "
+             f"scaled perfectly), given beside wall time; {common.load_average()} at the end"),
+      write=args.record)
 
 
 if __name__ == "__main__":

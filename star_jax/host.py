@@ -31,8 +31,6 @@ import logging as py_logging
 import os
 import sys
 
-from absl import logging
-
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -132,6 +130,7 @@ class _DropLibraryChatter(py_logging.Filter):
 
 def _quiet_library_logs() -> None:
   """Keeps the console to our own progress: library INFO records are dropped (warnings stay)."""
+  from absl import logging  # not needed by the GPU check, which runs without absl
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _DropLibraryChatter) for f in handler.filters):
     handler.addFilter(_DropLibraryChatter())

@@ -51,7 +51,6 @@ import optax
 
 from star_jax import checkpointing
 from star_jax import datasets
-from star_jax import logging_utils
 from star_jax import losses
 from star_jax import metrics as metrics_lib
 from star_jax import models
@@ -519,6 +518,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   DataError for problems with the command (before any work).
   """
   from star_jax import finetune
+  from star_jax import logging_utils  # CLU's writers import TensorFlow: only the loop needs them
   check_config(config)
   workdir = os.path.abspath(workdir)
   is_primary = jax.process_index() == 0
@@ -586,6 +586,7 @@ def _loop(run: _Run, state: TrainState, start_step: int, should_stop: Callable[[
   """Steps from `start_step` to the end; logging, validation and checkpoints as CLU periodic
   actions. Each step's metrics are read back while the next step runs."""
   from clu import periodic_actions
+  from star_jax import logging_utils
   config, num_steps = run.config, run.num_steps
   train_iter = iter(run.data.train_batches(start_step=start_step,
                                            process_index=jax.process_index(),

@@ -245,3 +245,230 @@ def test_cofw_wrong_variables(tmp_path):
   scipy.io.savemat(str(mat), {"phisTr": np.zeros((1, 87))})
   with pytest.raises(of.FormatError, match="IsTr"):
     of.read_cofw_mat(str(mat), "train")
+
+
+# ---- the command line: the README's commands, pairing, checks before writing ---------------
+
+WFLW_LIST_DIR = "WFLW_annotations/list_98pt_rect_attr_train_test"
+README_WFLW = ["wflw", f"{WFLW_LIST_DIR}/list_98pt_rect_attr_train.txt", "--out", "data/wflw"]
+README_COFW = ["cofw", "COFW_train_color.mat", "--out", "data/cofw"]
+
+
+def _tiny_image(path, seed=0):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  assert cv2.imwrite(str(path), rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+
+
+def _wflw_release(root, counts=(3, 2), with_images=True):
+  """The WFLW download's layout in `root`: annotations and (optionally) WFLW_images."""
+  rng = np.random.default_rng(3)
+  for split, n in zip(("train", "test"), counts):
+    lines = []
+    for k in range(n):
+      rel = f"{k}--Event/{split}_{k}.jpg"
+      if with_images:
+        _tiny_image(root / "WFLW_images" / rel, k)
+      lines.append(_wflw_line(rng.uniform(5, 35, (98, 2)), (1, 2, 30, 38), (0, 1, 0, 0, 1, 0),
+                              rel))
+    path = root / WFLW_LIST_DIR / f"list_98pt_rect_attr_{split}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _cofw_release(root, splits=("train", "test")):
+  images, phis = _cofw_data()
+  cells = np.empty((2, 1), object)
+  cells[0, 0], cells[1, 0] = images
+  for split in splits:
+    image_key, phis_key = of.COFW_KEYS[split]
+    scipy.io.savemat(str(root / f"COFW_{split}_color.mat"), {image_key: cells, phis_key: phis})
+  return images, phis
+
+
+def _run_cli(argv, cwd):
+  """The converter as a user runs it: (exit code, stdout, stderr)."""
+  import subprocess
+  import sys
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+       os.environ.get("PYTHONPATH", "")]))
+  env.pop("STAR_JAX_DEBUG", None)
+  proc = subprocess.run([sys.executable, "-m", "star_jax.data.original_formats", *argv],
+                        cwd=cwd, capture_output=True, text=True, env=env, check=False)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def _assert_one_line_error(code, err, expected_code, pattern):
+  assert code == expected_code, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  assert "Traceback" not in err
+  assert pattern in lines[0], lines[0]
+
+
+def _assert_dataset_folder(out, spec_name, counts):
+  """OUT is what both consumers read: TSVs whose paths resolve under OUT/images."""
+  annotations = pytest.importorskip("star_jax.data.annotations")
+  for split, n in zip(("train", "test"), counts):
+    ann = annotations.read_tsv(str(out / f"{split}.tsv"), get_spec(spec_name),
+                               image_dir=str(out / "images"), check_images=True)
+    assert len(ann.image_paths) == n
+    assert all(os.path.isfile(p) for p in ann.image_paths)
+
+
+def test_readme_wflw_command_takes_the_train_file(tmp_path, monkeypatch, capsys):
+  _wflw_release(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  assert of.main(README_WFLW) == 0
+  out = capsys.readouterr().out
+  assert "list_98pt_rect_attr_train.txt (3 faces)" in out
+  assert "list_98pt_rect_attr_test.txt (2 faces)" in out
+  assert "all 5 present" in out
+  out_dir = tmp_path / "data" / "wflw"
+  assert len(_read(out_dir / "train.tsv")[1]) == 3
+  assert len(_read(out_dir / "test.tsv")[1]) == 2
+  # WFLW_images was found beside the annotations and linked as OUT/images.
+  assert os.path.islink(out_dir / "images")
+  assert os.path.samefile(out_dir / "images", tmp_path / "WFLW_images")
+  _assert_dataset_folder(out_dir, "wflw", (3, 2))
+
+
+@pytest.mark.parametrize("source", [f"{WFLW_LIST_DIR}/list_98pt_rect_attr_test.txt",
+                                    "WFLW_annotations", "."])
+def test_wflw_test_file_or_folder_gives_the_same_tsvs(tmp_path, monkeypatch, source):
+  _wflw_release(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  assert of.main(README_WFLW[:2] + ["--out", "ref"]) == 0
+  assert of.main(["wflw", source, "--out", "other"]) == 0
+  for split in ("train", "test"):
+    assert (tmp_path / "other" / f"{split}.tsv").read_text() == \
+        (tmp_path / "ref" / f"{split}.tsv").read_text()
+
+
+def test_wflw_missing_counterpart_is_one_line_and_writes_nothing(tmp_path):
+  _wflw_release(tmp_path)
+  os.remove(tmp_path / WFLW_LIST_DIR / "list_98pt_rect_attr_test.txt")
+  code, _, err = _run_cli(README_WFLW, tmp_path)
+  _assert_one_line_error(code, err, 1, "list_98pt_rect_attr_test.txt is missing")
+  assert not (tmp_path / "data").exists()
+  code, _, err = _run_cli(["wflw", "WFLW_annotations", "--out", "data/wflw"], tmp_path)
+  _assert_one_line_error(code, err, 1, "list_98pt_rect_attr_test.txt not found under")
+  assert not (tmp_path / "data").exists()
+
+
+def test_wflw_explicit_images_folder_is_checked_before_writing(tmp_path, monkeypatch, capsys):
+  _wflw_release(tmp_path)
+  moved = tmp_path / "elsewhere" / "photos"
+  os.renames(tmp_path / "WFLW_images", moved)
+  monkeypatch.chdir(tmp_path)
+  assert of.main(README_WFLW + ["--images", str(moved)]) == 0
+  assert os.path.samefile(tmp_path / "data" / "wflw" / "images", moved)
+  _assert_dataset_folder(tmp_path / "data" / "wflw", "wflw", (3, 2))
+  # A folder lacking an image: one line naming it, nothing written.
+  os.remove(moved / "1--Event" / "test_1.jpg")
+  with pytest.raises(SystemExit) as exit_info:
+    of.main(["wflw", WFLW_LIST_DIR, "--out", "fresh", "--images", str(moved)])
+  assert exit_info.value.code == 1
+  assert "1 of 5 images" in capsys.readouterr().err
+  assert not (tmp_path / "fresh").exists()
+
+
+def test_wflw_without_images_writes_tsvs_and_says_so(tmp_path, monkeypatch, capsys):
+  _wflw_release(tmp_path, with_images=False)
+  monkeypatch.chdir(tmp_path)
+  assert of.main(README_WFLW) == 0
+  out = capsys.readouterr().out
+  assert "no WFLW_images folder" in out
+  assert len(_read(tmp_path / "data" / "wflw" / "train.tsv")[1]) == 3
+  assert not os.path.lexists(tmp_path / "data" / "wflw" / "images")
+
+
+def test_existing_images_entry_is_never_replaced(tmp_path, monkeypatch, capsys):
+  _wflw_release(tmp_path)
+  (tmp_path / "data" / "wflw" / "images").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit) as exit_info:
+    of.main(README_WFLW)
+  assert exit_info.value.code == 2
+  assert "is not a link to" in capsys.readouterr().err
+  assert not (tmp_path / "data" / "wflw" / "train.tsv").exists()
+
+
+def test_wflw_file_name_without_split_is_a_usage_error(tmp_path):
+  (tmp_path / "annotations.txt").write_text("")
+  code, _, err = _run_cli(["wflw", "annotations.txt", "--out", "o"], tmp_path)
+  _assert_one_line_error(code, err, 2, "names neither 'train' nor 'test'")
+  code, _, err = _run_cli(["wflw", "nowhere.txt", "--out", "o"], tmp_path)
+  _assert_one_line_error(code, err, 1, "nowhere.txt: no such file or folder")
+  assert not (tmp_path / "o").exists()
+
+
+def test_readme_cofw_command_takes_the_train_file(tmp_path, monkeypatch, capsys):
+  images, phis = _cofw_release(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  assert of.main(README_COFW) == 0
+  out = capsys.readouterr().out
+  assert "COFW_train_color.mat (2 faces)" in out and "COFW_test_color.mat (2 faces)" in out
+  out_dir = tmp_path / "data" / "cofw"
+  _check_cofw(out_dir, images, phis, "train")
+  _check_cofw(out_dir, images, phis, "test")
+  _assert_dataset_folder(out_dir, "cofw", (2, 2))
+
+
+def test_cofw_missing_counterpart_is_one_line_and_writes_nothing(tmp_path):
+  _cofw_release(tmp_path, splits=("train",))
+  code, _, err = _run_cli(README_COFW, tmp_path)
+  _assert_one_line_error(code, err, 1, "COFW_test_color.mat is missing")
+  assert not (tmp_path / "data").exists()
+
+
+def test_cofw_damaged_mat_is_one_line(tmp_path):
+  _cofw_release(tmp_path)
+  (tmp_path / "COFW_test_color.mat").write_bytes(b"not a MATLAB file at all" * 10)
+  code, _, err = _run_cli(README_COFW, tmp_path)
+  _assert_one_line_error(code, err, 1, "COFW_test_color.mat: not a readable MATLAB file")
+  assert not (tmp_path / "data").exists()
+
+
+def test_300w_cli_links_the_folder_and_reports_subsets(w300_root, tmp_path, monkeypatch, capsys):
+  root, _ = w300_root
+  monkeypatch.chdir(tmp_path)
+  assert of.main(["300w", str(root), "--out", "data/300w"]) == 0
+  out = capsys.readouterr().out
+  assert "train: lfpw/trainset 2, helen/trainset 1, afw 2 faces" in out
+  assert "test_challenge: ibug 2 faces" in out
+  out_dir = tmp_path / "data" / "300w"
+  assert os.path.samefile(out_dir / "images", root)
+  _assert_dataset_folder(out_dir, "300w", (5, 4))
+  for name in ("test_common", "test_challenge"):
+    assert (out_dir / f"{name}.tsv").exists()
+
+
+def test_300w_incomplete_folder_writes_nothing(w300_root, tmp_path):
+  root, _ = w300_root
+  import shutil
+  shutil.rmtree(root / "ibug")
+  code, _, err = _run_cli(["300w", str(root), "--out", "out"], tmp_path)
+  _assert_one_line_error(code, err, 1, "ibug is missing")
+  assert not (tmp_path / "out").exists()
+  code, _, err = _run_cli(["300w", str(root / "afw" / "image_0000.pts"), "--out", "out"],
+                          tmp_path)
+  _assert_one_line_error(code, err, 2, "takes the 300W folder")
+
+
+def test_converted_wflw_folder_builds_as_a_tfds_manual_dir(tmp_path, monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from star_jax.data import tfds_builders
+  _wflw_release(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  assert of.main(README_WFLW) == 0
+  builder = tfds_builders.builder_for("wflw", data_dir=str(tmp_path / "tfds"), config="png")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(tmp_path / "data" / "wflw")))
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 3, "test": 2}
+  _, rows = _read(tmp_path / "data" / "wflw" / "train.tsv")
+  stored = sorted(tfds.as_numpy(builder.as_dataset(split="train")), key=lambda e: e["index"])
+  for row, example in zip(rows, stored):
+    np.testing.assert_allclose(example["landmarks"] + example["offset"].astype(np.float32),
+                               _landmarks(row, 98), atol=1e-3)

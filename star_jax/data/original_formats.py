@@ -40,13 +40,38 @@ Inputs:
   * COFW: `COFW_train_color.mat` (`IsTr` images, `phisTr`) and `COFW_test_color.mat` (`IsT`,
     `phisT`), `phis` rows = 29 x, 29 y, 29 occlusion flags. Read with scipy.io.loadmat, or with
     h5py when the file is MATLAB v7.3 (HDF5; h5py comes with tensorflow). The images are written
-    as PNG files `{train,test}/NNNNN.png` (lossless, in file order) and the per-point occlusion
-    flags to `{split}_occlusion.tsv` (one row of 29 0/1 flags per image, in TSV order).
+    as PNG files `images/{train,test}/NNNNN.png` (lossless, in file order) and the per-point
+    occlusion flags to `{split}_occlusion.tsv` (one row of 29 0/1 flags per image, in TSV order).
 
-CLI:
-  python -m star_jax.data.original_formats wflw ANNOTATION_DIR --out OUT
+The output folder (CLI). Every converter writes one folder OUT that is at once
+  * a TSV dataset folder: `--config.data.image_dir=OUT/images --config.data.train_tsv=
+    OUT/train.tsv --config.data.test_tsv=OUT/test.tsv`, and
+  * a TFDS manual dir (`python -m star_jax.data.tfds_builders DATASET --manual-dir OUT`):
+    OUT/train.tsv, OUT/test.tsv and OUT/images/, the TSV image paths relative to OUT/images.
+OUT/images is where the TSV paths point. COFW's images only exist inside the .mat files, so they
+are written there. WFLW and 300W images are large and already on disk in the layout the TSV
+paths name, so OUT/images is a symbolic link to their folder (an absolute path: OUT can move,
+the images cannot) rather than a copy: the 300W folder itself, and for WFLW the folder given
+with `--images` or, when that is absent, a `WFLW_images` folder found beside the annotations.
+Before linking, every image the annotations name is checked to exist under that folder, so a
+wrong folder is reported (and nothing is written) instead of failing later in training; a
+`WFLW_images` folder that was only guessed and does not hold every image is left unlinked with
+a note. An existing OUT/images that is anything but a link to the same folder is never
+replaced. Where symbolic links are not available (some Windows setups) the converter says so
+and writes nothing: link or copy the folder as OUT/images by hand, or use the TSVs with
+`--config.data.image_dir` pointing at the images.
+
+CLI (SOURCE is the file the dataset ships, or the folder holding it):
+  python -m star_jax.data.original_formats wflw list_98pt_rect_attr_train.txt --out OUT \
+      [--images WFLW_images]
   python -m star_jax.data.original_formats 300w 300W_DIR --out OUT
-  python -m star_jax.data.original_formats cofw COFW_DIR --out OUT   (images go to OUT/images)
+  python -m star_jax.data.original_formats cofw COFW_train_color.mat --out OUT
+Given one split's file (either split), the other split's file is taken from the same folder
+under the same name with `train`/`test` exchanged; given a folder, both are searched for below
+it. Both splits are read and checked before anything is written: a missing counterpart, a
+malformed line or a missing image is one line (`error: ...`, exit 1; a misused flag exits 2)
+and an untouched OUT. The converter prints what it found (files, faces per split, the image
+folder) and what it wrote.
 """
 
 from __future__ import annotations
@@ -56,13 +81,14 @@ import dataclasses
 import glob
 import os
 import sys
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
 
+from star_jax import cli
 from star_jax.datasets import get_spec
-from star_jax.errors import DataError
+from star_jax.errors import DataError, UsageError
 
 CROP_RULES = ("max", "min", "height")
 
@@ -142,9 +168,9 @@ def header(num_points: int, with_tags: bool) -> str:
   return "\t".join(cols + ([TAG_HEADER] if with_tags else []))
 
 
-def write_tsv(path: str, records: Sequence[Record], dataset: str, *, crop_rule: str = "max",
-              box: str = "landmarks") -> str:
-  """Writes `records` as an official TSV with a header line; returns `path`."""
+def tsv_text(records: Sequence[Record], dataset: str, *, crop_rule: str = "max",
+             box: str = "landmarks") -> str:
+  """The official TSV (header line first) of `records`, checked row by row, as one string."""
   spec = get_spec(dataset)
   if box not in ("landmarks", "rect"):
     raise ValueError(f"box must be 'landmarks' or 'rect', got {box!r}")
@@ -160,10 +186,20 @@ def write_tsv(path: str, records: Sequence[Record], dataset: str, *, crop_rule: 
                             r.tags if with_tags else None,
                             five_points=FIVE_POINTS[spec.name], crop_rule=crop_rule,
                             rect=r.rect if box == "rect" else None))
+  return "\n".join(lines) + "\n"
+
+
+def _write_text(path: str, text: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w", newline="\n") as f:
-    f.write("\n".join(lines) + "\n")
+    f.write(text)
   return path
+
+
+def write_tsv(path: str, records: Sequence[Record], dataset: str, *, crop_rule: str = "max",
+              box: str = "landmarks") -> str:
+  """Writes `records` as an official TSV with a header line; returns `path`."""
+  return _write_text(path, tsv_text(records, dataset, crop_rule=crop_rule, box=box))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,28 +209,33 @@ def write_tsv(path: str, records: Sequence[Record], dataset: str, *, crop_rule: 
 def read_wflw_list(path: str) -> list[Record]:
   """Parses a WFLW `list_98pt_rect_attr_*.txt` file (see the module docstring)."""
   records = []
-  with open(path) as f:
-    for line_number, line in enumerate(f, 1):
-      fields = line.split()
-      if not fields:
-        continue
-      if len(fields) != 196 + 4 + 6 + 1:
-        raise FormatError(f"{path}:{line_number}: expected 207 space-separated fields (196 "
-                          f"coordinates, 4 box, 6 attributes, image path), got {len(fields)}")
-      try:
-        numbers = np.array(fields[:206], np.float64)
-      except ValueError as e:
-        raise FormatError(f"{path}:{line_number}: non-numeric value ({e})") from None
-      if not np.isfinite(numbers).all():
-        raise FormatError(f"{path}:{line_number}: non-finite value")
-      attributes = numbers[200:206]
-      if not np.isin(attributes, (0, 1)).all():
-        raise FormatError(f"{path}:{line_number}: attributes must be 0 or 1, got "
-                          f"{attributes.tolist()}")
-      records.append(Record(image_path=fields[206].replace("\\", "/"),
-                            landmarks=numbers[:196].reshape(98, 2),
-                            tags=attributes.astype(np.int32),
-                            rect=numbers[196:200]))
+  with open(path, encoding="utf-8", errors="strict") as f:
+    try:
+      lines = f.readlines()
+    except UnicodeDecodeError:
+      raise FormatError(f"{path}: not a text file (a WFLW list is space-separated text)"
+                        ) from None
+  for line_number, line in enumerate(lines, 1):
+    fields = line.split()
+    if not fields:
+      continue
+    if len(fields) != 196 + 4 + 6 + 1:
+      raise FormatError(f"{path}:{line_number}: expected 207 space-separated fields (196 "
+                        f"coordinates, 4 box, 6 attributes, image path), got {len(fields)}")
+    try:
+      numbers = np.array(fields[:206], np.float64)
+    except ValueError as e:
+      raise FormatError(f"{path}:{line_number}: non-numeric value ({e})") from None
+    if not np.isfinite(numbers).all():
+      raise FormatError(f"{path}:{line_number}: non-finite value")
+    attributes = numbers[200:206]
+    if not np.isin(attributes, (0, 1)).all():
+      raise FormatError(f"{path}:{line_number}: attributes must be 0 or 1, got "
+                        f"{attributes.tolist()}")
+    records.append(Record(image_path=fields[206].replace("\\", "/"),
+                          landmarks=numbers[:196].reshape(98, 2),
+                          tags=attributes.astype(np.int32),
+                          rect=numbers[196:200]))
   return records
 
 
@@ -250,7 +291,14 @@ def _find_image(pts_path: str) -> str:
 def read_300w_folder(root: str, subfolders: Sequence[str], *,
                      one_based: bool = False) -> list[Record]:
   """Records of every `.pts` file under `root/<subfolder>` (sorted), paths relative to root."""
-  records = []
+  return [r for sub in subfolders
+          for r in read_300w_subfolders(root, (sub,), one_based=one_based)[sub]]
+
+
+def read_300w_subfolders(root: str, subfolders: Sequence[str], *,
+                         one_based: bool = False) -> dict[str, list[Record]]:
+  """{subfolder: its records} for each of `subfolders` of the 300W folder `root`."""
+  by_folder = {}
   for sub in subfolders:
     folder = os.path.join(root, sub)
     if not os.path.isdir(folder):
@@ -259,32 +307,45 @@ def read_300w_folder(root: str, subfolders: Sequence[str], *,
     files = sorted(glob.glob(os.path.join(folder, "**", "*.pts"), recursive=True))
     if not files:
       raise FormatError(f"no .pts files under {folder}")
+    records = []
     for pts_path in files:
       lm = read_pts(pts_path, one_based=one_based)
       if lm.shape[0] != 68:
         raise FormatError(f"{pts_path}: {lm.shape[0]} points, 300W has 68")
       image = os.path.relpath(_find_image(pts_path), root).replace(os.sep, "/")
       records.append(Record(image_path=image, landmarks=lm))
-  return records
+    by_folder[sub] = records
+  return by_folder
+
+
+def read_300w(root: str, *, one_based: bool = False) -> dict[str, dict[str, list[Record]]]:
+  """{'train' | 'test_common' | 'test_challenge': {subfolder: records}} of a 300W folder."""
+  groups = {"train": W300_TRAIN, **{f"test_{k}": v for k, v in W300_TEST.items()}}
+  return {name: read_300w_subfolders(root, folders, one_based=one_based)
+          for name, folders in groups.items()}
+
+
+def _300w_tsvs(by_group: dict[str, dict[str, list[Record]]],
+               crop_rule: str) -> dict[str, tuple[int, str]]:
+  """{file name: (faces, TSV text)}: train, test (common + challenge) and the two subsets."""
+  flat = {name: [r for records in folders.values() for r in records]
+          for name, folders in by_group.items()}
+  flat["test"] = flat["test_common"] + flat["test_challenge"]
+  order = ("train", "test", "test_common", "test_challenge")
+  return {f"{name}.tsv": (len(flat[name]), tsv_text(flat[name], "300w", crop_rule=crop_rule))
+          for name in order}
 
 
 def convert_300w(root: str, out_dir: str, *, crop_rule: str = "max",
                  one_based: bool = False) -> dict[str, int]:
-  """Writes train.tsv, test.tsv (full), test_common.tsv, test_challenge.tsv into `out_dir`."""
-  counts = {}
-  train = read_300w_folder(root, W300_TRAIN, one_based=one_based)
-  write_tsv(os.path.join(out_dir, "train.tsv"), train, "300w", crop_rule=crop_rule)
-  counts["train"] = len(train)
-  full = []
-  for subset, folders in W300_TEST.items():
-    records = read_300w_folder(root, folders, one_based=one_based)
-    write_tsv(os.path.join(out_dir, f"test_{subset}.tsv"), records, "300w",
-              crop_rule=crop_rule)
-    counts[f"test_{subset}"] = len(records)
-    full += records
-  write_tsv(os.path.join(out_dir, "test.tsv"), full, "300w", crop_rule=crop_rule)
-  counts["test"] = len(full)
-  return counts
+  """Writes train.tsv, test.tsv (full), test_common.tsv, test_challenge.tsv into `out_dir`.
+
+  Every subfolder is read and checked before the first file is written.
+  """
+  tsvs = _300w_tsvs(read_300w(root, one_based=one_based), crop_rule)
+  for name, (_, text) in tsvs.items():
+    _write_text(os.path.join(out_dir, name), text)
+  return {name[:-len(".tsv")]: count for name, (count, _) in tsvs.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,7 +362,7 @@ def _is_hdf5(path: str) -> bool:
 
 
 def _read_mat_hdf5(path: str, image_key: str, phis_key: str):
-  import h5py  # pylint: disable=g-import-not-at-top  (only MATLAB v7.3 files need it)
+  import h5py  # (only MATLAB v7.3 files need it)
   with h5py.File(path, "r") as f:
     if image_key not in f or phis_key not in f:
       raise FormatError(f"{path}: needs variables {image_key!r} and {phis_key!r}, has "
@@ -314,7 +375,7 @@ def _read_mat_hdf5(path: str, image_key: str, phis_key: str):
 
 
 def _read_mat_v5(path: str, image_key: str, phis_key: str):
-  import scipy.io  # pylint: disable=g-import-not-at-top
+  import scipy.io
   mat = scipy.io.loadmat(path)
   if image_key not in mat or phis_key not in mat:
     raise FormatError(f"{path}: needs variables {image_key!r} and {phis_key!r}, has "
@@ -330,7 +391,13 @@ def read_cofw_mat(path: str, split: str, *,
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   image_key, phis_key = COFW_KEYS[split]
   reader = _read_mat_hdf5 if _is_hdf5(path) else _read_mat_v5
-  images, phis = reader(path, image_key, phis_key)
+  try:
+    images, phis = reader(path, image_key, phis_key)
+  except FormatError:
+    raise
+  except Exception as e:  # noqa: BLE001 - scipy/h5py raise many types for a damaged file
+    raise FormatError(f"{path}: not a readable MATLAB file ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
   phis = np.asarray(phis, np.float64)
   if phis.ndim != 2 or phis.shape[1] != 87:
     if phis.ndim == 2 and phis.shape[0] == 87:
@@ -355,77 +422,291 @@ def read_cofw_mat(path: str, split: str, *,
   return out, landmarks, occlusion
 
 
+def write_cofw_split(out_dir: str, split: str, images: Sequence[np.ndarray],
+                     landmarks: np.ndarray, occlusion: np.ndarray, *,
+                     crop_rule: str = "max") -> int:
+  """Writes `out_dir/images/{split}/NNNNN.png`, `{split}.tsv` and `{split}_occlusion.tsv`."""
+  records = [Record(image_path=f"{split}/{k:05d}.png", landmarks=lm)
+             for k, lm in enumerate(landmarks)]
+  text = tsv_text(records, "cofw", crop_rule=crop_rule)
+  image_dir = os.path.join(out_dir, "images")
+  os.makedirs(os.path.join(image_dir, split), exist_ok=True)
+  for record, img in zip(records, images):
+    path = os.path.join(image_dir, record.image_path)
+    if not cv2.imwrite(path, img[..., ::-1]):
+      raise OSError(f"could not write {path}")
+  _write_text(os.path.join(out_dir, f"{split}.tsv"), text)
+  with open(os.path.join(out_dir, f"{split}_occlusion.tsv"), "w") as f:
+    f.writelines(",".join(str(int(v)) for v in row) + "\n" for row in occlusion)
+  return len(records)
+
+
 def convert_cofw(mat_file: str, split: str, out_dir: str, *, crop_rule: str = "max",
                  one_based: bool = False) -> int:
   """Writes `out_dir/images/{split}/NNNNN.png`, `{split}.tsv` and `{split}_occlusion.tsv`."""
   images, landmarks, occlusion = read_cofw_mat(mat_file, split, one_based=one_based)
-  image_dir = os.path.join(out_dir, "images")
-  os.makedirs(os.path.join(image_dir, split), exist_ok=True)
-  records = []
-  for k, (img, lm) in enumerate(zip(images, landmarks)):
-    rel = f"{split}/{k:05d}.png"
-    if not cv2.imwrite(os.path.join(image_dir, rel), img[..., ::-1]):
-      raise OSError(f"could not write {os.path.join(image_dir, rel)}")
-    records.append(Record(image_path=rel, landmarks=lm))
-  write_tsv(os.path.join(out_dir, f"{split}.tsv"), records, "cofw", crop_rule=crop_rule)
-  with open(os.path.join(out_dir, f"{split}_occlusion.tsv"), "w") as f:
-    f.writelines(",".join(str(int(v)) for v in row) + "\n" for row in occlusion)
-  return len(records)
+  return write_cofw_split(out_dir, split, images, landmarks, occlusion, crop_rule=crop_rule)
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating the inputs
+
+
+SPLITS = ("train", "test")
+WFLW_LIST = "list_98pt_rect_attr_{split}.txt"
+COFW_MAT = "COFW_{split}_color.mat"
+WFLW_IMAGE_FOLDER = "WFLW_images"
+IMAGES_LINK = "images"
+
+
+def _swap_split(name: str) -> tuple[str, str] | None:
+  """(split, name of the other split's file) for a file name containing one split word."""
+  lower = name.lower()
+  found = [s for s in SPLITS if s in lower]
+  if len(found) != 1:
+    return None
+  split = found[0]
+  other = SPLITS[1 - SPLITS.index(split)]
+  at = lower.rindex(split)
+  word = name[at:at + len(split)]
+  swapped = other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+  return split, name[:at] + swapped + name[at + len(split):]
+
+
+def locate_split_files(source: str, pattern: str, what: str) -> dict[str, str]:
+  """{'train': path, 'test': path} from one split's file or a folder holding both files.
+
+  `pattern` is the distributed file name with `{split}`. A file is paired with the file of the
+  same name with train/test exchanged in its folder; a folder is searched (recursively) for
+  both names. Raises DataError (a missing file) or UsageError (a name that says no split, or a
+  folder holding several candidates).
+  """
+  names = {s: pattern.format(split=s) for s in SPLITS}
+  if os.path.isfile(source):
+    swap = _swap_split(os.path.basename(source))
+    if swap is None:
+      raise UsageError(f"{source}: the file name names neither 'train' nor 'test'; give the "
+                       f"{what} file as distributed ({names['train']}) or its folder")
+    split, other_name = swap
+    other = os.path.join(os.path.dirname(source), other_name)
+    if not os.path.isfile(other):
+      raise DataError(f"{other} is missing: the {SPLITS[1 - SPLITS.index(split)]} file must sit "
+                      f"beside {source} (nothing was written)")
+    return {split: source, SPLITS[1 - SPLITS.index(split)]: other}
+  if not os.path.isdir(source):
+    raise DataError(f"{source}: no such file or folder")
+  found = {}
+  for split, name in names.items():
+    hits = sorted(glob.glob(os.path.join(glob.escape(source), "**", name), recursive=True))
+    if not hits:
+      raise DataError(f"{name} not found under {source} (nothing was written)")
+    if len(hits) > 1:
+      raise UsageError(f"{len(hits)} files named {name} under {source} ({hits[0]}, "
+                       f"{hits[1]}, ...): give the one to convert")
+    found[split] = hits[0]
+  return found
+
+
+def missing_images(image_dir: str, image_paths: Iterable[str]) -> list[str]:
+  """The TSV image paths that are not files under `image_dir`."""
+  return [p for p in image_paths if not os.path.isfile(os.path.join(image_dir, p))]
+
+
+def find_wflw_images(annotation_file: str, levels: int = 3) -> str | None:
+  """A `WFLW_images` folder beside the annotations (WFLW/WFLW_annotations/<list>/<file> and
+  WFLW/WFLW_images is how the dataset unpacks), searched up to `levels` folders up."""
+  folder = os.path.dirname(os.path.abspath(annotation_file))
+  for _ in range(levels):
+    candidate = os.path.join(folder, WFLW_IMAGE_FOLDER)
+    if os.path.isdir(candidate):
+      return candidate
+    folder = os.path.dirname(folder)
+  return None
+
+
+def check_images_link(out_dir: str, image_dir: str | None) -> None:
+  """Raises UsageError when OUT/images exists and is not a link to `image_dir` (None: COFW,
+  whose images are written into OUT/images, which must then be a plain folder if present)."""
+  link = os.path.join(out_dir, IMAGES_LINK)
+  if not os.path.lexists(link):
+    return
+  if image_dir is None:
+    if os.path.islink(link) or not os.path.isdir(link):
+      raise UsageError(f"{link} exists and is not a folder this converter wrote: remove it or "
+                       "choose another --out")
+    return
+  if not (os.path.islink(link)
+          and os.path.realpath(link) == os.path.realpath(image_dir)):
+    raise UsageError(f"{link} exists and is not a link to {os.path.abspath(image_dir)}: remove "
+                     "it or choose another --out")
+
+
+def link_images(out_dir: str, image_dir: str) -> str:
+  """Makes OUT/images a symbolic link to `image_dir` (absolute); returns the link's path."""
+  link = os.path.join(out_dir, IMAGES_LINK)
+  if os.path.islink(link) and os.path.realpath(link) == os.path.realpath(image_dir):
+    return link
+  try:
+    os.symlink(os.path.abspath(image_dir), link, target_is_directory=True)
+  except (OSError, NotImplementedError) as e:
+    raise DataError(f"cannot create the link {link} -> {os.path.abspath(image_dir)} "
+                    f"({getattr(e, 'strerror', None) or e}): nothing was written; link or copy "
+                    "the image folder there yourself, or run without it") from None
+  return link
 
 
 # ----------------------------------------------------------------------------------------------
 # CLI
 
 
-def _find_one(folder: str, name: str) -> str:
-  if os.path.isfile(folder) and os.path.basename(folder) == name:
-    return folder
-  hits = sorted(glob.glob(os.path.join(folder, "**", name), recursive=True))
-  if not hits:
-    raise FileNotFoundError(f"{name} not found under {folder}")
-  return hits[0]
+@dataclasses.dataclass
+class _Plan:
+  """Everything a conversion will write, fully read and checked before the first write."""
+
+  tsvs: dict[str, tuple[int, str]]                 # file name -> (faces, TSV text)
+  image_dir: str | None = None                     # folder to link as OUT/images
+  write_images: Callable[[str], None] | None = None  # COFW: writes OUT/images itself
+  found: list[str] = dataclasses.field(default_factory=list)   # what was read, for the report
+  notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _plan_wflw(args) -> _Plan:
+  files = locate_split_files(args.source, WFLW_LIST, "WFLW annotation")
+  records = {split: read_wflw_list(path) for split, path in files.items()}
+  plan = _Plan(tsvs={f"{split}.tsv": (len(r), tsv_text(r, "wflw", crop_rule=args.crop_rule,
+                                                         box=args.box))
+                     for split, r in records.items()})
+  plan.found = [f"{split}: {path} ({len(records[split])} faces)" for split, path in files.items()]
+  paths = [r.image_path for split in SPLITS for r in records[split]]
+  if args.images:
+    if not os.path.isdir(args.images):
+      raise DataError(f"--images {args.images}: no such folder")
+    missing = missing_images(args.images, paths)
+    if missing:
+      raise DataError(f"--images {args.images}: {len(missing)} of {len(paths)} images the "
+                      f"annotations name are not there (first: {missing[0]})")
+    plan.image_dir = args.images
+    plan.found.append(f"images: {args.images} (all {len(paths)} present)")
+    return plan
+  guess = find_wflw_images(files["train"])
+  if guess is None:
+    plan.notes.append(f"no {WFLW_IMAGE_FOLDER} folder beside the annotations and no --images: "
+                      f"OUT/images not created (TSV paths are relative to {WFLW_IMAGE_FOLDER})")
+    return plan
+  missing = missing_images(guess, paths)
+  if missing:
+    plan.notes.append(f"{guess} lacks {len(missing)} of {len(paths)} images (first: "
+                      f"{missing[0]}): not linked; give the image folder with --images")
+    return plan
+  plan.image_dir = guess
+  plan.found.append(f"images: {guess} (beside the annotations; all {len(paths)} present)")
+  return plan
+
+
+def _plan_300w(args) -> _Plan:
+  if not os.path.exists(args.source):
+    raise DataError(f"{args.source}: no such folder")
+  if not os.path.isdir(args.source):
+    raise UsageError(f"{args.source}: 300w takes the 300W folder (afw/, helen/, ibug/, lfpw/), "
+                     "not a file")
+  by_group = read_300w(args.source, one_based=args.keep_one_based)
+  plan = _Plan(tsvs=_300w_tsvs(by_group, args.crop_rule), image_dir=args.source)
+  for name, folders in by_group.items():
+    parts = ", ".join(f"{sub} {len(r)}" for sub, r in folders.items())
+    plan.found.append(f"{name}: {parts} faces")
+  plan.found.append(f"images: {args.source} (beside their .pts files)")
+  return plan
+
+
+def _plan_cofw(args) -> _Plan:
+  files = locate_split_files(args.source, COFW_MAT, "COFW")
+  data = {split: read_cofw_mat(path, split, one_based=args.keep_one_based)
+          for split, path in files.items()}
+  tsvs = {}
+  for split, (_, landmarks, _) in data.items():
+    records = [Record(image_path=f"{split}/{k:05d}.png", landmarks=lm)
+               for k, lm in enumerate(landmarks)]
+    tsvs[f"{split}.tsv"] = (len(records), tsv_text(records, "cofw", crop_rule=args.crop_rule))
+
+  def write_images(out_dir: str) -> None:
+    for split, (images, landmarks, occlusion) in data.items():
+      write_cofw_split(out_dir, split, images, landmarks, occlusion, crop_rule=args.crop_rule)
+
+  plan = _Plan(tsvs=tsvs, write_images=write_images)
+  plan.found = [f"{split}: {path} ({len(data[split][0])} faces)" for split, path in files.items()]
+  return plan
+
+
+_PLANNERS = {"wflw": _plan_wflw, "300w": _plan_300w, "cofw": _plan_cofw}
+
+
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m star_jax.data.original_formats",
-      description="Converts original WFLW / 300W / COFW annotations to official TSV files.")
+      description="Converts original WFLW / 300W / COFW annotations to official TSV files in a "
+                  "folder that is also a TFDS manual dir (train.tsv, test.tsv, images/).")
   sub = parser.add_subparsers(dest="dataset", required=True)
-  for name, help_text in (("wflw", "folder with list_98pt_rect_attr_{train,test}.txt"),
-                          ("300w", "300W folder (afw, helen, ibug, lfpw)"),
-                          ("cofw", "folder with COFW_{train,test}_color.mat")):
-    p = sub.add_parser(name)
+  sources = {
+      "wflw": f"{WFLW_LIST.format(split='train')} (or _test), or a folder holding both",
+      "300w": "the 300W folder (afw/, helen/, ibug/, lfpw/)",
+      "cofw": f"{COFW_MAT.format(split='train')} (or _test), or a folder holding both",
+  }
+  for name, help_text in sources.items():
+    p = sub.add_parser(name, help=f"SOURCE: {help_text}")
     p.add_argument("source", help=help_text)
-    p.add_argument("--out", required=True, help="output folder for the TSV files")
+    p.add_argument("--out", required=True,
+                   help="output folder: train.tsv, test.tsv, images/ (a TFDS manual dir)")
     p.add_argument("--crop-rule", default="max", choices=CROP_RULES)
     if name == "wflw":
       p.add_argument("--box", default="landmarks", choices=("landmarks", "rect"),
                      help="crop box: the landmarks' box (ADNet) or the detector rectangle")
+      p.add_argument("--images", default=None, metavar="DIR",
+                     help=f"the {WFLW_IMAGE_FOLDER} folder, linked as OUT/images (default: "
+                          f"a {WFLW_IMAGE_FOLDER} folder found beside the annotations)")
     else:
       p.add_argument("--keep-one-based", action="store_true",
                      help="keep MATLAB 1-based coordinates (default: subtract 1)")
-  args = parser.parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
-  if args.dataset == "wflw":
-    for split in ("train", "test"):
-      src = _find_one(args.source, f"list_98pt_rect_attr_{split}.txt")
-      n = convert_wflw(src, os.path.join(args.out, f"{split}.tsv"), crop_rule=args.crop_rule,
-                       box=args.box)
-      print(f"{split}: {n} faces from {src}")
-    print("image paths are relative to WFLW_images")
-  elif args.dataset == "300w":
-    counts = convert_300w(args.source, args.out, crop_rule=args.crop_rule,
-                          one_based=args.keep_one_based)
-    for k, v in counts.items():
-      print(f"{k}: {v} faces")
-    print(f"image paths are relative to {os.path.abspath(args.source)}")
+  return parser
+
+
+def _convert(argv: Sequence[str] | None) -> int:
+  args = _parser().parse_args(argv)
+  plan = _PLANNERS[args.dataset](args)
+  out = args.out
+  check_images_link(out, plan.image_dir)
+  print(f"{args.dataset}: found")
+  for line in plan.found:
+    print(f"  {line}")
+  os.makedirs(out, exist_ok=True)
+  if plan.image_dir is not None:
+    link_images(out, plan.image_dir)
+  if plan.write_images is not None:
+    plan.write_images(out)
   else:
-    for split in ("train", "test"):
-      src = _find_one(args.source, f"COFW_{split}_color.mat")
-      n = convert_cofw(src, split, args.out, crop_rule=args.crop_rule,
-                       one_based=args.keep_one_based)
-      print(f"{split}: {n} faces from {src}")
-    print(f"image paths are relative to {os.path.join(os.path.abspath(args.out), 'images')}")
+    for name, (_, text) in plan.tsvs.items():
+      _write_text(os.path.join(out, name), text)
+  written = ", ".join(f"{name} ({count} faces)" for name, (count, _) in plan.tsvs.items())
+  print(f"wrote to {out}: {written}")
+  if args.dataset == "cofw":
+    print("  images/train, images/test (PNG), train_occlusion.tsv, test_occlusion.tsv")
+  for note in plan.notes:
+    print(f"note: {note}")
+  images = os.path.join(out, IMAGES_LINK)
+  if plan.image_dir is not None or plan.write_images is not None:
+    print(f"{out} is a TSV dataset folder and a TFDS manual dir:\n"
+          f"  TSV:  --config.data.image_dir={images} "
+          f"--config.data.train_tsv={os.path.join(out, 'train.tsv')} "
+          f"--config.data.test_tsv={os.path.join(out, 'test.tsv')}\n"
+          f"  TFDS: python -m star_jax.data.tfds_builders {args.dataset} --manual-dir {out}")
+  else:
+    print(f"{out} holds the TSVs: train with --config.data.image_dir=<your "
+          f"{WFLW_IMAGE_FOLDER}>; rerun with --images to make it a TFDS manual dir too")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The converter CLI under the error contract: a user mistake is one line, exit 2 or 1."""
+  return cli.run(lambda: _convert(argv))
 
 
 if __name__ == "__main__":
