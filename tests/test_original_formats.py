@@ -140,7 +140,7 @@ def w300_root(tmp_path):
       pts = rng.uniform(20, 80, size=(68, 2))
       _write_pts(stem.with_suffix(".pts"), pts)
       cv2.imwrite(str(stem.with_suffix(".png" if folder != "afw" else ".jpg")),
-                  np.zeros((4, 4, 3), np.uint8))
+                  np.zeros((100, 100, 3), np.uint8))  # holds the points (20-80)
       truth[os.path.relpath(str(stem), root)] = pts
   return root, truth
 
