@@ -1,0 +1,206 @@
+"""`python -m star_jax.web --model PATH.onnx [--port N]`: the in-browser demo, served locally.
+
+The page (`web/` in the source tree: HTML, JavaScript, and onnxruntime-web installed there by
+`make web`) is static; this module only serves it, with the standard library's `http.server`
+on 127.0.0.1, and maps the exported model and its sidecar to `/model.onnx` and
+`/model.onnx.json`, which the page loads by default. Every response carries the
+cross-origin-isolation headers (COOP `same-origin`, COEP `require-corp`): without them a browser
+withholds SharedArrayBuffer and onnxruntime-web runs on one thread. The photo and the webcam
+stay in the browser; nothing but these files crosses the socket.
+
+    python -m star_jax.export --checkpoint runs/demo --format onnx --out demo.onnx
+    python -m star_jax.web --model demo.onnx          # prints http://127.0.0.1:8000/
+
+`serve(model, port=0)` starts the same server in a thread (tests, benchmarks). Exit status: 0
+after Ctrl-C, 1 for an unreadable model or sidecar, 2 for a wrong flag, a busy port, or a page
+whose runtime is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import os
+import posixpath
+import sys
+import threading
+import urllib.parse
+from typing import Mapping, Sequence
+
+from star_jax import cli
+from star_jax.errors import CheckpointError, UsageError
+from star_jax.runtime import contract
+
+WEB_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
+# What `make web` (npm ci in web/) installs and the page imports.
+RUNTIME_DIR = os.path.join("node_modules", "onnxruntime-web", "dist")
+RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+MODEL_URL = "/model.onnx"
+DEFAULT_PORT = 8000
+ISOLATION_HEADERS = {
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+
+def check_page(root: str = WEB_ROOT) -> None:
+  """Raises UsageError unless the page and the runtime it imports are in `root`."""
+  if not os.path.isfile(os.path.join(root, "index.html")):
+    raise UsageError(f"{root}: the page (web/index.html) is not there; run star_jax.web from a "
+                     "source checkout of star-jax")
+  missing = [name for name in RUNTIME_FILES
+             if not os.path.isfile(os.path.join(root, RUNTIME_DIR, name))]
+  if missing:
+    raise UsageError(f"{os.path.join(root, RUNTIME_DIR, missing[0])} is missing: install the "
+                     "page's runtime with `make web` (npm ci in web/)")
+
+
+def check_model(model: str) -> contract.ModelInfo:
+  """The sidecar of an ONNX export the page can run; CheckpointError/UsageError otherwise."""
+  if not os.path.isfile(model):
+    raise CheckpointError(f"--model {model}: no such file")
+  info = contract.read_sidecar(model)
+  if info.format != "onnx":
+    raise UsageError(f"--model {model}: a {info.format} export; the page runs ONNX exports "
+                     "(python -m star_jax.export --format onnx)")
+  if contract.LANDMARKS_NAME not in info.outputs:
+    raise CheckpointError(f"{contract.sidecar_path(model)}: the model has no "
+                          f"'{contract.LANDMARKS_NAME}' output")
+  return info
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+  """Static files of the page, a few routed files (the model), isolation headers."""
+
+  extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
+                    ".mjs": "text/javascript", ".js": "text/javascript",
+                    ".wasm": "application/wasm", ".json": "application/json",
+                    ".onnx": "application/octet-stream", ".css": "text/css",
+                    ".y4m": "application/octet-stream"}
+
+  def __init__(self, *args, routes: Mapping[str, str], quiet: bool, **kwargs):
+    self.routes = routes
+    self.quiet = quiet
+    super().__init__(*args, **kwargs)
+
+  def translate_path(self, path: str) -> str:
+    route = posixpath.normpath(urllib.parse.unquote(urllib.parse.urlsplit(path).path))
+    if route in self.routes:
+      return self.routes[route]
+    return super().translate_path(path)
+
+  def end_headers(self) -> None:
+    for name, value in ISOLATION_HEADERS.items():
+      self.send_header(name, value)
+    # A re-exported model under the same name must not come from a stale cache.
+    self.send_header("Cache-Control", "no-cache")
+    super().end_headers()
+
+  def log_message(self, format: str, *args) -> None:  # pylint: disable=redefined-builtin
+    if not self.quiet:
+      super().log_message(format, *args)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+  daemon_threads = True
+
+  def handle_error(self, request, client_address) -> None:
+    # A browser that drops a connection (a reload, a closed tab) is not an error worth a
+    # traceback.
+    if isinstance(sys.exc_info()[1], ConnectionError):
+      return
+    super().handle_error(request, client_address)
+
+
+class PageServer:
+  """The page and `model` on http://127.0.0.1:PORT/, served from a background thread.
+
+  `routes` maps more URL paths to files (tests serve their images this way).
+  """
+
+  def __init__(self, model: str, *, port: int = 0, root: str = WEB_ROOT,
+               routes: Mapping[str, str] | None = None, quiet: bool = True):
+    check_page(root)
+    self.info = check_model(model)
+    all_routes = {MODEL_URL: os.path.abspath(model),
+                  MODEL_URL + ".json": os.path.abspath(contract.sidecar_path(model))}
+    all_routes.update({posixpath.normpath(k): os.path.abspath(v)
+                       for k, v in (routes or {}).items()})
+    handler = functools.partial(_Handler, directory=root, routes=all_routes, quiet=quiet)
+    try:
+      self.httpd = _Server(("127.0.0.1", int(port)), handler)
+    except OSError as e:
+      raise UsageError(f"--port {port}: cannot listen on 127.0.0.1:{port} "
+                       f"({e.strerror or e})") from None
+    self.port = self.httpd.server_address[1]
+    self.url = f"http://127.0.0.1:{self.port}/"
+    self._thread: threading.Thread | None = None
+
+  def start(self) -> "PageServer":
+    if self._thread is not None:
+      return self
+    self._thread = threading.Thread(target=self.httpd.serve_forever, name="star-jax-web",
+                                    daemon=True)
+    self._thread.start()
+    return self
+
+  def close(self) -> None:
+    if self._thread is not None:
+      self.httpd.shutdown()
+      self._thread.join()
+      self._thread = None
+    self.httpd.server_close()
+
+  def __enter__(self) -> "PageServer":
+    return self.start()
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def serve(model: str, *, port: int = 0, routes: Mapping[str, str] | None = None,
+          quiet: bool = True) -> PageServer:
+  """Starts the page server in a thread; `.url` is its address, `.close()` stops it."""
+  return PageServer(model, port=port, routes=routes, quiet=quiet).start()
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m star_jax.web",
+      description="Serve the in-browser landmark demo (web/, onnxruntime-web) with an exported "
+                  "ONNX model on http://127.0.0.1:PORT/. Install the page's runtime first: "
+                  "make web.")
+  parser.add_argument("--model", required=True,
+                      help="an ONNX export (python -m star_jax.export --format onnx); its "
+                           "sidecar MODEL.json must lie beside it")
+  parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                      help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)")
+  parser.add_argument("--verbose", action="store_true", help="log every request")
+  args = parser.parse_args(argv)
+  if not 0 <= args.port <= 65535:
+    raise UsageError(f"--port {args.port}: must be between 0 and 65535")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  args = _parse_args(argv)
+  server = PageServer(args.model, port=args.port, quiet=not args.verbose)
+  print(f"serving the star-jax page at {server.url} with {args.model} "
+        f"({contract.describe(server.info.record)}); Ctrl-C stops", flush=True)
+  try:
+    server.httpd.serve_forever()
+  except KeyboardInterrupt:
+    print("stopped", file=sys.stderr)
+  finally:
+    server.httpd.server_close()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
