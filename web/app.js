@@ -12,7 +12,8 @@
 //   model=URL     the exported model (default model.onnx, which `python -m star_jax.web` serves);
 //                 its sidecar is URL.json
 //   image=URL     a photo to open at start;  box=x1,y1,x2,y2  its face box (image pixels)
-//   camera=1      start the webcam at once;  threads=N  WASM threads (default: all cores)
+//   camera=1      start the webcam at once;  threads=N  WASM threads (default: half the cores)
+//   proxy=1       run the model in a worker (onnxruntime-web's proxy)
 // `window.starJax` exposes the same operations to scripts (see the end of this file).
 
 import * as ort from './node_modules/onnxruntime-web/dist/ort.wasm.min.mjs';
@@ -68,9 +69,16 @@ function configureRuntime() {
   const dist = new URL('./node_modules/onnxruntime-web/dist/', import.meta.url).href;
   ort.env.wasm.wasmPaths = dist;
   // Threads need SharedArrayBuffer, which browsers give only to cross-origin isolated pages
-  // (the COOP/COEP headers `python -m star_jax.web` sends).
-  const wanted = Number(params.get('threads')) || navigator.hardwareConcurrency || 1;
-  ort.env.wasm.numThreads = self.crossOriginIsolated ? wanted : 1;
+  // (the COOP/COEP headers `python -m star_jax.web` sends). Without threads=N the page keeps
+  // onnxruntime-web's default, half the cores (at most 4): the video, the page and the browser
+  // need the rest (on a 2-core CPU two model threads ran the webcam path slower than one,
+  // benchmarks/RESULTS.md).
+  if (!self.crossOriginIsolated) ort.env.wasm.numThreads = 1;
+  else if (Number(params.get('threads')) > 0) {
+    ort.env.wasm.numThreads = Number(params.get('threads'));
+  }
+  // proxy=1 runs the model in a worker: the page stays responsive during a long inference.
+  ort.env.wasm.proxy = params.get('proxy') === '1';
   ort.env.logLevel = 'error';
 }
 
@@ -161,9 +169,11 @@ async function predict(frame, crop) {
   const t0 = performance.now();
   const matrix = geo.cropMatrix(crop.scale, crop.center, size);
   geo.warpCrop(frame.pixels, frame.width, frame.height, matrix, size, state.cropBuffer);
-  geo.cropToInput(state.cropBuffer, state.inputBuffer);
+  // The proxy worker takes the input's buffer (transferred, detached here): a fresh one per run.
+  const data = ort.env.wasm.proxy ? new Float32Array(state.inputBuffer.length) : state.inputBuffer;
+  geo.cropToInput(state.cropBuffer, data);
   const t1 = performance.now();
-  const input = new ort.Tensor('float32', state.inputBuffer, [model.batch, size, size, 3]);
+  const input = new ort.Tensor('float32', data, [model.batch, size, size, 3]);
   const outputs = await model.session.run({[model.input]: input});
   const t2 = performance.now();
   const flat = outputs[model.output].data;
@@ -198,21 +208,27 @@ function drawCrop() {
 }
 
 function drawOverlay(context) {
-  const scaleUp = Math.max(1, view.width / 640);
+  // Line widths and dots follow the face's size, so that small and large faces read alike.
+  const result = state.result;
+  let faceSide = 0.3 * Math.min(view.width, view.height);
+  if (result) {
+    const box = geo.pointsBox(result.points);
+    faceSide = Math.max(box.x2 - box.x1, box.y2 - box.y1);
+  }
+  const unit = Math.max(1, faceSide / 80);
   if (state.box && (!state.track || state.source === 'photo')) {
     const {x1, y1, x2, y2} = state.box;
     context.strokeStyle = '#4fc3f7';
-    context.lineWidth = 2 * scaleUp;
-    context.setLineDash([6 * scaleUp, 4 * scaleUp]);
+    context.lineWidth = 1.5 * unit;
+    context.setLineDash([6 * unit, 4 * unit]);
     context.strokeRect(x1, y1, x2 - x1, y2 - y1);
     context.setLineDash([]);
   }
-  const result = state.result;
   if (!result) return;
   const points = result.points;
   if ($('show-edges').checked) {
-    context.strokeStyle = 'rgba(79, 195, 247, 0.85)';
-    context.lineWidth = 1.5 * scaleUp;
+    context.strokeStyle = '#00e5ff';
+    context.lineWidth = 0.8 * unit;
     for (const edge of state.model.sidecar.edges || []) {
       context.beginPath();
       edge.points.forEach((index, k) => {
@@ -224,7 +240,7 @@ function drawOverlay(context) {
     }
   }
   context.fillStyle = '#ffeb3b';
-  const radius = 2 * scaleUp;
+  const radius = 1.6 * unit;
   for (const [x, y] of points) {
     context.beginPath();
     context.arc(x, y, radius, 0, 2 * Math.PI);
@@ -236,7 +252,7 @@ function redraw() {
   if (state.source === 'photo' && state.photo) {
     viewContext.drawImage(state.photo, 0, 0);
   } else if (state.source === 'camera') {
-    viewContext.drawImage(video, 0, 0, view.width, view.height);
+    viewContext.drawImage(work, 0, 0);  // the frame the landmarks belong to
   } else {
     return;
   }
@@ -296,11 +312,42 @@ function defaultBox(width, height) {
           x2: (width + side) / 2, y2: (height + side) / 2};
 }
 
-function nextVideoFrame() {
-  return new Promise((resolve) => {
-    if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(() => resolve());
-    else requestAnimationFrame(() => resolve());
-  });
+// New webcam frames, counted as the video presents them, so that the loop takes the newest frame
+// at once when one arrived during the last inference and waits only when none did.
+const frameClock = {presented: 0, waiting: [], generation: 0};
+
+/** Starts counting the frames of the current webcam stream (a new count per stream). */
+function watchFrames() {
+  const generation = ++frameClock.generation;
+  frameClock.presented = 0;
+  const live = () => state.camera && generation === frameClock.generation;
+  const tick = (presented) => {
+    frameClock.presented = presented;
+    for (const resolve of frameClock.waiting.splice(0)) resolve();
+  };
+  if (video.requestVideoFrameCallback) {
+    const onFrame = (now, metadata) => {
+      tick(metadata.presentedFrames);
+      if (live()) video.requestVideoFrameCallback(onFrame);
+    };
+    video.requestVideoFrameCallback(onFrame);
+  } else {  // no per-frame callback: a frame is new when the video's time moved
+    let lastTime = -1;
+    const onAnimationFrame = () => {
+      if (video.currentTime !== lastTime) {
+        lastTime = video.currentTime;
+        tick(frameClock.presented + 1);
+      }
+      if (live()) requestAnimationFrame(onAnimationFrame);
+    };
+    requestAnimationFrame(onAnimationFrame);
+  }
+}
+
+/** Resolves at once when a frame newer than `seen` was presented, else at the next frame. */
+function newVideoFrame(seen) {
+  if (frameClock.presented > seen) return Promise.resolve();
+  return new Promise((resolve) => frameClock.waiting.push(resolve));
 }
 
 function trackLost(previous, next, width, height) {
@@ -315,9 +362,12 @@ function trackLost(previous, next, width, height) {
 async function cameraLoop() {
   const camera = state.camera;
   const stats = state.stats;
+  let seen = -1;
+  watchFrames();
   while (camera.running) {
-    await nextVideoFrame();
+    await newVideoFrame(seen);
     if (!camera.running) break;
+    seen = frameClock.presented;
     const t0 = performance.now();
     const width = video.videoWidth, height = video.videoHeight;
     if (!width || !height) continue;
@@ -378,6 +428,7 @@ function stopCamera() {
   const camera = state.camera;
   if (!camera) return;
   camera.running = false;
+  for (const resolve of frameClock.waiting.splice(0)) resolve();
   for (const track of camera.stream.getTracks()) track.stop();
   video.srcObject = null;
   state.camera = null;
@@ -388,9 +439,12 @@ function stopCamera() {
 // Box drawing, files, drag and drop
 
 function eventToImage(event) {
+  // The canvas is letterboxed in its element (object-fit: contain).
   const rect = view.getBoundingClientRect();
-  return [(event.clientX - rect.left) * view.width / rect.width,
-          (event.clientY - rect.top) * view.height / rect.height];
+  const scale = Math.min(rect.width / view.width, rect.height / view.height);
+  const left = rect.left + (rect.width - view.width * scale) / 2;
+  const top = rect.top + (rect.height - view.height * scale) / 2;
+  return [(event.clientX - left) / scale, (event.clientY - top) / scale];
 }
 
 function setBox(box) {
@@ -539,7 +593,8 @@ window.starJax = {
                  tracking: Boolean(state.track),
                  frameSize: state.frame ? [state.frame.width, state.frame.height] : null}),
   info: () => ({crossOriginIsolated: self.crossOriginIsolated,
-                threads: ort.env.wasm.numThreads, ortVersion: ort.env.versions.web,
+                threads: ort.env.wasm.numThreads, proxy: ort.env.wasm.proxy,
+                ortVersion: ort.env.versions.web,
                 model: state.model && {file: state.model.file, bytes: state.model.bytes,
                                        size: state.model.size, loadMs: state.model.loadMs,
                                        numPoints: state.model.sidecar.num_points}}),
