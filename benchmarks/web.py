@@ -141,6 +141,14 @@ def page_weight(browser, server) -> dict[str, int]:
     page.call("Page.close")
 
 
+def _runtime_version() -> str:
+  import json  # pylint: disable=g-import-not-at-top
+  from star_jax import web  # pylint: disable=g-import-not-at-top
+  path = os.path.join(web.WEB_ROOT, "node_modules", "onnxruntime-web", "package.json")
+  with open(path) as f:
+    return json.load(f)["version"]
+
+
 def _parse_args(argv):
   parser = argparse.ArgumentParser(prog="python -m benchmarks.web",
                                    description=__doc__.split("\n\n")[0])
@@ -157,8 +165,8 @@ def _parse_args(argv):
 def main(argv=None) -> int:
   args = _parse_args(argv)
   from star_jax import web  # pylint: disable=g-import-not-at-top
-  from tests.chromium import FAKE_CAMERA_FLAGS, Chromium, find_chromium  # pylint: disable=g-import-not-at-top
-  chromium = find_chromium()
+  from tests import chromium as chromium_lib  # pylint: disable=g-import-not-at-top
+  chromium = chromium_lib.find_chromium()
   if chromium is None:
     print("no Chromium installed (apt-get install chromium)", file=sys.stderr)
     return 2
@@ -173,8 +181,8 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory(prefix="star-jax-web-bench-") as directory:
     clip = os.path.join(directory, "face.y4m")
     box = write_clip(clip)
-    flags = (*FAKE_CAMERA_FLAGS, f"--use-file-for-fake-video-capture={clip}")
-    with Chromium(chromium, flags, timeout=600) as browser:
+    flags = (*chromium_lib.FAKE_CAMERA_FLAGS, f"--use-file-for-fake-video-capture={clip}")
+    with chromium_lib.Chromium(chromium, flags, timeout=600) as browser:
       for name in names:
         path = _export(name, directory)
         slow = MODELS[name][1] >= 128
@@ -199,7 +207,8 @@ def main(argv=None) -> int:
                             f"{page_bytes / 2 ** 10:.0f}", f"{total / 2 ** 20:.2f}",
                             "yes" if total / 2 ** 20 < SIZE_TARGET_MB else "no"])
         print(weight_rows[-1], sorted(sizes), flush=True)
-  notes = (f"{browser.version} headless, onnxruntime-web 1.30.0 WASM (SIMD, threads), fake "
+  notes = (f"{browser.version} headless, onnxruntime-web {_runtime_version()} WASM (SIMD, "
+           "threads), fake "
            f"webcam: {CLIP_SIZE[0]}x{CLIP_SIZE[1]} .y4m clip at {CLIP_FPS} frames/s (the page "
            "waits for each new frame, so 30 is the ceiling); fps over "
            f"{args.seconds:.0f} s after warm-up, tracking from landmarks; random weights; "

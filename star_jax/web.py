@@ -123,8 +123,8 @@ class PageServer:
 
   def __init__(self, model: str, *, port: int = 0, root: str = WEB_ROOT,
                routes: Mapping[str, str] | None = None, quiet: bool = True):
-    check_page(root)
     self.info = check_model(model)
+    check_page(root)
     all_routes = {MODEL_URL: os.path.abspath(model),
                   MODEL_URL + ".json": os.path.abspath(contract.sidecar_path(model))}
     all_routes.update({posixpath.normpath(k): os.path.abspath(v)

@@ -304,6 +304,28 @@ def test_page_landmarks_equal_jax_predictor(exported, astronaut, page_server, br
 
 @needs_browser
 @needs_page
+def test_page_runs_an_int8_export_as_onnx_runtime_does(exported, astronaut, browser, tmp_path):
+  """int8 (QLinearConv) kernels differ between WASM and x86 builds; their results must not."""
+  loaded, _ = exported
+  model = exporter.export(loaded, "onnx", str(tmp_path / "face_int8.onnx"), quantize="int8").path
+  import onnxruntime as ort
+  session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+  size = loaded.image_size
+  with web.serve(model, routes={"/test/astronaut.png": astronaut[1]}) as server:
+    page = browser.open(server.url)
+    page.wait_for("window.starJax && window.starJax.ready.then(() => true)")
+    result = page.evaluate(
+        f"window.starJax.predictPhoto('/test/astronaut.png', {list(ASTRONAUT_BOXES[0])})")
+    crop = np.frombuffer(base64.b64decode(page.evaluate("window.starJax.cropBase64()")),
+                         np.uint8).reshape(1, size, size, 3)
+  native = session.run(["landmarks"], {"image": crop.astype(np.float32)})[0][0]
+  error = np.abs(np.asarray(result["cropPoints"]) - native).max()
+  print(f"int8 export, page vs native ONNX Runtime: max {error:.4f} px")
+  assert error < 0.1
+
+
+@needs_browser
+@needs_page
 def test_page_tracks_on_the_webcam(page_server, browser):
   page = browser.open(page_server.url + "?camera=1")
   page.wait_for("window.starJax && window.starJax.ready.then(() => true)")

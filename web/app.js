@@ -106,6 +106,7 @@ async function loadModel(modelBytes, sidecar, file) {
     graphOptimizationLevel: 'all',
   });
   const size = sidecar.input.shape[1];
+  if (state.model) await state.model.session.release();
   state.model = {
     session, sidecar, size, file,
     batch: sidecar.input.shape[0] || 1,
@@ -203,7 +204,9 @@ function drawCrop() {
   if (state.result) {
     context.fillStyle = '#ffeb3b';
     const dot = Math.max(1, size / 128);
-    for (const [x, y] of state.result.cropPoints) context.fillRect(x - dot / 2, y - dot / 2, dot, dot);
+    for (const [x, y] of state.result.cropPoints) {
+      context.fillRect(x - dot / 2, y - dot / 2, dot, dot);
+    }
   }
 }
 
@@ -261,7 +264,8 @@ function redraw() {
 }
 
 function showStats(result) {
-  $('stat-infer').textContent = `${result.inferMs.toFixed(1)} ms (crop ${result.cropMs.toFixed(1)} ms)`;
+  $('stat-infer').textContent =
+      `${result.inferMs.toFixed(1)} ms (crop ${result.cropMs.toFixed(1)} ms)`;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -519,7 +523,10 @@ $('show-crop').addEventListener('change', () => {
 });
 const stage = $('stage');
 for (const type of ['dragenter', 'dragover']) {
-  stage.addEventListener(type, (event) => { event.preventDefault(); stage.classList.add('dragging'); });
+  stage.addEventListener(type, (event) => {
+    event.preventDefault();
+    stage.classList.add('dragging');
+  });
 }
 stage.addEventListener('dragleave', () => stage.classList.remove('dragging'));
 stage.addEventListener('drop', (event) => {
