@@ -92,6 +92,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
       return self.routes[route]
     return super().translate_path(path)
 
+  def list_directory(self, path):
+    self.send_error(404, "No listing")  # the page's files are known by name; nothing to browse
+    return None
+
   def end_headers(self) -> None:
     for name, value in ISOLATION_HEADERS.items():
       self.send_header(name, value)

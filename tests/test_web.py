@@ -205,6 +205,7 @@ def test_server_routes_model_with_isolation_headers(exported, astronaut):
     assert _get(server.url + "test/face.png")[0] == 200
     assert _get(server.url + "../pyproject.toml")[0] == 404
     assert _get(server.url + "%2e%2e/pyproject.toml")[0] == 404
+    assert _get(server.url + "node_modules/")[0] == 404
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
