@@ -56,19 +56,17 @@ SIZE_TARGET_MB = 25.0
 
 
 def _export(name: str, directory: str) -> str:
-  from star_jax import datasets  # pylint: disable=g-import-not-at-top
-  from star_jax.eval_lib import LoadedModel  # pylint: disable=g-import-not-at-top
-  from star_jax.export import exporter  # pylint: disable=g-import-not-at-top
-  from star_jax.models import hourglass  # pylint: disable=g-import-not-at-top
+  from star_jax import datasets
+  from star_jax.checkpointing import LoadedModel
+  from star_jax.export import exporter
+  from star_jax.models import hourglass
   stacks, channels, levels, size, quantize = MODELS[name]
   spec = datasets.get_spec("wflw")
   model = hourglass.StackedHourglass(num_stacks=stacks, num_levels=levels, channels=channels,
                                      num_points=spec.num_points,
                                      edge_points=tuple(tuple(e.points) for e in spec.edges))
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict({"data": {"image_size": size}})  # the input size it reads
-  loaded = LoadedModel(model, hourglass.init_variables(model, 0, size), config, f"random {name}",
-                       "raw")
+  loaded = LoadedModel(model, hourglass.init_variables(model, 0, size), spec, size,
+                       source=f"random {name}", weights="raw")
   path = os.path.join(directory, f"{name}.onnx")
   # int8 calibrates on crops of the embedded dataset at the model's input size.
   return exporter.export(loaded, "onnx", path, quantize=quantize).path
@@ -76,8 +74,8 @@ def _export(name: str, directory: str) -> str:
 
 def write_clip(path: str) -> tuple[float, float, float, float]:
   """A looping .y4m clip of the astronaut swaying sideways; returns the face box of frame 0."""
-  import cv2  # pylint: disable=g-import-not-at-top
-  from skimage import data  # pylint: disable=g-import-not-at-top
+  import cv2
+  from skimage import data
   width, height = CLIP_SIZE
   face = cv2.resize(data.astronaut(), (480, 480), interpolation=cv2.INTER_AREA)
   with open(path, "wb") as f:
@@ -142,8 +140,8 @@ def page_weight(browser, server) -> dict[str, int]:
 
 
 def _runtime_version() -> str:
-  import json  # pylint: disable=g-import-not-at-top
-  from star_jax import web  # pylint: disable=g-import-not-at-top
+  import json
+  from star_jax import web
   path = os.path.join(web.WEB_ROOT, "node_modules", "onnxruntime-web", "package.json")
   with open(path) as f:
     return json.load(f)["version"]
@@ -164,8 +162,8 @@ def _parse_args(argv):
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
-  from star_jax import web  # pylint: disable=g-import-not-at-top
-  from tests import chromium as chromium_lib  # pylint: disable=g-import-not-at-top
+  from star_jax import web
+  from tests import chromium as chromium_lib
   chromium = chromium_lib.find_chromium()
   if chromium is None:
     print("no Chromium installed (apt-get install chromium)", file=sys.stderr)

@@ -103,7 +103,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     self.send_header("Cache-Control", "no-cache")
     super().end_headers()
 
-  def log_message(self, format: str, *args) -> None:  # pylint: disable=redefined-builtin
+  def log_message(self, format: str, *args) -> None:
     if not self.quiet:
       super().log_message(format, *args)
 

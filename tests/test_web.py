@@ -2,7 +2,7 @@
 
 - geometry (web/geometry.js run by Node, when Node is installed): the page's warp equals
   OpenCV's `warpPerspective` crop of `star_jax.data.transforms.warp`, its box rules equal
-  `face_detection.box_to_crop` ('official') and the training rule of `crop_params`, its map
+  `detection.box_to_crop` ('official') and the training rule of `crop_params`, its map
   back equals `transforms.landmarks_to_original`;
 - server (`star_jax.web`): the model routes, the cross-origin-isolation headers that give the
   page WASM threads, MIME types, and its one-line errors;
@@ -34,11 +34,11 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from star_jax import face_detection, web
+from star_jax import detection, web
 from star_jax.data import original_formats, transforms
-from star_jax.eval_lib import load_model
+from star_jax.checkpointing import load_model
 from star_jax.export import exporter
-from star_jax.face_detection import Box
+from star_jax.detection import Box
 from star_jax.predict import Predictor
 from star_jax.runtime import contract
 from tests.chromium import FAKE_CAMERA_FLAGS, Chromium, find_chromium
@@ -156,7 +156,7 @@ def test_geometry_box_rules_and_map_back_equal_python():
   """
   result = _run_node(script, json.dumps(boxes), json.dumps(points), json.dumps(crop_points))
   for box, got, (matrix, back) in zip(boxes, result["official"], result["mapped"]):
-    scale, center = face_detection.box_to_crop(Box(*box), "official")
+    scale, center = detection.box_to_crop(Box(*box), "official")
     assert got["scale"] == pytest.approx(scale, rel=1e-12)
     np.testing.assert_allclose(got["center"], center, rtol=1e-12)
     expected_matrix = transforms.crop_matrix(scale, *center, 256)
@@ -290,7 +290,7 @@ def test_page_landmarks_equal_jax_predictor(exported, astronaut, page_server, br
     # The page's crop is OpenCV's, and its model run is ONNX Runtime's on that crop.
     crop = np.frombuffer(base64.b64decode(page.evaluate("window.starJax.cropBase64()")),
                          np.uint8).reshape(size, size, 3)
-    scale, center = face_detection.box_to_crop(Box(*box), "official")
+    scale, center = detection.box_to_crop(Box(*box), "official")
     reference = transforms.warp(image, transforms.crop_matrix(scale, *center, size), size)
     assert np.abs(crop.astype(int) - reference.astype(int)).max() <= 1
     native = session.run(["landmarks"], {"image": crop[None].astype(np.float32)})[0][0]
