@@ -123,13 +123,13 @@ def quantize_onnx(proto: Any, out_path: str, *, method: str = "static",
       def get_next(self):
         return next(self._batches, None)
 
+    # reduce_range (7-bit weights): x86 CPUs without VNNI multiply uint8 by int8 with a
+    # saturating instruction (VPMADDUBSW); full-range weights overflowed it and put native ONNX
+    # Runtime 0.94 px away from the same model in the browser (WASM), 7-bit ones 0.0001 px.
     q.quantize_static(source, out_path, Reader(), quant_format=q.QuantFormat.QDQ,
                       per_channel=True, reduce_range=True, activation_type=q.QuantType.QUInt8,
                       weight_type=q.QuantType.QInt8, op_types_to_quantize=list(STATIC_OPERATORS),
                       nodes_to_exclude=excluded, calibrate_method=q.CalibrationMethod.MinMax)
-  # reduce_range (7-bit weights): x86 CPUs without VNNI multiply uint8 by int8 with a
-  # saturating instruction (VPMADDUBSW); full-range weights overflowed it and put native ONNX
-  # Runtime 0.94 px away from the same model in the browser (WASM), 7-bit ones 0.0001 px.
   return {"quantization": "onnxruntime quantize_static (QDQ): int8 weights per output channel, "
                           "uint8 activations, min-max calibration, 7-bit weight range",
           "calibration": where}
