@@ -30,13 +30,16 @@ $(WEB_STAMP): web/package.json web/package-lock.json
 
 web: $(WEB_STAMP)
 
-# Without npm the browser test (tests/test_web.py) is skipped and says why.
+# Test files run on TEST_WORKERS processes (pytest-xdist; a file's tests stay together, so
+# module fixtures are built once). Without npm the browser test (tests/test_web.py) is skipped
+# and says why.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	if command -v npm >/dev/null; then $(MAKE) web; fi
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

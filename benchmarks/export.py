@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split("\n\n", 1)[1])
   parser.add_argument("--models", default="full,rt128,rt64",
-                      help="comma-separated from " + ", ".join(MODELS))
+                      help="comma-separated from " + ", ".join(MODELS) +
+                      " ('' for the NME rows only)")
   parser.add_argument("--batch_sizes", default="1,32")
   parser.add_argument("--rounds", type=int, default=5,
                       help="interleaved timing rounds at batch sizes below 8")
@@ -191,10 +192,14 @@ def main(argv: list[str] | None = None) -> None:
   logging_utils.quiet_library_logs()
 
   batches = [int(b) for b in args.batch_sizes.split(",")]
+  names = [name for name in args.models.split(",") if name]
+  unknown = sorted(set(names) - set(MODELS))
+  if unknown:
+    parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
   speed_rows, size_rows, start_rows, summary = [], [], [], {}
   load_before = os.getloadavg()[0]
   with tempfile.TemporaryDirectory(prefix="star_jax_bench_export_") as directory:
-    for name in args.models.split(","):
+    for name in names:
       loaded = _model(name)
       model_dir = os.path.join(directory, name)
       os.makedirs(model_dir)
@@ -230,6 +235,11 @@ def main(argv: list[str] | None = None) -> None:
            f"{args.large_rounds}); engine threads: "
            f"{args.threads or 'default'}; 1-min load average {load_before:.1f} before, "
            f"{load_after:.1f} after")
+  if nme_rows:
+    common.record(f"Export: NME on the embedded test split ({args.nme})",
+                  ["model", "NME %", "change (points of %)"], nme_rows, write=args.record)
+  if not names:
+    return
   common.record("Export: latency and throughput per engine (256 px, CPU)",
                 ["model", "batch", "engine", "ms / batch (median)", "ms / batch (min)",
                  "images/s", "speed vs JAX"], speed_rows, notes=notes, write=args.record)
@@ -238,11 +248,8 @@ def main(argv: list[str] | None = None) -> None:
   common.record("Export: runtime import to first landmark (fresh interpreter, one 640x480 "
                 "image, given box)", ["model", "onnx s", "tflite s"], start_rows,
                 write=args.record)
-  if nme_rows:
-    common.record(f"Export: NME on the embedded test split ({args.nme})",
-                  ["model", "NME %", "change (points of %)"], nme_rows, write=args.record)
   targets = []
-  for name in args.models.split(","):
+  for name in names:
     b1 = batches[0]
     jax_t, ort_t = summary[(name, b1, "jax")], summary[(name, b1, "onnx")]
     int8_t = summary[(name, b1, "onnx_int8")]

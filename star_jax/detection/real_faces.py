@@ -114,10 +114,8 @@ def _extract(name: str, version: str, sha256: str, members: dict[str, str], root
   once; a STAMP file marks a complete copy."""
   folder = os.path.join(root, f"{name}-{version}")
   stamp = os.path.join(folder, "STAMP")
-  if os.path.isfile(stamp):
-    with open(stamp) as f:
-      if f.read().strip() == sha256:
-        return folder
+  if _complete(stamp, sha256):
+    return folder
   os.makedirs(root, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=root) as tmp:
     archive = _download_sdist(name, version, sha256, tmp)
@@ -133,8 +131,21 @@ def _extract(name: str, version: str, sha256: str, members: dict[str, str], root
     with open(os.path.join(staging, "STAMP"), "w") as f:
       f.write(sha256 + "\n")
     shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+    try:
+      os.replace(staging, folder)
+    except OSError:
+      # Another process (a parallel test worker) finished the same copy first.
+      if not _complete(stamp, sha256):
+        raise
   return folder
+
+
+def _complete(stamp: str, sha256: str) -> bool:
+  try:
+    with open(stamp) as f:
+      return f.read().strip() == sha256
+  except OSError:
+    return False
 
 
 def read_pts(path: str) -> np.ndarray:

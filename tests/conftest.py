@@ -1,0 +1,12 @@
+"""Suite-wide ordering: the test files with slow tests are collected first, so that under
+`pytest -n 2 --dist loadfile` (what `make test` runs) the longest files start at once and the
+short ones fill the other worker, instead of a long file starting last and running alone."""
+
+from __future__ import annotations
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  # Stable: within each group the files keep their usual order.
+  items.sort(key=lambda item: item.path not in slow_files)
