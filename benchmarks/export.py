@@ -188,8 +188,6 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   from star_jax import host
   host.configure_process()
-  from star_jax import logging_utils
-  logging_utils.quiet_library_logs()
 
   batches = [int(b) for b in args.batch_sizes.split(",")]
   names = [name for name in args.models.split(",") if name]
