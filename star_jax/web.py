@@ -30,6 +30,7 @@ import urllib.parse
 from typing import Mapping, Sequence
 
 from star_jax import cli
+from star_jax.detection.boxes import Box
 from star_jax.errors import CheckpointError, DataError, UsageError
 from star_jax.runtime import contract
 
@@ -69,7 +70,26 @@ def check_model(model: str) -> contract.ModelInfo:
   if contract.LANDMARKS_NAME not in info.outputs:
     raise CheckpointError(f"{contract.sidecar_path(model)}: the model has no "
                           f"'{contract.LANDMARKS_NAME}' output")
+  _check_onnx_file(model)
   return info
+
+
+def _check_onnx_file(model: str) -> None:
+  """CheckpointError unless `model` parses as an ONNX graph (when the onnx package is there;
+  without it, at least a non-empty file), so that the page is not served a model it cannot
+  load."""
+  if os.path.getsize(model) == 0:
+    raise CheckpointError(f"--model {model}: an empty file")
+  try:
+    import onnx
+  except ImportError:
+    return
+  try:
+    proto = onnx.load(model, load_external_data=False)
+  except Exception as e:  # noqa: BLE001 (any parse failure of a stranger's file is data)
+    raise CheckpointError(f"--model {model}: not an ONNX model ({type(e).__name__})") from None
+  if not proto.graph.node:
+    raise CheckpointError(f"--model {model}: not an ONNX model (no graph)")
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -200,14 +220,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
-  """'x1,y1,x2,y2' -> floats with x1 < x2 and y1 < y2; UsageError naming --box otherwise."""
+  """'x1,y1,x2,y2' -> finite floats with x1 < x2 and y1 < y2; UsageError naming --box."""
   try:
-    values = tuple(float(v) for v in text.split(","))
-  except ValueError:
-    values = ()
-  if len(values) != 4 or not (values[0] < values[2] and values[1] < values[3]):
-    raise UsageError(f"--box {text}: expected x1,y1,x2,y2 with x1 < x2 and y1 < y2")
-  return values  # type: ignore[return-value]
+    box = Box.parse(text)
+  except ValueError as e:
+    raise UsageError(f"--box {text}: {e}") from None
+  return (box.x1, box.y1, box.x2, box.y2)
 
 
 def page_url(base: str, image_route: str | None = None,

@@ -200,3 +200,22 @@ def test_cli_exports_and_checks(tmp_path):
   assert run.returncode == 0, run.stderr
   assert out.exists() and (tmp_path / "official.onnx.json").exists()
   assert "vs the JAX model in float64" in run.stdout
+
+
+def test_export_never_replaces_a_folder_that_is_not_its_own(tmp_path):
+  """A SavedModel replaces an earlier SavedModel only; a file export never takes a folder. The
+  refusal comes before the checkpoint is read, and the folder keeps its files."""
+  notes = tmp_path / "work" / "notes.txt"
+  notes.parent.mkdir()
+  notes.write_text("keep me")
+  with pytest.raises(exporter.UsageError, match="not a SavedModel"):
+    exporter.export(str(tmp_path / "missing.pkl"), "savedmodel", str(notes.parent))
+  with pytest.raises(exporter.UsageError, match="a folder; a onnx export is a file"):
+    exporter.export(str(tmp_path / "missing.pkl"), "onnx", str(notes.parent))
+  with pytest.raises(exporter.UsageError, match="a file; a SavedModel is a folder"):
+    exporter.export(str(tmp_path / "missing.pkl"), "savedmodel", str(notes))
+  assert notes.read_text() == "keep me"
+  run = _cli("--checkpoint", OFFICIAL, "--format", "savedmodel", "--out", str(notes.parent))
+  assert run.returncode == 2 and "Traceback" not in run.stderr
+  assert run.stderr.count("\n") == 1 and "not a SavedModel" in run.stderr
+  assert notes.read_text() == "keep me"

@@ -230,6 +230,17 @@ def test_cli_errors_are_one_line(exported, tmp_path):
   wrong = _cli("--model", str(tflite))
   assert wrong.returncode == 2 and "runs ONNX exports" in wrong.stderr
   assert _cli("--model", model, "--port", "70000").returncode == 2
+  garbage = tmp_path / "garbage.onnx"
+  garbage.write_bytes(b"not a model")
+  shutil.copy(contract.sidecar_path(model), contract.sidecar_path(str(garbage)))
+  bad_model = _cli("--model", str(garbage))
+  assert bad_model.returncode == 1 and "garbage.onnx: not an ONNX model" in bad_model.stderr
+  assert bad_model.stderr.count("\n") == 1 and "Traceback" not in bad_model.stderr
+  photo = tmp_path / "photo.png"
+  photo.write_bytes(b"x")
+  infinite = _cli("--model", model, "--image", str(photo), "--box", "0,0,inf,10")
+  assert infinite.returncode == 2 and "--box 0,0,inf,10" in infinite.stderr
+  assert infinite.stderr.count("\n") == 1 and "Traceback" not in infinite.stderr
 
 
 def test_missing_page_runtime_is_a_usage_error(tmp_path):

@@ -186,6 +186,20 @@ def quantization_kind(fmt: str, quantize: str) -> str:
   return "int8-static" if fmt == "onnx" and quantize == "int8" else "int8-dynamic-range"
 
 
+def check_output(fmt: str, out: str) -> None:
+  """UsageError unless `out` may be written: a SavedModel replaces only an earlier SavedModel
+  (never another folder and its files), a file format never replaces a folder."""
+  if fmt == "savedmodel":
+    if os.path.isfile(out):
+      raise UsageError(f"--out {out}: a file; a SavedModel is a folder")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(
+        os.path.join(out, "saved_model.pb")):
+      raise UsageError(f"--out {out}: a folder that is not a SavedModel; its files would be "
+                       "replaced, choose another path")
+  elif os.path.isdir(out):
+    raise UsageError(f"--out {out}: a folder; a {fmt} export is a file")
+
+
 def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
            batch: int | None = None, dtype: str = "float32", quantize: str | None = None,
            heatmaps: bool = False, calibration: Any = None) -> ExportResult:
@@ -197,10 +211,11 @@ def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
   the static int8 ONNX quantisation (default: embedded-dataset crops).
   """
   check_options(fmt, dtype=dtype, quantize=quantize, batch=batch)
+  out = os.path.normpath(out)
+  check_output(fmt, out)
   start = time.perf_counter()
   loaded = load_checkpoint(checkpoint, weights)
   size = loaded.image_size
-  out = os.path.normpath(out)
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   if fmt == "tflite" and batch is None:

@@ -111,8 +111,13 @@ def export_savedmodel(fn: Callable, image_size: int, out_path: str, *, with_heat
   module, serve = _tf_module(fn, image_size, None, with_heatmaps, polymorphic=True)
   tmp = out_path.rstrip(os.sep) + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
-  with without_xla_flags():
-    tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
+  try:
+    with without_xla_flags():
+      tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  # An earlier SavedModel only: `exporter.check_output` refuses any other folder.
   shutil.rmtree(out_path, ignore_errors=True)
   os.replace(tmp, out_path)
   return {"tensorflow_version": tf.__version__, "signature": "serving_default",

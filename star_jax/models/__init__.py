@@ -149,6 +149,9 @@ def from_description(description: Mapping[str, Any], where: str = "model descrip
   if not isinstance(fields, Mapping):
     raise CheckpointError(f"{where}: 'fields' must be a JSON object")
   known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_DESCRIBED}
+  # Descriptions written before the registry carried `bn_axis_name: null`; the loader, not the
+  # file, decides BatchNorm synchronisation.
+  fields = {k: v for k, v in fields.items() if not (k in _NOT_DESCRIBED and v is None)}
   unknown = sorted(set(fields) - set(known))
   if unknown:
     raise CheckpointError(f"{where}: unknown field(s) {', '.join(map(str, unknown))[:200]} for "
