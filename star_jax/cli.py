@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 from typing import Any, Callable, Iterator, NoReturn, Sequence
@@ -113,6 +114,19 @@ def absl_run(main: Callable[[list[str]], int | None]) -> NoReturn:
   def parse(argv: list[str]) -> list[str]:
     try:
       rest = flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+      # ml_collections' override of a field the config does not have.
+      if debug_enabled():
+        raise
+      text = str(e)  # the missing key, quoted (and escaped), perhaps with a suggestion
+      found = re.search(r"([A-Za-z_]\w*)", text)
+      field = found.group(1) if found else ""
+      suggestion = re.search(r'Did you mean "(\w+)"', text)
+      hint = f"; did you mean {suggestion.group(1)}?" if suggestion else ""
+      wrong = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                    and field and field in a.split("=")[0].split(".")), None)
+      error_exit(f"{wrong or '--config.' + field}: no such config field{hint}",
+                 errors.UsageError.exit_code)
     except flags.Error as e:
       if debug_enabled():
         raise

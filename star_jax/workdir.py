@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from absl import logging
 
-from star_jax.errors import WorkdirError
+from star_jax.errors import UsageError, WorkdirError
 
 if TYPE_CHECKING:
   import ml_collections
@@ -43,6 +43,8 @@ def lock(workdir: str) -> None:
   workdir = os.path.abspath(workdir)
   if workdir in _held_locks:
     return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f"--workdir {workdir}: exists and is not a directory")
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
   handle = open(path, "a+")

@@ -271,3 +271,9 @@ def test_train_py_usage_errors(tmp_path):
   proc = _run(["train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
                "--config.distributed=True"])
   _one_line_error(proc, 2, "coordinator_address")
+  proc = _run(["train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
+               "--config.optim.lrr=0.1"])
+  _one_line_error(proc, 2, "--config.optim.lrr: no such config field")
+  (tmp_path / "a_file").write_text("")
+  proc = _run(["train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "a_file")])
+  _one_line_error(proc, 2, "a_file: exists and is not a directory")
