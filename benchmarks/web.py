@@ -56,17 +56,10 @@ SIZE_TARGET_MB = 25.0
 
 
 def _export(name: str, directory: str) -> str:
-  from star_jax import datasets
-  from star_jax.checkpointing import LoadedModel
   from star_jax.export import exporter
-  from star_jax.models import hourglass
   stacks, channels, levels, size, quantize = MODELS[name]
-  spec = datasets.get_spec("wflw")
-  model = hourglass.StackedHourglass(num_stacks=stacks, num_levels=levels, channels=channels,
-                                     num_points=spec.num_points,
-                                     edge_points=tuple(tuple(e.points) for e in spec.edges))
-  loaded = LoadedModel(model, hourglass.init_variables(model, 0, size), spec, size,
-                       source=f"random {name}", weights="raw")
+  loaded = common.random_wflw_model(name, stacks=stacks, channels=channels, levels=levels,
+                                    image_size=size)
   path = os.path.join(directory, f"{name}.onnx")
   # int8 calibrates on crops of the embedded dataset at the model's input size.
   return exporter.export(loaded, "onnx", path, quantize=quantize).path
@@ -175,7 +168,7 @@ def main(argv=None) -> int:
     print(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}", file=sys.stderr)
     return 2
   rows, weight_rows = [], []
-  load = os.getloadavg()[0]
+  load = common.load_average()
   with tempfile.TemporaryDirectory(prefix="star-jax-web-bench-") as directory:
     clip = os.path.join(directory, "face.y4m")
     box = write_clip(clip)
@@ -210,7 +203,7 @@ def main(argv=None) -> int:
            f"webcam: {CLIP_SIZE[0]}x{CLIP_SIZE[1]} .y4m clip at {CLIP_FPS} frames/s (the page "
            "waits for each new frame, so 30 is the ceiling); fps over "
            f"{args.seconds:.0f} s after warm-up, tracking from landmarks; random weights; "
-           f"1-min load average at start {load:.1f} on {os.cpu_count()} cores. Targets: small "
+           f"at start: {load}. Targets: small "
            "model >= 15 fps, full >= 1 fps")
   common.record("In-browser demo, webcam path (headless Chromium, onnxruntime-web WASM)",
                 ["model", "input px", "page setting", "WASM threads", "proxy worker", "fps",

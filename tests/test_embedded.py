@@ -56,7 +56,7 @@ def test_files_and_official_tsv_format(small):
 
 
 def test_read_tsv_accepts_the_files(small):
-  annotations = pytest.importorskip("star_jax.data.annotations")
+  from star_jax.data import annotations
   ann = annotations.read_tsv(small.train_tsv, SPEC, image_dir=small.image_dir)
   assert ann.landmarks.shape == (COUNTS[0], 98, 2)
 

@@ -100,7 +100,7 @@ def test_wflw_bad_line_names_file_and_line(tmp_path):
 
 
 def test_wflw_output_reads_back_with_read_tsv(wflw_list, tmp_path):
-  annotations = pytest.importorskip("star_jax.data.annotations")
+  from star_jax.data import annotations
   path, lms, _ = wflw_list
   out = tmp_path / "train.tsv"
   of.convert_wflw(str(path), str(out))
@@ -309,7 +309,7 @@ def _assert_one_line_error(code, err, expected_code, pattern):
 
 def _assert_dataset_folder(out, spec_name, counts):
   """OUT is what both consumers read: TSVs whose paths resolve under OUT/images."""
-  annotations = pytest.importorskip("star_jax.data.annotations")
+  from star_jax.data import annotations
   for split, n in zip(("train", "test"), counts):
     ann = annotations.read_tsv(str(out / f"{split}.tsv"), get_spec(spec_name),
                                image_dir=str(out / "images"), check_images=True)

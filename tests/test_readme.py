@@ -14,8 +14,10 @@ The only changes to the commands themselves:
   checked to print their address, and stopped.
 
 Not run, with the reason: `make demo` and `make test` (the quick start: `make test` is what runs
-this file, and CI and the fresh-clone check run both), `--camera` (no camera here), and
-benchmark commands that need an official STAR checkout or a GPU.
+this file; `make demo` trains for minutes, and its steps, train.py, eval.py, a generated clip
+and the predictor on it, run here on tiny data through the README's own commands), `make web`
+(run by `make test` before the suite), `--camera` (no camera here), and benchmark commands that
+need an official STAR checkout or a GPU.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 // star-jax in the browser: loads an exported ONNX model and its sidecar JSON into
 // onnxruntime-web (WASM, threaded when the page is cross-origin isolated), takes a photo (file
-// picker, drag and drop) or the webcam, crops the face box the user draws with the training
-// crop rule (geometry.js), runs the model and draws the landmarks.
+// picker, drag and drop) or the webcam, crops the face box the user draws by the official box
+// rule (geometry.js, as the Python predictor's box_rule="official"), runs the model and draws
+// the landmarks.
 //
 // Webcam: the first crop comes from the drawn box (or a centred guess); every later crop comes
 // from the previous frame's landmarks by the training rule, as star-jax's video tracker does.

@@ -1,7 +1,7 @@
 // The crop geometry of star-jax, in the browser: face box -> (scale, centre) -> crop matrix ->
 // bilinear warp onto the model's S x S input, and crop pixels back to image pixels.
 //
-// It follows star_jax.data.transforms and star_jax.face_detection step for step, so that a
+// It follows star_jax.data.transforms and star_jax.detection step for step, so that a
 // page crop equals the Python crop (tests/test_web.py compares both):
 // - crop matrix: s = S / (scale * 200); x' = s * (x - cx) + (S - 1) / 2 (same for y), built in
 //   float64 and stored in float32 as transforms.crop_matrix does;
@@ -13,7 +13,7 @@
 //   landmark by 0.5 px;
 // - map back: the inverse of the float32 crop matrix (here in float64; the Python one is float32,
 //   a difference of ~1e-4 px).
-// Box rules (star_jax.face_detection.box_to_crop, star_jax.data.original_formats.crop_params):
+// Box rules (star_jax.detection.box_to_crop, star_jax.data.original_formats.crop_params):
 // 'official' for a box drawn tight around the face, min(w, h) / 200 * 1.05 around its centre;
 // 'training' (the crop the model was trained on) from landmarks, max(w, h) / 200 * 1.05 around
 // the centre of their box: the webcam tracker's next crop.

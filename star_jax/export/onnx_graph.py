@@ -284,9 +284,9 @@ class _Builder:
     for i in range(model.num_stacks):
       hg = self.hourglass(x, c, model.num_levels, f"hourglass{i}", True, boundary)
       feature, _ = self.res_block(hg, c, f"features{i}")
-      feature = self.plain_conv(feature, f"features_conv{i}",
-                                out_scale=_bn_affine(p, f"features_bn{i}")[0],
-                                out_shift=_bn_affine(p, f"features_bn{i}")[1], relu=True)
+      scale, shift = _bn_affine(p, f"features_bn{i}")
+      feature = self.plain_conv(feature, f"features_conv{i}", out_scale=scale, out_shift=shift,
+                                relu=True)
       heads = [f"heatmap_head{i}"] + ([f"pointmap_head{i}", f"edgemap_head{i}"]
                                       if model.use_aam else [])
       kernel = np.concatenate([p.param(f"{h}/kernel") for h in heads], axis=-1)

@@ -17,7 +17,6 @@ distance to it (the float32 noise floor of that model) beside it.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -84,6 +83,3 @@ def random_crops(count: int, image_size: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).uniform(0, 255, (count, image_size, image_size, 3)
                                              ).astype(np.float32)
 
-
-def format_report(report: dict) -> str:
-  return json.dumps(report, indent=1)
