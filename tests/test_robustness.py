@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -142,12 +141,11 @@ def test_eval_usage_errors(tmp_path, flag, fragment):
 def test_eval_checks_output_dir_before_any_work(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
-  start = time.time()
   proc = _run(["eval.py", "--config", "configs/wflw.py", "--checkpoint", CHECKPOINT,
                "--output_dir", str(blocker), f"--config.data.test_tsv={FIXTURE}/test.tsv",
                f"--config.data.image_dir={FIXTURE}"])
   _one_line_error(proc, 2, "--output_dir", "not a directory")
-  assert "NME" not in proc.stdout and time.time() - start < 120
+  assert "NME" not in proc.stdout  # refused before evaluating
 
 
 @pytest.mark.slow
