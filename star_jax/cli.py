@@ -16,6 +16,7 @@ programming error and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -43,6 +44,16 @@ def error_exit(message: Any, code: int) -> NoReturn:
   print(f"error: {one_line(message)}", file=sys.stderr)
   sys.stderr.flush()
   sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse under the error contract: a wrong flag is one line, `error: ...`, exit 2 (the
+  usage text stays with --help)."""
+
+  def error(self, message: str) -> NoReturn:
+    if debug_enabled():
+      super().error(message)
+    error_exit(f"{message} (usage: {self.prog} --help)", errors.UsageError.exit_code)
 
 
 def _describe_os_error(e: OSError) -> str:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
   import argparse
   from star_jax import cli, video
 
-  parser = argparse.ArgumentParser(prog="python -m star_jax.clips", description=__doc__,
+  parser = cli.ArgumentParser(prog="python -m star_jax.clips", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True, help="video file to write (.mp4, .avi)")
   parser.add_argument("--frames", type=int, default=90)

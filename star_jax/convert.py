@@ -8,7 +8,6 @@ scheme (a built-in dataset when the E2H edges match one) and the weights.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Sequence
@@ -39,7 +38,7 @@ def _check_out_dir(out_dir: str) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="python -m star_jax.convert",
       description="Convert an official STAR (PyTorch) checkpoint into a star-jax checkpoint.")
   parser.add_argument("checkpoint", help="official .pkl (torch.save zip) file")

@@ -48,6 +48,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from star_jax import cli
 from star_jax import detection
 from star_jax import landmark_mappings
 from star_jax import plots
@@ -279,7 +280,7 @@ def _layout(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="python -m star_jax.predict",
       description="Facial landmarks on images and videos: writes <name>.json and an annotated "
                   "<name>.png per image, <name>.mp4 and <name>.jsonl per video.")
@@ -433,7 +434,6 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The CLI under the error contract (`star_jax.cli.run`): one-line errors, exit 2 / 1."""
-  from star_jax import cli
   return cli.run(lambda: _main(argv))
 
 

@@ -192,7 +192,7 @@ def serve(model: str, *, port: int = 0, routes: Mapping[str, str] | None = None,
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="python -m star_jax.web",
       description="Serve the in-browser landmark demo (web/, onnxruntime-web) with an exported "
                   "ONNX model on http://127.0.0.1:PORT/. Install the page's runtime first: "

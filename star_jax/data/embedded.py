@@ -41,7 +41,6 @@ CLI: `python -m star_jax.data.embedded --out DIR [--preview grid.png]`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -56,6 +55,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from star_jax import cli
 from star_jax.data.annotations import DataFiles
 from star_jax.data.original_formats import format_row
 from star_jax.datasets import WFLW
@@ -695,7 +695,7 @@ def write_preview(files: DataFiles, path: str, *, split: str = "train", count: i
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="python -m star_jax.data.embedded",
       description="Generates the embedded synthetic WFLW-style dataset (cached).")
   parser.add_argument("--out", default=None,

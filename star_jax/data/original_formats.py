@@ -641,7 +641,7 @@ _PLANNERS = {"wflw": _plan_wflw, "300w": _plan_300w, "cofw": _plan_cofw}
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="python -m star_jax.data.original_formats",
       description="Converts original WFLW / 300W / COFW annotations to official TSV files in a "
                   "folder that is also a TFDS manual dir (train.tsv, test.tsv, images/).")

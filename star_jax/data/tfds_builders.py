@@ -68,7 +68,6 @@ if __name__ == "__main__":
   from star_jax.data import tfds_builders as _builders
   raise SystemExit(_builders.main())
 
-import argparse
 import math
 import os
 from typing import Mapping, Sequence
@@ -308,7 +307,7 @@ def load_records(builder: tfds.core.DatasetBuilder, split: str, *,
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m star_jax.data.tfds_builders",
+  parser = cli.ArgumentParser(prog="python -m star_jax.data.tfds_builders",
                                    description="Builds a star-jax TFDS dataset from a manual dir "
                                                "(train.tsv, test.tsv, optional val.tsv, images/).")
   parser.add_argument("dataset", choices=sorted(BUILDERS))

@@ -19,7 +19,7 @@ from star_jax.runtime import contract
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="python -m star_jax.export",
       description="Export a landmark model to ONNX, TFLite, SavedModel or StableHLO (input "
                   "float32 [B, S, S, 3] RGB 0-255, first output 'landmarks' [B, N, 2] in crop "

@@ -123,9 +123,10 @@ def quantize_onnx(proto: Any, out_path: str, *, method: str = "static",
       def get_next(self):
         return next(self._batches, None)
 
-    # reduce_range (7-bit weights): x86 CPUs without VNNI multiply uint8 by int8 with a
-    # saturating instruction (VPMADDUBSW); full-range weights overflowed it and put native ONNX
-    # Runtime 0.94 px away from the same model in the browser (WASM), 7-bit ones 0.0001 px.
+    # reduce_range (7-bit weights): ONNX Runtime's x86 uint8 x int8 kernels can saturate the
+    # 16-bit sums of VPMADDUBSW with full-range weights (the case reduce_range exists for). On
+    # this CPU they did: native ONNX Runtime was 0.94 px away from the same model in the
+    # browser (WASM); with 7-bit weights 0.0001 px.
     # uint8 weights avoid the overflow too, with a smaller NME change (+0.012 against +0.051
     # points on the demo model), but ran only 1.1x faster than float32 (7-bit: 1.8-2.1x).
     q.quantize_static(source, out_path, Reader(), quant_format=q.QuantFormat.QDQ,
