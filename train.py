@@ -6,10 +6,12 @@ with the same workdir resumes from its latest checkpoint. SIGTERM or Ctrl-C save
 at the current step and exits (143 / 130); a second Ctrl-C exits at once.
 """
 
-from absl import flags
-from ml_collections import config_flags
-
 from star_jax import cli
+
+cli.require_training_install("train.py")
+
+from absl import flags  # noqa: E402 (after the install check, which needs none of them)
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True)

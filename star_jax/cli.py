@@ -46,6 +46,21 @@ def error_exit(message: Any, code: int) -> NoReturn:
   sys.exit(code)
 
 
+# Modules of the training install (`pip install -e '.[train]'`) that the inference-only install
+# (base + `[runtime]`) leaves out.
+_TRAINING_MODULES = ("jax", "flax", "absl", "ml_collections", "tensorflow")
+
+
+def require_training_install(command: str) -> None:
+  """One line and exit 2 when `command` runs in the inference-only install (no JAX, absl...)."""
+  import importlib.util
+  missing = [m for m in _TRAINING_MODULES if importlib.util.find_spec(m) is None]
+  if missing:
+    error_exit(f"{command} needs the training install (missing: {', '.join(missing)}): "
+               "pip install -e '.[train]' (this environment runs exported models only)",
+               errors.UsageError.exit_code)
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """argparse under the error contract: a wrong flag is one line, `error: ...`, exit 2 (the
   usage text stays with --help)."""

@@ -130,7 +130,10 @@ class _DropLibraryChatter(py_logging.Filter):
 
 def _quiet_library_logs() -> None:
   """Keeps the console to our own progress: library INFO records are dropped (warnings stay)."""
-  from absl import logging  # not needed by the GPU check, which runs without absl
+  try:
+    from absl import logging
+  except ImportError:  # the inference-only install (and the GPU check) run without absl
+    return
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _DropLibraryChatter) for f in handler.filters):
     handler.addFilter(_DropLibraryChatter())

@@ -377,6 +377,7 @@ def _main(argv: Sequence[str] | None) -> int:
     predictor = RuntimePredictor(args.model, batch_size=args.batch_size, detector=args.detector,
                                  tta=args.tta)
   else:
+    cli.require_training_install("predict --checkpoint (the JAX predictor; --model runs exports)")
     predictor = Predictor(args.checkpoint, weights=args.weights, batch_size=args.batch_size,
                           detector=args.detector, tta=args.tta)
   if args.points is not None:

@@ -47,6 +47,8 @@ SKIPPED = {
     "--camera": "no camera on this machine",
     "--official_repo": "needs a checkout of the official STAR code",
     "gpu.sh": "needs a GPU",
+    "pip install": ("installs into an environment; tests/test_light_install.py and "
+                    "benchmarks/light_install.py check the inference-only install"),
 }
 SERVERS = ("tensorboard ", "python -m star_jax.web")
 # Overrides the `python` wrapper adds: a network and a schedule a CPU trains in seconds.

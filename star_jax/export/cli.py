@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
   args = _parse_args(argv)
+  cli.require_training_install("python -m star_jax.export")
   from star_jax.export import exporter
   exporter.check_options(args.format, dtype=args.dtype, quantize=args.quantize,
                          batch=args.batch)
