@@ -222,7 +222,8 @@ class Predictor:
               ) -> tracking.FaceTracker:
     """A `tracking.FaceTracker` driven by this predictor's network and detector."""
     return tracking.FaceTracker(self.landmarks_in_crops, self.detector, self.box_crop,
-                                config=config, smoothing=smoothing)
+                                config=config, smoothing=smoothing,
+                                edges=[(e.points, e.closed) for e in self.spec.edges])
 
   def track(self, frames: Iterable, *, fps: float = video.DEFAULT_FPS,
             config: tracking.TrackerConfig = tracking.TrackerConfig(),

@@ -21,7 +21,10 @@ Per frame (`FaceTracker.update`):
    best first, at least `match_iou`): a matched track keeps its id and its own crop, unless it
    was lost or its crop drifted from the detection's (sides differing by more than
    `reseed_scale` times, or centres by more than `reseed_shift` crop sides), in which case it
-   restarts from the detection's crop; an unmatched box starts a new track (new id); a track
+   restarts from the detection's crop (a track that follows its own landmarks drifts off the
+   face when the network reads the crop rather than the face; while it drifts, the loop also
+   magnifies tiny differences between two engines running the same model: see
+   benchmarks/RESULTS.md, "Tracking: JAX vs ONNX Runtime"); an unmatched box starts a new track (new id); a track
    that no detection has matched `max_missed_detections` times in a row is ended (the
    detector is the authority on whether a face is still there).
 3. The network reads all crops of the frame in one call.
@@ -78,8 +81,9 @@ class TrackerConfig:
   lost_max_fill: float = 1.35
   lost_max_shift: float = 0.3
   lost_max_drift: float = 1.6
+  lost_max_segment: float = 0.25
   reseed_scale: float = 1.3
-  reseed_shift: float = 0.25
+  reseed_shift: float = 0.2
   duplicate_overlap: float = 0.6
   fill_adaptation: float = 0.5
   fill_range: tuple[float, float] = (0.7, 1.0)
@@ -157,6 +161,24 @@ class _Track:
   fill: float = TRAINING_FILL   # expected landmark-box side over crop side (see the docstring)
 
 
+def _edge_segments(edges: Sequence[tuple[Sequence[int], bool]]) -> np.ndarray:
+  """(S, 2) index pairs of consecutive points along each edge (closing the closed ones)."""
+  pairs = []
+  for points, closed in edges:
+    points = list(points)
+    pairs += list(zip(points[:-1], points[1:]))
+    if closed and len(points) > 2:
+      pairs.append((points[-1], points[0]))
+  return np.asarray(pairs, np.int64).reshape(-1, 2)
+
+
+def mean_segment(landmarks: np.ndarray, segments: np.ndarray) -> float:
+  """The mean length of the edge segments over the landmark box's longer side."""
+  side = max(Box.around(landmarks).size, 1e-9)
+  lengths = np.linalg.norm(landmarks[segments[:, 0]] - landmarks[segments[:, 1]], axis=1)
+  return float(lengths.mean() / side)
+
+
 def _crop_changed(old: tuple[float, np.ndarray], new: tuple[float, np.ndarray],
                   tolerance: float) -> bool:
   side = old[0] * 200.0
@@ -169,8 +191,12 @@ class FaceTracker:
 
   def __init__(self, landmarks_fn: LandmarksFn, detect_fn: DetectFn, box_to_crop: BoxToCrop, *,
                config: TrackerConfig = TrackerConfig(),
-               smoothing: SmoothingConfig = SmoothingConfig()):
+               smoothing: SmoothingConfig = SmoothingConfig(),
+               edges: Sequence[tuple[Sequence[int], bool]] = ()):
+    """`edges`: the scheme's curves as (point indices, closed); without them the scattered-
+    points rule is off."""
     self.landmarks_fn = landmarks_fn
+    self._segments = _edge_segments(edges)
     self.detect_fn = detect_fn
     self.box_to_crop = box_to_crop
     self.config = config
@@ -254,6 +280,9 @@ class FaceTracker:
     shift = np.max(np.abs(np.array(box.center) - track.crop[1])) / side
     if (fill < self.config.lost_min_fill or fill > self.config.lost_max_fill
         or shift > self.config.lost_max_shift):
+      return True
+    if len(self._segments) and (mean_segment(landmarks, self._segments)
+                                > self.config.lost_max_segment):
       return True
     # A face read from its own landmarks can shrink or grow frame by frame (each crop a little
     # off in the same direction); the detector's last crop bounds how far.
