@@ -107,6 +107,15 @@ class Annotations:
         line_numbers=self.line_numbers[rows], has_tags=self.has_tags)
 
 
+  @staticmethod
+  def distinct_paths(paths: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(each distinct path once, in order of first use; (M,) int32 position of each row's)."""
+    number: dict[str, int] = {}
+    index = np.fromiter((number.setdefault(p, len(number)) for p in paths), np.int32,
+                        len(paths))
+    return list(number), index
+
+
 def rewrite_image_path(raw: str) -> str:
   """The official path rewrite: Windows separators to '/', known ADNet prefixes removed."""
   path = raw.strip().replace("\\", "/")

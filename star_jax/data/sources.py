@@ -117,62 +117,88 @@ class TsvSource(Source):
     data = config.data
     self.files = files or DataFiles(image_dir=data.image_dir, train_tsv=data.train_tsv,
                                     val_tsv=data.val_tsv, test_tsv=data.test_tsv)
-    self._cache: dict[str, tuple[Annotations, np.ndarray]] = {}
+    self._parsed: dict[str, Annotations] = {}               # TSV path -> its rows
+    self._splits: dict[str, tuple[Annotations, np.ndarray]] = {}
+    self._tables: dict[str, dict[str, Any]] = {}             # TSV path -> its tf.data table
 
   def image_dir(self) -> str | None:
     return self.files.image_dir or None
 
-  def annotations(self, split: str) -> tuple[Annotations, np.ndarray]:
-    """(annotations, TSV row of each) of `split` (see the module docstring for 'val')."""
-    _check_split(split)
-    if split not in self._cache:
-      self._cache[split] = self._annotations(split)
-    return self._cache[split]
+  def _read_once(self, path: str, what: str) -> Annotations:
+    """Each TSV file is read once, however many splits it holds ('train' and a carved 'val')."""
+    if path not in self._parsed:
+      self._parsed[path] = _read(path, self.spec, self.files.image_dir, what)
+    return self._parsed[path]
 
-  def _annotations(self, split: str) -> tuple[Annotations, np.ndarray]:
-    files, spec = self.files, self.spec
+  def _split(self, split: str) -> tuple[Annotations, np.ndarray]:
+    """(all rows of the split's TSV, the rows of it that the split holds)."""
+    _check_split(split)
+    if split not in self._splits:
+      self._splits[split] = self._split_rows(split)
+    return self._splits[split]
+
+  def _split_rows(self, split: str) -> tuple[Annotations, np.ndarray]:
+    files = self.files
     if split == "test":
-      ann = _read(files.test_tsv, spec, files.image_dir, "test_tsv")
+      ann = self._read_once(files.test_tsv, "test_tsv")
       return ann, np.arange(len(ann))
     if split == "val" and files.val_tsv:
-      ann = _read(files.val_tsv, spec, files.image_dir, "val_tsv")
+      ann = self._read_once(files.val_tsv, "val_tsv")
       return ann, np.arange(len(ann))
-    train = _read(files.train_tsv, spec, files.image_dir, "train_tsv")
+    train = self._read_once(files.train_tsv, "train_tsv")
     fraction = float(self.config.data.val_fraction)
     carve = not files.val_tsv and fraction > 0
     if split == "val":
       if not carve:
         raise UsageError("split 'val' needs config.data.val_tsv or config.data.val_fraction > 0")
-      rows = carved_val_rows(len(train), fraction)
-    else:
-      rows = np.arange(len(train))
-      if carve:
-        rows = np.setdiff1d(rows, carved_val_rows(len(train), fraction))
-    return train.subset(rows), rows
+      return train, carved_val_rows(len(train), fraction)
+    rows = np.arange(len(train))
+    if carve:
+      rows = np.setdiff1d(rows, carved_val_rows(len(train), fraction))
+    return train, rows
+
+  def annotations(self, split: str) -> tuple[Annotations, np.ndarray]:
+    """(annotations, TSV row of each) of `split` (see the module docstring for 'val')."""
+    ann, rows = self._split(split)
+    return (ann if len(rows) == len(ann) else ann.subset(rows)), rows
 
   def num_examples(self, split: str) -> int:
-    return len(self.annotations(split)[0])
+    return len(self._split(split)[1])
 
-  def _table(self, split: str) -> dict[str, tf.Tensor]:
-    ann, rows = self.annotations(split)
-    return dict(
-        file=tf.constant(ann.image_paths, tf.string),
-        path=tf.constant(ann.raw_paths, tf.string),
-        landmarks=tf.constant(ann.landmarks, tf.float32),
-        scale=tf.constant(ann.scale, tf.float64),
-        center=tf.constant(ann.center, tf.float64),
-        tags=tf.constant(ann.tags, tf.int32),
-        index=tf.constant(np.asarray(rows, np.int64), tf.int64))
+  def _record_at(self, split: str):
+    """`record(i)`: the tf.data record of the split's i-th example. The tensors of a TSV file
+    are made once (shared by the splits it holds), each distinct image path stored once."""
+    ann, rows = self._split(split)
+    if ann.tsv_path not in self._tables:
+      files, file_index = ann.distinct_paths(ann.image_paths)
+      paths, path_index = ann.distinct_paths(ann.raw_paths)
+      self._tables[ann.tsv_path] = dict(
+          files=tf.constant(files, tf.string), file_index=tf.constant(file_index, tf.int32),
+          paths=tf.constant(paths, tf.string), path_index=tf.constant(path_index, tf.int32),
+          landmarks=tf.constant(ann.landmarks, tf.float32),
+          scale=tf.constant(ann.scale, tf.float64),
+          center=tf.constant(ann.center, tf.float64),
+          tags=tf.constant(ann.tags, tf.int32))
+    table = self._tables[ann.tsv_path]
+    split_rows = tf.constant(np.asarray(rows, np.int64), tf.int64)
+
+    def record(i):
+      row = tf.gather(split_rows, i)
+      return dict(
+          file=tf.gather(table["files"], tf.gather(table["file_index"], row)),
+          path=tf.gather(table["paths"], tf.gather(table["path_index"], row)),
+          landmarks=tf.gather(table["landmarks"], row), scale=tf.gather(table["scale"], row),
+          center=tf.gather(table["center"], row), tags=tf.gather(table["tags"], row),
+          index=row)
+    return record
 
   def records(self, split: str) -> tf.data.Dataset:
-    table = self._table(split)
-    return tf.data.Dataset.range(self.num_examples(split)).map(
-        lambda i: {k: tf.gather(v, i) for k, v in table.items()})
+    return tf.data.Dataset.range(self.num_examples(split)).map(self._record_at(split))
 
   def train_records(self, seed: int, first_position: int) -> tf.data.Dataset:
     """Position i is record `perm_epoch[i % n]` of epoch `i // n` (stateless shuffles)."""
     num = self.num_examples("train")
-    table = self._table("train")
+    record = self._record_at("train")
 
     def epoch_order(epoch):
       perm = tf.random.experimental.stateless_shuffle(
@@ -182,7 +208,7 @@ class TsvSource(Source):
     first_epoch = first_position // num
     order = tf.data.Dataset.range(first_epoch, _INFINITE).flat_map(epoch_order)
     order = order.skip(first_position - first_epoch * num)
-    gathered = order.map(lambda i: {k: tf.gather(v, i) for k, v in table.items()})
+    gathered = order.map(record)
     return tf.data.Dataset.zip(tf.data.Dataset.range(first_position, _INFINITE), gathered)
 
   def train_row_at(self, seed: int, position: int) -> int:
@@ -204,12 +230,13 @@ class TsvSource(Source):
             tf.zeros([2], tf.float64))
 
   def describe(self, split: str, index: int) -> str:
-    ann, _ = self.annotations(split)
-    return f"{ann.tsv_path}:{int(ann.line_numbers[index])}: {ann.image_paths[index]}"
+    ann, rows = self._split(split)
+    row = int(rows[index])
+    return f"{ann.tsv_path}:{int(ann.line_numbers[row])}: {ann.image_paths[row]}"
 
   def check_image(self, split: str, index: int) -> str | None:
-    ann, _ = self.annotations(split)
-    path = ann.image_paths[index]
+    ann, rows = self._split(split)
+    path = ann.image_paths[int(rows[index])]
     try:
       load_image(path)
     except ImageError as e:
