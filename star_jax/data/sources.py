@@ -6,10 +6,11 @@ that interface and never asks which kind it has. A source knows its splits ('tra
 names (the whole image, or only the window a training crop reads), and says where an example
 came from (`describe`: `file:line` of its TSV row), so that errors can name it.
 
-Splits. Without a validation file, 'val' is `config.data.val_fraction` of the training rows,
-chosen by `carved_val_rows` with a fixed seed (the same rows whatever the training seed), and
-'train' is the rest. This rule is the same for every source: a TFDS dataset built without a
-`val` split carves the same rows of its `train` split (its records keep their TSV row index).
+Splits. Without a validation file, 'val' is `config.data.val_fraction` of the training rows
+(at most `MAX_CARVED_VAL_ROWS`), chosen by `carved_val_rows` with a fixed seed (the same rows
+whatever the training seed), and 'train' is the rest. This rule is the same for every source: a
+TFDS dataset built without a `val` split carves the same rows of its `train` split (its records
+keep their TSV row index).
 
 Record fields (tf.data element dicts): `landmarks` (N, 2) float32, `scale` float64, `center`
 (2,) float64, `tags` (T,) int32, `index` int64 (row of the split's TSV), `path` string (as
@@ -37,6 +38,10 @@ SPLITS = ("train", "val", "test")
 # out whichever seed trains.
 VAL_SPLIT_SEED = 20230601
 SOURCES = ("tsv", "embedded", "tfds")
+# A carved validation split holds at most this many rows (WFLW's 5% is 375): with a million
+# training rows, 5% would be validated (before the first step, and at every validation) for no
+# better an estimate.
+MAX_CARVED_VAL_ROWS = 1000
 
 
 def carved_val_rows(num_rows: int, fraction: float) -> np.ndarray:
@@ -44,7 +49,7 @@ def carved_val_rows(num_rows: int, fraction: float) -> np.ndarray:
   if num_rows < 2:
     raise DataError(f"a training set of {num_rows} example(s) cannot give a validation split; "
                     "set config.data.val_tsv or config.data.val_fraction=0")
-  num_val = int(round(num_rows * fraction))
+  num_val = min(int(round(num_rows * fraction)), MAX_CARVED_VAL_ROWS)
   num_val = min(max(num_val, 1), num_rows - 1)
   perm = np.random.default_rng(VAL_SPLIT_SEED).permutation(num_rows)
   return np.sort(perm[:num_val])
@@ -119,7 +124,6 @@ class TsvSource(Source):
                                     val_tsv=data.val_tsv, test_tsv=data.test_tsv)
     self._parsed: dict[str, Annotations] = {}               # TSV path -> its rows
     self._splits: dict[str, tuple[Annotations, np.ndarray]] = {}
-    self._tables: dict[str, dict[str, Any]] = {}             # TSV path -> its tf.data table
 
   def image_dir(self) -> str | None:
     return self.files.image_dir or None
@@ -166,30 +170,25 @@ class TsvSource(Source):
     return len(self._split(split)[1])
 
   def _record_at(self, split: str):
-    """`record(i)`: the tf.data record of the split's i-th example. The tensors of a TSV file
-    are made once (shared by the splits it holds), each distinct image path stored once."""
+    """`record(i)`: the tf.data record of the split's i-th example, looked up in the parsed
+    arrays themselves (a tf constant would copy them: twice their size while it is made)."""
     ann, rows = self._split(split)
-    if ann.tsv_path not in self._tables:
-      files, file_index = ann.distinct_paths(ann.image_paths)
-      paths, path_index = ann.distinct_paths(ann.raw_paths)
-      self._tables[ann.tsv_path] = dict(
-          files=tf.constant(files, tf.string), file_index=tf.constant(file_index, tf.int32),
-          paths=tf.constant(paths, tf.string), path_index=tf.constant(path_index, tf.int32),
-          landmarks=tf.constant(ann.landmarks, tf.float32),
-          scale=tf.constant(ann.scale, tf.float64),
-          center=tf.constant(ann.center, tf.float64),
-          tags=tf.constant(ann.tags, tf.int32))
-    table = self._tables[ann.tsv_path]
-    split_rows = tf.constant(np.asarray(rows, np.int64), tf.int64)
+    rows = np.asarray(rows, np.int64)
+    n = self.spec.num_points
+
+    def lookup(i):
+      row = rows[int(i)]
+      return (ann.image_paths[row].encode(), ann.raw_paths[row].encode(), ann.landmarks[row],
+              ann.scale[row], ann.center[row], ann.tags[row], row)
 
     def record(i):
-      row = tf.gather(split_rows, i)
-      return dict(
-          file=tf.gather(table["files"], tf.gather(table["file_index"], row)),
-          path=tf.gather(table["paths"], tf.gather(table["path_index"], row)),
-          landmarks=tf.gather(table["landmarks"], row), scale=tf.gather(table["scale"], row),
-          center=tf.gather(table["center"], row), tags=tf.gather(table["tags"], row),
-          index=row)
+      fields = tf.numpy_function(lookup, [i], (tf.string, tf.string, tf.float32, tf.float64,
+                                               tf.float64, tf.int32, tf.int64), stateful=False)
+      shapes = ([], [], [n, 2], [], [2], [ann.tags.shape[1]], [])
+      for tensor, shape in zip(fields, shapes):
+        tensor.set_shape(shape)
+      return dict(zip(("file", "path", "landmarks", "scale", "center", "tags", "index"),
+                      fields))
     return record
 
   def records(self, split: str) -> tf.data.Dataset:
