@@ -32,6 +32,12 @@ line. Besides the format, values are checked: numbers finite; scale positive and
 200` face box 0.2-20 times the landmarks' extent; the centre within a box size of the landmarks;
 tags 0 or 1; with `check_images`, landmarks within one image size of their image (a little
 outside, as faces cut by the image border are in WFLW, is one warning line).
+
+At scale. The file is streamed (a progress bar on stderr for large files): rows go straight into
+arrays allocated once for the file's line count, the long number columns are parsed a block of
+rows at a time, each distinct image path is resolved and its header read once, and the checks
+run on whole arrays. Memory stays near the size of the parsed arrays (figures:
+benchmarks/RESULTS.md, `benchmarks/large_tsv.py`).
 """
 
 from __future__ import annotations
