@@ -74,7 +74,7 @@ def check_folder(flag: str, folder: str) -> None:
   """UsageError unless `folder` is a folder or can be made one: not a file, and it (or its
   nearest existing parent) is writable."""
   if os.path.exists(folder) and not os.path.isdir(folder):
-    raise UsageError(f"{flag} {folder}: exists and is not a folder")
+    raise UsageError(f"{flag} {folder}: exists and is not a directory")
   existing = os.path.abspath(folder)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)

@@ -162,3 +162,24 @@ def test_a_missing_annotation_file_is_a_data_error(tmp_path):
   with pytest.raises(AnnotationError, match="annotation file not found") as info:
     read_tsv(str(tmp_path / "absent.tsv"), WFLW)
   assert info.value.exit_code == 1
+
+
+def test_a_small_file_draws_no_progress_bar(capfd):
+  ann = read_tsv(os.path.join(FIXTURE, "test.tsv"), WFLW)
+  assert len(ann) == 3 and capfd.readouterr().err == ""
+
+
+def test_the_progress_bar_counts_the_file_bytes(monkeypatch):
+  from star_jax.data import annotations
+  bars = []
+  real = annotations._progress_bar
+
+  def recording(path, size, progress):
+    bar = real(path, size, True)
+    bars.append((bar, size))
+    return bar
+  monkeypatch.setattr(annotations, "_progress_bar", recording)
+  path = os.path.join(FIXTURE, "test.tsv")
+  read_tsv(path, WFLW)
+  (bar, size), = bars
+  assert size == os.path.getsize(path) and bar.n == size
