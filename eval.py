@@ -51,7 +51,7 @@ def main(argv):
   del argv
   from star_jax import eval_lib
   from star_jax import host
-  eval_lib.check_output_dir(_OUTPUT_DIR.value)
+  eval_lib.check_output_dir(_OUTPUT_DIR.value, eval_lib.inputs_of(_CONFIG.value, _CHECKPOINT.value))
   host.configure_process(tensorflow=True)
   eval_lib.evaluate(_CONFIG.value, _CHECKPOINT.value, _OUTPUT_DIR.value, split=_SPLIT.value,
                     norm=_NORM.value, weights=_WEIGHTS.value, batch_size=_BATCH_SIZE.value,

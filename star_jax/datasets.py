@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from star_jax.errors import UsageError
+from star_jax.errors import DataError, UsageError
 
 # A normalisation end point is one landmark index or several whose mean is used.
 NormIndex = int | tuple[int, ...]
@@ -306,7 +306,7 @@ def load_scheme(path: str) -> DatasetSpec:
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
   except FileNotFoundError:
-    raise UsageError(f"{path}: scheme file not found") from None
+    raise DataError(f"{path}: scheme file not found") from None
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UsageError(f"{path}: not a JSON scheme file ({e})") from None
   return scheme_from_dict(data, path)

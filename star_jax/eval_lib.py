@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from absl import logging
 import jax
@@ -28,6 +28,7 @@ import numpy as np
 
 from star_jax import checkpointing
 from star_jax import metrics as metrics_lib
+from star_jax import outputs
 from star_jax import plots
 from star_jax.checkpointing import LoadedModel
 from star_jax.data import transforms
@@ -143,9 +144,8 @@ def format_table(metrics: dict) -> str:
 
 def write_outputs(output_dir: str, result: EvalResult, masks: dict[str, np.ndarray]) -> dict:
   """Writes metrics.json, predictions.npz and ced.png; returns their paths."""
-  os.makedirs(output_dir, exist_ok=True)
-  paths = {name: os.path.join(output_dir, name)
-           for name in ("metrics.json", "predictions.npz", "ced.png")}
+  outputs.record_folder_outputs(output_dir, OUTPUT_NAMES)
+  paths = {name: os.path.join(output_dir, name) for name in OUTPUT_NAMES}
   with open(paths["metrics.json"], "w") as f:
     json.dump(result.metrics, f, indent=2)
     f.write("\n")
@@ -213,17 +213,22 @@ def predict_split(config: Any, loaded: LoadedModel, *, split: str = "test",
           "image_dir": source.image_dir()}
 
 
-def check_output_dir(output_dir: str | None) -> None:
-  """Fails before any work when `output_dir` cannot be created or written."""
-  if not output_dir:
-    return
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-    raise UsageError(f"--output_dir {output_dir}: exists and is not a directory")
-  existing = os.path.abspath(output_dir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.access(existing, os.W_OK):
-    raise UsageError(f"--output_dir {output_dir}: {existing} is not writable")
+OUTPUT_NAMES = ("metrics.json", "predictions.npz", "ced.png")
+
+
+def check_output_dir(output_dir: str | None, inputs: Sequence[str] = ()) -> None:
+  """Fails before any work when `output_dir` cannot be written, or when an output would
+  replace an input or a file star-jax did not write there (`star_jax.outputs`)."""
+  if output_dir:
+    outputs.check_folder_outputs("--output_dir", output_dir, OUTPUT_NAMES, inputs=inputs)
+
+
+def inputs_of(config: Any, checkpoint: Any) -> list[str]:
+  """The files an evaluation reads: the checkpoint and the TSVs."""
+  data = config.get("data", {})
+  names = [checkpoint if isinstance(checkpoint, str) else ""]
+  return [p for p in names + [str(data.get(k, "") or "") for k in ("train_tsv", "val_tsv",
+                                                                    "test_tsv")] if p]
 
 
 def evaluate(config: Any, checkpoint: str | LoadedModel, output_dir: str | None = None, *,
@@ -245,7 +250,7 @@ def evaluate(config: Any, checkpoint: str | LoadedModel, output_dir: str | None 
     check_images: decode every image once first and report all unreadable ones.
   """
   from star_jax.data import sources
-  check_output_dir(output_dir)
+  check_output_dir(output_dir, inputs_of(config, checkpoint))
   if threshold is not None and not 0 < float(threshold) <= 1:
     raise UsageError(f"--threshold {threshold}: must be in (0, 1] (a fraction of the "
                      "normalising distance)")

@@ -172,7 +172,7 @@ class Predictor:
     if boxes is None:
       found = list(self.detector(image_rgb))
       return found, "detector", [self.box_crop(b, box_rule) for b in found]
-    parsed = [b if isinstance(b, Box) else Box(*map(float, b)) for b in boxes]
+    parsed = [Box.checked(b.as_list() if isinstance(b, Box) else b, b) for b in boxes]
     rule = box_rule or "official"
     return parsed, "given", [self.box_crop(b, rule) for b in parsed]
 

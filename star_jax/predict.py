@@ -17,7 +17,9 @@ detector's calibrated rule (a given box is read as the official demo reads it). 
 decoded and searched in `--workers` threads and their faces batched through the network; JSON
 and PNG files are written in the background. Per image: `DIR/<name>.json` (boxes, crop,
 landmarks in original pixels) and `DIR/<name>.png` (annotated). Inputs whose names collide
-(`a/face.png`, `b/face.png`) get names that keep the folder (`a_face`, `b_face`).
+(`a/face.png`, `b/face.png`) get names that keep the folder (`a_face`, `b_face`). No output
+replaces an input or a file star-jax did not write (`star_jax.outputs`; refused before any
+work); files an earlier run wrote into a folder are not read as inputs.
 
 Videos: faces are tracked from frame to frame (`star_jax.tracking`): `DIR/<name>.mp4`
 (annotated) and `DIR/<name>.jsonl` (one JSON object per frame: frame, time_s, faces with ids).
@@ -51,6 +53,7 @@ import numpy as np
 from star_jax import cli
 from star_jax import detection
 from star_jax import landmark_mappings
+from star_jax import outputs
 from star_jax import plots
 from star_jax import tracking
 from star_jax import video
@@ -335,16 +338,11 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _check_out_dir(path: str) -> None:
-  """Creates the output folder now, so a bad --out fails before any work."""
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UsageError(f"--out {path}: exists and is not a folder")
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise UsageError(f"--out {path}: cannot be created ({e.strerror or e})") from None
-  if not os.access(path, os.W_OK | os.X_OK):
-    raise UsageError(f"--out {path}: not writable")
+def _output_names(image_stems: Sequence[str], video_stems: Sequence[str]) -> list[str]:
+  """Every file a run may write into --out: per image <stem>.json and .png, per video
+  <stem>.mp4 and .jsonl."""
+  return ([s + ext for s in image_stems for ext in (".json", ".png")]
+          + [s + ext for s in video_stems for ext in (".mp4", ".jsonl")])
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -358,11 +356,15 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.error("--smooth_min_cutoff must be > 0 and --smooth_beta >= 0")
   from star_jax import host
   host.configure_process()
-  _check_out_dir(args.out)
+  outputs.check_folder("--out", args.out)
   images: list[str] = []
   videos: list[str] = []
   for target in args.inputs:
     found_images, found_videos = list_inputs(target)
+    if os.path.isdir(target):  # what an earlier run wrote there is not an input
+      ours = outputs.written_here(target)
+      found_images = [p for p in found_images if os.path.basename(p) not in ours]
+      found_videos = [p for p in found_videos if os.path.basename(p) not in ours]
     if os.path.isdir(target) and not found_images and not found_videos:
       print(f"warning: folder {target} has no image or video files", file=sys.stderr)
     images.extend(found_images)
@@ -370,6 +372,13 @@ def _main(argv: Sequence[str] | None) -> int:
   if (videos or args.camera is not None) and (args.box is not None or args.whole_image):
     print("warning: --box and --whole_image apply to images only; videos are tracked from "
           "detections", file=sys.stderr)
+  stems = _output_stems(images + videos + ([f"camera{args.camera}"] if args.camera is not None
+                                           else []))
+  image_stems, video_stems = stems[:len(images)], stems[len(images):]
+  if args.camera is not None:
+    video_stems[-1] = f"camera{args.camera}"
+  names = _output_names(image_stems, video_stems)
+  outputs.check_folder_outputs("--out", args.out, names, inputs=images + videos)
   if args.detector != detection.DEFAULT:
     detection.get_detector(args.detector)  # an uninstalled detector fails before the model loads
   if args.model:
@@ -386,11 +395,7 @@ def _main(argv: Sequence[str] | None) -> int:
                                           args.points)
     except ValueError as e:
       raise UsageError(f"--points {args.points}: {e}") from None
-  stems = _output_stems(images + videos + ([f"camera{args.camera}"] if args.camera is not None
-                                           else []))
-  image_stems, video_stems = stems[:len(images)], stems[len(images):]
-  if args.camera is not None:
-    video_stems[-1] = f"camera{args.camera}"
+  outputs.record_folder_outputs(args.out, names)
   reports = []
   if images:
     reports = predict_files(predictor, images, args.out, boxes=None if args.box is None

@@ -297,7 +297,7 @@ def test_cli_writes_inference_checkpoint(tmp_path, converted, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
   with pytest.raises(SystemExit) as info:
     convert.main([str(tmp_path / "absent.pkl"), "--out", str(tmp_path / "x")])
-  assert info.value.code == 2
+  assert info.value.code == 1   # a missing input is data, not usage
   err = capsys.readouterr().err
   assert err.startswith("error: ") and err.count("\n") == 1 and "absent.pkl" in err
   bad = tmp_path / "bad.pkl"

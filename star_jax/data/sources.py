@@ -6,10 +6,11 @@ that interface and never asks which kind it has. A source knows its splits ('tra
 names (the whole image, or only the window a training crop reads), and says where an example
 came from (`describe`: `file:line` of its TSV row), so that errors can name it.
 
-Splits. Without a validation file, 'val' is `config.data.val_fraction` of the training rows,
-chosen by `carved_val_rows` with a fixed seed (the same rows whatever the training seed), and
-'train' is the rest. This rule is the same for every source: a TFDS dataset built without a
-`val` split carves the same rows of its `train` split (its records keep their TSV row index).
+Splits. Without a validation file, 'val' is `config.data.val_fraction` of the training rows
+(at most `MAX_CARVED_VAL_ROWS`), chosen by `carved_val_rows` with a fixed seed (the same rows
+whatever the training seed), and 'train' is the rest. This rule is the same for every source: a
+TFDS dataset built without a `val` split carves the same rows of its `train` split (its records
+keep their TSV row index).
 
 Record fields (tf.data element dicts): `landmarks` (N, 2) float32, `scale` float64, `center`
 (2,) float64, `tags` (T,) int32, `index` int64 (row of the split's TSV), `path` string (as
@@ -37,6 +38,10 @@ SPLITS = ("train", "val", "test")
 # out whichever seed trains.
 VAL_SPLIT_SEED = 20230601
 SOURCES = ("tsv", "embedded", "tfds")
+# A carved validation split holds at most this many rows (WFLW's 5% is 375): with a million
+# training rows, 5% would be validated (before the first step, and at every validation) for no
+# better an estimate.
+MAX_CARVED_VAL_ROWS = 1000
 
 
 def carved_val_rows(num_rows: int, fraction: float) -> np.ndarray:
@@ -44,7 +49,7 @@ def carved_val_rows(num_rows: int, fraction: float) -> np.ndarray:
   if num_rows < 2:
     raise DataError(f"a training set of {num_rows} example(s) cannot give a validation split; "
                     "set config.data.val_tsv or config.data.val_fraction=0")
-  num_val = int(round(num_rows * fraction))
+  num_val = min(int(round(num_rows * fraction)), MAX_CARVED_VAL_ROWS)
   num_val = min(max(num_val, 1), num_rows - 1)
   perm = np.random.default_rng(VAL_SPLIT_SEED).permutation(num_rows)
   return np.sort(perm[:num_val])
@@ -117,62 +122,82 @@ class TsvSource(Source):
     data = config.data
     self.files = files or DataFiles(image_dir=data.image_dir, train_tsv=data.train_tsv,
                                     val_tsv=data.val_tsv, test_tsv=data.test_tsv)
-    self._cache: dict[str, tuple[Annotations, np.ndarray]] = {}
+    self._parsed: dict[str, Annotations] = {}               # TSV path -> its rows
+    self._splits: dict[str, tuple[Annotations, np.ndarray]] = {}
 
   def image_dir(self) -> str | None:
     return self.files.image_dir or None
 
-  def annotations(self, split: str) -> tuple[Annotations, np.ndarray]:
-    """(annotations, TSV row of each) of `split` (see the module docstring for 'val')."""
-    _check_split(split)
-    if split not in self._cache:
-      self._cache[split] = self._annotations(split)
-    return self._cache[split]
+  def _read_once(self, path: str, what: str) -> Annotations:
+    """Each TSV file is read once, however many splits it holds ('train' and a carved 'val')."""
+    if path not in self._parsed:
+      self._parsed[path] = _read(path, self.spec, self.files.image_dir, what)
+    return self._parsed[path]
 
-  def _annotations(self, split: str) -> tuple[Annotations, np.ndarray]:
-    files, spec = self.files, self.spec
+  def _split(self, split: str) -> tuple[Annotations, np.ndarray]:
+    """(all rows of the split's TSV, the rows of it that the split holds)."""
+    _check_split(split)
+    if split not in self._splits:
+      self._splits[split] = self._split_rows(split)
+    return self._splits[split]
+
+  def _split_rows(self, split: str) -> tuple[Annotations, np.ndarray]:
+    files = self.files
     if split == "test":
-      ann = _read(files.test_tsv, spec, files.image_dir, "test_tsv")
+      ann = self._read_once(files.test_tsv, "test_tsv")
       return ann, np.arange(len(ann))
     if split == "val" and files.val_tsv:
-      ann = _read(files.val_tsv, spec, files.image_dir, "val_tsv")
+      ann = self._read_once(files.val_tsv, "val_tsv")
       return ann, np.arange(len(ann))
-    train = _read(files.train_tsv, spec, files.image_dir, "train_tsv")
+    train = self._read_once(files.train_tsv, "train_tsv")
     fraction = float(self.config.data.val_fraction)
     carve = not files.val_tsv and fraction > 0
     if split == "val":
       if not carve:
         raise UsageError("split 'val' needs config.data.val_tsv or config.data.val_fraction > 0")
-      rows = carved_val_rows(len(train), fraction)
-    else:
-      rows = np.arange(len(train))
-      if carve:
-        rows = np.setdiff1d(rows, carved_val_rows(len(train), fraction))
-    return train.subset(rows), rows
+      return train, carved_val_rows(len(train), fraction)
+    rows = np.arange(len(train))
+    if carve:
+      rows = np.setdiff1d(rows, carved_val_rows(len(train), fraction))
+    return train, rows
+
+  def annotations(self, split: str) -> tuple[Annotations, np.ndarray]:
+    """(annotations, TSV row of each) of `split` (see the module docstring for 'val')."""
+    ann, rows = self._split(split)
+    return (ann if len(rows) == len(ann) else ann.subset(rows)), rows
 
   def num_examples(self, split: str) -> int:
-    return len(self.annotations(split)[0])
+    return len(self._split(split)[1])
 
-  def _table(self, split: str) -> dict[str, tf.Tensor]:
-    ann, rows = self.annotations(split)
-    return dict(
-        file=tf.constant(ann.image_paths, tf.string),
-        path=tf.constant(ann.raw_paths, tf.string),
-        landmarks=tf.constant(ann.landmarks, tf.float32),
-        scale=tf.constant(ann.scale, tf.float64),
-        center=tf.constant(ann.center, tf.float64),
-        tags=tf.constant(ann.tags, tf.int32),
-        index=tf.constant(np.asarray(rows, np.int64), tf.int64))
+  def _record_at(self, split: str):
+    """`record(i)`: the tf.data record of the split's i-th example, looked up in the parsed
+    arrays themselves (a tf constant would copy them: twice their size while it is made)."""
+    ann, rows = self._split(split)
+    rows = np.asarray(rows, np.int64)
+    n = self.spec.num_points
+
+    def lookup(i):
+      row = rows[int(i)]
+      return (ann.image_paths[row].encode(), ann.raw_paths[row].encode(), ann.landmarks[row],
+              ann.scale[row], ann.center[row], ann.tags[row], row)
+
+    def record(i):
+      fields = tf.numpy_function(lookup, [i], (tf.string, tf.string, tf.float32, tf.float64,
+                                               tf.float64, tf.int32, tf.int64), stateful=False)
+      shapes = ([], [], [n, 2], [], [2], [ann.tags.shape[1]], [])
+      for tensor, shape in zip(fields, shapes):
+        tensor.set_shape(shape)
+      return dict(zip(("file", "path", "landmarks", "scale", "center", "tags", "index"),
+                      fields))
+    return record
 
   def records(self, split: str) -> tf.data.Dataset:
-    table = self._table(split)
-    return tf.data.Dataset.range(self.num_examples(split)).map(
-        lambda i: {k: tf.gather(v, i) for k, v in table.items()})
+    return tf.data.Dataset.range(self.num_examples(split)).map(self._record_at(split))
 
   def train_records(self, seed: int, first_position: int) -> tf.data.Dataset:
     """Position i is record `perm_epoch[i % n]` of epoch `i // n` (stateless shuffles)."""
     num = self.num_examples("train")
-    table = self._table("train")
+    record = self._record_at("train")
 
     def epoch_order(epoch):
       perm = tf.random.experimental.stateless_shuffle(
@@ -182,7 +207,7 @@ class TsvSource(Source):
     first_epoch = first_position // num
     order = tf.data.Dataset.range(first_epoch, _INFINITE).flat_map(epoch_order)
     order = order.skip(first_position - first_epoch * num)
-    gathered = order.map(lambda i: {k: tf.gather(v, i) for k, v in table.items()})
+    gathered = order.map(record)
     return tf.data.Dataset.zip(tf.data.Dataset.range(first_position, _INFINITE), gathered)
 
   def train_row_at(self, seed: int, position: int) -> int:
@@ -204,12 +229,13 @@ class TsvSource(Source):
             tf.zeros([2], tf.float64))
 
   def describe(self, split: str, index: int) -> str:
-    ann, _ = self.annotations(split)
-    return f"{ann.tsv_path}:{int(ann.line_numbers[index])}: {ann.image_paths[index]}"
+    ann, rows = self._split(split)
+    row = int(rows[index])
+    return f"{ann.tsv_path}:{int(ann.line_numbers[row])}: {ann.image_paths[row]}"
 
   def check_image(self, split: str, index: int) -> str | None:
-    ann, _ = self.annotations(split)
-    path = ann.image_paths[index]
+    ann, rows = self._split(split)
+    path = ann.image_paths[int(rows[index])]
     try:
       load_image(path)
     except ImageError as e:

@@ -72,9 +72,20 @@ class Box:
       values = [float(v) for v in text.split(",")]
     except ValueError:
       values = []
+    return cls.checked(values, text)
+
+  @classmethod
+  def checked(cls, values: Sequence[float], shown: object = None) -> "Box":
+    """A box given by a user (4 numbers): ValueError unless finite with x2 > x1 and y2 > y1 (a
+    box of no width or height has no crop)."""
+    try:
+      values = [float(v) for v in values]
+    except (TypeError, ValueError):
+      values = []
     if (len(values) != 4 or not all(math.isfinite(v) for v in values)
         or values[2] <= values[0] or values[3] <= values[1]):
-      raise ValueError(f"box {text!r} must be 'x1,y1,x2,y2' (finite numbers) with x2 > x1 and "
+      shown = ",".join(map(str, values)) if shown is None else shown
+      raise ValueError(f"box {shown!r} must be 'x1,y1,x2,y2' (finite numbers) with x2 > x1 and "
                        "y2 > y1")
     return cls(*values)
 

@@ -5,12 +5,14 @@
 CKPT is anything eval.py accepts (a training workdir, a checkpoint directory, an official
 `.pkl`). `--check` runs the export in its own engine on random crops and prints its distance
 to the JAX model in float32 and float64 (see `star_jax.export.parity`). Exit status: 0 done,
-1 unreadable checkpoint, 2 invalid flags.
+1 unreadable checkpoint, 2 invalid flags or an --out that would replace the checkpoint or a
+file an export did not write (checked before the checkpoint is read).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -63,6 +65,7 @@ def _main(argv: Sequence[str] | None) -> int:
   if args.calibration and not (args.format == "onnx" and args.quantize == "int8"):
     from star_jax.errors import UsageError
     raise UsageError("--calibration applies to --format onnx --quantize int8")
+  exporter.check_output(args.format, os.path.normpath(args.out), [args.checkpoint])
   loaded = exporter.load_checkpoint(args.checkpoint, args.weights)
   result = exporter.export(loaded, args.format, args.out, batch=args.batch, dtype=args.dtype,
                            quantize=args.quantize, heatmaps=args.heatmaps,

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -186,9 +186,10 @@ def quantization_kind(fmt: str, quantize: str) -> str:
   return "int8-static" if fmt == "onnx" and quantize == "int8" else "int8-dynamic-range"
 
 
-def check_output(fmt: str, out: str) -> None:
+def check_output(fmt: str, out: str, inputs: Sequence[str] = ()) -> None:
   """UsageError unless `out` may be written: a SavedModel replaces only an earlier SavedModel
-  (never another folder and its files), a file format never replaces a folder."""
+  (never another folder and its files), a file format never replaces a folder, and neither
+  replaces an input or anything an export did not write (`star_jax.outputs`)."""
   if fmt == "savedmodel":
     if os.path.isfile(out):
       raise UsageError(f"--out {out}: a file; a SavedModel is a folder")
@@ -198,6 +199,20 @@ def check_output(fmt: str, out: str) -> None:
                        "replaced, choose another path")
   elif os.path.isdir(out):
     raise UsageError(f"--out {out}: a folder; a {fmt} export is a file")
+  from star_jax import outputs
+  outputs.check_outputs("--out", [out, contract.sidecar_path(out)], inputs=inputs,
+                        is_own=lambda path: _exported_here(out), shown=out)
+
+
+def _exported_here(out: str) -> bool:
+  """Whether `out` and its sidecar were written by an export: the sidecar names `out`."""
+  try:
+    with open(contract.sidecar_path(out), encoding="utf-8") as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return (isinstance(record, dict) and "sidecar_version" in record
+          and record.get("file") == os.path.basename(os.path.normpath(out)))
 
 
 def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
@@ -212,7 +227,7 @@ def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
   """
   check_options(fmt, dtype=dtype, quantize=quantize, batch=batch)
   out = os.path.normpath(out)
-  check_output(fmt, out)
+  check_output(fmt, out, [checkpoint] if isinstance(checkpoint, str) else [])
   start = time.perf_counter()
   loaded = load_checkpoint(checkpoint, weights)
   size = loaded.image_size
