@@ -253,6 +253,9 @@ def _main(argv: Sequence[str] | None) -> int:
   url = page_url(server.url, image_route, args.box)
   print(f"serving the star-jax page at {url} with {args.model} "
         f"({contract.describe(server.info.record)}); Ctrl-C stops", flush=True)
+  warning = contract.synthetic_warning(server.info.trained_on, args.model)
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
   try:
     server.httpd.serve_forever()
   except KeyboardInterrupt:
