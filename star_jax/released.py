@@ -18,6 +18,7 @@ to `<file>.json` beside it, and every later load checks the file against that re
 A download that cannot happen (no network, refused, a file that fails a check) is one
 `CheckpointError` line naming the URL, the file to fetch by hand and the exact place to put it;
 `python -m star_jax.released register NAME FILE` checks a file fetched by hand and puts it there.
+The web page runs ONNX: `exported_onnx(name)` exports the checkpoint once, into the same folder.
 `STAR_JAX_RELEASES_URL` replaces Google Drive with a plain mirror (`<url>/<file name>`), e.g. a
 local copy for machines without internet. The official repository carries no licence file: the
 first download says so.
@@ -323,6 +324,35 @@ def ensure(name: str) -> str:
         f"{record_path(path)} when it came from {record.get('source', '?')}: the file changed; "
         f"delete both to download again, or {manual_hint(release)}")
   return path
+
+
+def exported_onnx(name: str) -> str:
+  """An ONNX export of the released model `name` (what the web page runs), made once in the
+  cache beside the checkpoint and made again when the checkpoint's sha256 changes."""
+  release = get(name)
+  checkpoint = ensure(name)
+  out = os.path.splitext(checkpoint)[0] + ".onnx"
+  sidecar = out + ".json"
+  expected = sha256_of(checkpoint)
+  if os.path.isfile(out) and os.path.isfile(sidecar):
+    try:
+      with open(sidecar, encoding="utf-8") as f:
+        if json.load(f)["source"]["sha256"] == expected:
+          return out
+    except (OSError, ValueError, KeyError, TypeError):
+      pass  # unreadable or foreign: made again below
+  from star_jax import checkpointing
+  from star_jax.export import exporter
+  print(f"exporting the released {release.name} model to {out} (once)", file=sys.stderr)
+  staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".export.")
+  try:
+    staged = os.path.join(staging, os.path.basename(out))
+    exporter.export(checkpointing.load_model(release.name), "onnx", staged)
+    os.replace(staged, out)   # the model first: a sidecar that matches always has its model
+    os.replace(staged + ".json", sidecar)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return out
 
 
 def status(name: str) -> str:

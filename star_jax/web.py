@@ -1,4 +1,4 @@
-"""`python -m star_jax.web --model PATH.onnx [--port N]`: the in-browser demo, served locally.
+"""`python -m star_jax.web --model PATH.onnx|NAME [--port N]`: the in-browser demo, served locally.
 
 The page (`web/` in the source tree: HTML, JavaScript, and onnxruntime-web installed there by
 `make web`) is static; this module only serves it, with the standard library's `http.server`
@@ -6,8 +6,10 @@ on 127.0.0.1, and maps the exported model and its sidecar to `/model.onnx` and
 `/model.onnx.json`, which the page loads by default. Every response carries the
 cross-origin-isolation headers (COOP `same-origin`, COEP `require-corp`): without them a browser
 withholds SharedArrayBuffer and onnxruntime-web runs on one thread. The photo and the webcam
-stay in the browser; nothing but these files crosses the socket.
+stay in the browser; nothing but these files crosses the socket. A model trained only on the
+embedded synthetic faces says so in one warning line when it is served.
 
+    python -m star_jax.web --model wflw               # the released WFLW model, exported once
     python -m star_jax.export --checkpoint runs/demo --format onnx --out demo.onnx
     python -m star_jax.web --model demo.onnx          # prints http://127.0.0.1:8000/
     python -m star_jax.web --model demo.onnx --image face.jpg --box 120,80,260,240
@@ -57,6 +59,17 @@ def check_page(root: str = WEB_ROOT) -> None:
   if missing:
     raise UsageError(f"{os.path.join(root, RUNTIME_DIR, missing[0])} is missing: install the "
                      "page's runtime with `make web` (npm ci in web/)")
+
+
+def resolve_model(model: str, root: str = WEB_ROOT) -> str:
+  """`model` itself, or for the name of a released model ('wflw', '300w', 'cofw') that is not
+  a file here, its ONNX export in the cache (downloaded and exported on first use, once the
+  page in `root` is known to be there)."""
+  from star_jax import released
+  if not os.path.exists(model) and released.lookup(model) is not None:
+    check_page(root)
+    return released.exported_onnx(model)
+  return model
 
 
 def check_model(model: str) -> contract.ModelInfo:
@@ -147,8 +160,13 @@ class PageServer:
 
   def __init__(self, model: str, *, port: int = 0, root: str = WEB_ROOT,
                routes: Mapping[str, str] | None = None, quiet: bool = True):
-    self.info = check_model(model)
+    resolved = resolve_model(model, root)
+    self.model = resolved
+    self.info = check_model(resolved)
     check_page(root)
+    warning = contract.synthetic_warning(self.info.trained_on, model)
+    if warning:
+      print(warning, file=sys.stderr, flush=True)
     all_routes = {MODEL_URL: os.path.abspath(model),
                   MODEL_URL + ".json": os.path.abspath(contract.sidecar_path(model))}
     all_routes.update({posixpath.normpath(k): os.path.abspath(v)
@@ -198,7 +216,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                   "ONNX model on http://127.0.0.1:PORT/. Install the page's runtime first: "
                   "make web.")
   parser.add_argument("--model", required=True,
-                      help="an ONNX export (python -m star_jax.export --format onnx); its "
+                      help="a released model (wflw, 300w, cofw: exported once into the cache) or "
+                           "an ONNX export (python -m star_jax.export --format onnx); its "
                            "sidecar MODEL.json must lie beside it")
   parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                       help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)")
@@ -251,11 +270,8 @@ def _main(argv: Sequence[str] | None) -> int:
     routes[image_route] = args.image
   server = PageServer(args.model, port=args.port, routes=routes, quiet=not args.verbose)
   url = page_url(server.url, image_route, args.box)
-  print(f"serving the star-jax page at {url} with {args.model} "
+  print(f"serving the star-jax page at {url} with {server.model} "
         f"({contract.describe(server.info.record)}); Ctrl-C stops", flush=True)
-  warning = contract.synthetic_warning(server.info.trained_on, args.model)
-  if warning:
-    print(warning, file=sys.stderr, flush=True)
   try:
     server.httpd.serve_forever()
   except KeyboardInterrupt:

@@ -432,3 +432,18 @@ def test_cli_error_contract_of_the_command(cache, capsys):
   assert cli.one_line(released.status("wflw")).startswith("wflw: not downloaded")
   assert released.main(["list"]) == 0
   assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_name_in_the_web_page(wflw_mirror, tmp_path, capfd):
+  from star_jax import web
+  from tests.test_training_data import fake_page
+  fake_page(tmp_path)
+  server = web.PageServer("wflw", root=str(tmp_path))
+  server.close()
+  onnx_path = str(wflw_mirror / (os.path.splitext(WFLW_FILE)[0] + ".onnx"))
+  assert server.model == onnx_path and server.info.trained_on == "wflw"
+  assert server.info.num_points == 98
+  assert "exporting the released wflw model" in capfd.readouterr().err
+  again = web.PageServer("wflw", root=str(tmp_path))         # exported once
+  again.close()
+  assert again.model == onnx_path and "exporting" not in capfd.readouterr().err
