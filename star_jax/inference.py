@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from star_jax import datasets
 from star_jax import detection
 from star_jax import landmark_mappings
 from star_jax import tracking
@@ -156,8 +157,7 @@ class Predictor:
     if self._told_training_data:
       return
     self._told_training_data = True
-    from star_jax.runtime import contract  # the package imports this module
-    warning = contract.synthetic_warning(self.trained_on, self.model_label)
+    warning = datasets.synthetic_warning(self.trained_on, self.model_label)
     if warning:
       print(warning, file=sys.stderr, flush=True)
 

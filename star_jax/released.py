@@ -18,7 +18,6 @@ to `<file>.json` beside it, and every later load checks the file against that re
 A download that cannot happen (no network, refused, a file that fails a check) is one
 `CheckpointError` line naming the URL, the file to fetch by hand and the exact place to put it;
 `python -m star_jax.released register NAME FILE` checks a file fetched by hand and puts it there.
-The web page runs ONNX: `exported_onnx(name)` exports the checkpoint once, into the same folder.
 `STAR_JAX_RELEASES_URL` replaces Google Drive with a plain mirror (`<url>/<file name>`), e.g. a
 local copy for machines without internet. The official repository carries no licence file: the
 first download says so.
@@ -46,9 +45,10 @@ LICENCE_NOTE = (f"note: the official STAR repository ({OFFICIAL_REPOSITORY}) pub
                 "beyond research")
 RECORD_SUFFIX = ".json"
 _HASH_CHUNK = 1 << 20
-# Seconds to wait for a connection and between bytes; a retry covers a dropped connection.
+# Seconds to wait for a connection and between bytes. No retries: gdown announces each one on
+# its own line, and a failure is one line that says what to do (running again resumes nothing
+# but costs nothing either).
 _TIMEOUT = (20, 120)
-_RETRIES = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,14 +240,15 @@ def _download(release: Release) -> str:
   os.makedirs(folder, exist_ok=True)
   fd, staged = tempfile.mkstemp(dir=folder, prefix=f".{release.file_name}.", suffix=".download")
   os.close(fd)
-  print(f"downloading the released {release.name} model {release.file_name} from "
-        f"{_page_url(release)} into {folder}", file=sys.stderr)
-  print(LICENCE_NOTE, file=sys.stderr)
+  # Said by gdown once the file itself answers, just before its progress bar: a failure before
+  # that is the error line alone.
+  start = (f"downloading the released {release.name} model {release.file_name} into {folder}\n"
+           f"{LICENCE_NOTE}\n")
   digest = hashlib.sha256()
   try:
     try:
       gdown.download(url, staged, quiet=False, use_cookies=False, hasher=digest,
-                     timeout=_TIMEOUT, retries=_RETRIES)
+                     timeout=_TIMEOUT, log_messages={"start": start, "output": ""})
     except (requests.exceptions.RequestException, gdown.exceptions.DownloadError,
             OSError) as e:
       raise CheckpointError(f"cannot download {url} ({_reason(e)}); "
@@ -260,8 +261,11 @@ def _download(release: Release) -> str:
 def _reason(error: BaseException) -> str:
   """A short cause of a failed download (requests nests the useful part deep inside)."""
   import requests
-  if isinstance(error, requests.exceptions.ConnectionError):
-    text = str(error)
+  cause = error
+  while cause is not None and not isinstance(cause, requests.exceptions.ConnectionError):
+    cause = cause.__cause__ or cause.__context__
+  if cause is not None:
+    text = str(cause)
     for marker in ("Connection refused", "Name or service not known",
                    "Temporary failure in name resolution", "Network is unreachable",
                    "timed out"):
@@ -324,35 +328,6 @@ def ensure(name: str) -> str:
         f"{record_path(path)} when it came from {record.get('source', '?')}: the file changed; "
         f"delete both to download again, or {manual_hint(release)}")
   return path
-
-
-def exported_onnx(name: str) -> str:
-  """An ONNX export of the released model `name` (what the web page runs), made once in the
-  cache beside the checkpoint and made again when the checkpoint's sha256 changes."""
-  release = get(name)
-  checkpoint = ensure(name)
-  out = os.path.splitext(checkpoint)[0] + ".onnx"
-  sidecar = out + ".json"
-  expected = sha256_of(checkpoint)
-  if os.path.isfile(out) and os.path.isfile(sidecar):
-    try:
-      with open(sidecar, encoding="utf-8") as f:
-        if json.load(f)["source"]["sha256"] == expected:
-          return out
-    except (OSError, ValueError, KeyError, TypeError):
-      pass  # unreadable or foreign: made again below
-  from star_jax import checkpointing
-  from star_jax.export import exporter
-  print(f"exporting the released {release.name} model to {out} (once)", file=sys.stderr)
-  staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".export.")
-  try:
-    staged = os.path.join(staging, os.path.basename(out))
-    exporter.export(checkpointing.load_model(release.name), "onnx", staged)
-    os.replace(staged, out)   # the model first: a sidecar that matches always has its model
-    os.replace(staged + ".json", sidecar)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
-  return out
 
 
 def status(name: str) -> str:

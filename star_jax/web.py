@@ -24,14 +24,18 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import json
 import os
 import posixpath
+import shutil
 import sys
+import tempfile
 import threading
 import urllib.parse
 from typing import Mapping, Sequence
 
 from star_jax import cli
+from star_jax import datasets
 from star_jax.detection.boxes import Box
 from star_jax.errors import CheckpointError, DataError, UsageError
 from star_jax.runtime import contract
@@ -61,6 +65,36 @@ def check_page(root: str = WEB_ROOT) -> None:
                      "page's runtime with `make web` (npm ci in web/)")
 
 
+def released_onnx(name: str) -> str:
+  """An ONNX export of the released model `name` (`star_jax.released`), made once in the cache
+  beside its checkpoint and made again when the checkpoint's sha256 changes."""
+  from star_jax import checkpointing
+  from star_jax import released
+  from star_jax.export import exporter
+  release = released.get(name)
+  checkpoint = released.ensure(name)
+  out = os.path.splitext(checkpoint)[0] + ".onnx"
+  sidecar = contract.sidecar_path(out)
+  expected = released.sha256_of(checkpoint)
+  if os.path.isfile(out) and os.path.isfile(sidecar):
+    try:
+      with open(sidecar, encoding="utf-8") as f:
+        if json.load(f)["source"]["sha256"] == expected:
+          return out
+    except (OSError, ValueError, KeyError, TypeError):
+      pass  # unreadable or foreign: made again below
+  print(f"exporting the released {release.name} model to {out} (once)", file=sys.stderr)
+  staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".export.")
+  try:
+    staged = os.path.join(staging, os.path.basename(out))
+    exporter.export(checkpointing.load_model(release.name), "onnx", staged)
+    os.replace(staged, out)   # the model first: a sidecar that matches always has its model
+    os.replace(contract.sidecar_path(staged), sidecar)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return out
+
+
 def resolve_model(model: str, root: str = WEB_ROOT) -> str:
   """`model` itself, or for the name of a released model ('wflw', '300w', 'cofw') that is not
   a file here, its ONNX export in the cache (downloaded and exported on first use, once the
@@ -68,7 +102,7 @@ def resolve_model(model: str, root: str = WEB_ROOT) -> str:
   from star_jax import released
   if not os.path.exists(model) and released.lookup(model) is not None:
     check_page(root)
-    return released.exported_onnx(model)
+    return released_onnx(model)
   return model
 
 
@@ -164,7 +198,7 @@ class PageServer:
     self.model = resolved
     self.info = check_model(resolved)
     check_page(root)
-    warning = contract.synthetic_warning(self.info.trained_on, model)
+    warning = datasets.synthetic_warning(self.info.trained_on, resolved)
     if warning:
       print(warning, file=sys.stderr, flush=True)
     all_routes = {MODEL_URL: os.path.abspath(model),

@@ -110,9 +110,9 @@ def test_sidecars_without_the_field_and_real_data_models_do_not_warn(synthetic_o
   with open(contract.sidecar_path(str(old)), "w") as f:
     json.dump(record, f)
   assert contract.read_sidecar(str(old)).trained_on is None
-  assert contract.synthetic_warning(None, "m.onnx") is None
-  assert contract.synthetic_warning("wflw", "m.onnx") is None
-  assert contract.synthetic_warning("embedded", "m.onnx").startswith(WARNING_START)
+  assert datasets.synthetic_warning(None, "m.onnx") is None
+  assert datasets.synthetic_warning("wflw", "m.onnx") is None
+  assert datasets.synthetic_warning("embedded", "m.onnx").startswith(WARNING_START)
 
 
 def fake_page(root):

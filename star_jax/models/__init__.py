@@ -93,9 +93,9 @@ def describe(model, *, trained_on: str | None = None) -> dict[str, Any]:
 
 
 def training_data(config: Any) -> str | None:
-  """What a run's model learns from: `embedded` (`contract.SYNTHETIC_DATASET`, the synthetic
+  """What a run's model learns from: `embedded` (`datasets.SYNTHETIC_DATASET`, the synthetic
   faces) when `config.data.source` is the embedded dataset, else `config.dataset`."""
-  from star_jax.runtime import contract
+  from star_jax import datasets
   if config is None:
     return None
   try:
@@ -103,7 +103,7 @@ def training_data(config: Any) -> str | None:
   except (AttributeError, KeyError):
     return None
   if source == "embedded":
-    return contract.SYNTHETIC_DATASET
+    return datasets.SYNTHETIC_DATASET
   return str(dataset) if dataset else None
 
 

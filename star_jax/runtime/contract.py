@@ -38,19 +38,6 @@ FORMATS = ("onnx", "tflite", "savedmodel", "stablehlo")
 RUNTIME_FORMATS = ("onnx", "tflite")
 
 
-# `trained_on` of a model that learnt only the synthetic faces of `star_jax.data.embedded`.
-SYNTHETIC_DATASET = "embedded"
-
-
-def synthetic_warning(trained_on: str | None, model: str) -> str | None:
-  """The one warning line for a model trained only on the synthetic faces, else None."""
-  if trained_on != SYNTHETIC_DATASET:
-    return None
-  return (f"warning: {model} was trained only on the embedded synthetic faces; on real photos, "
-          "videos and cameras its landmarks are rough (use --checkpoint wflw, the released "
-          "WFLW model, for real faces)")
-
-
 def sidecar_path(model_path: str) -> str:
   """`PATH.json` for a model file or directory `PATH`."""
   return os.path.normpath(model_path).rstrip(os.sep) + ".json"
