@@ -214,14 +214,15 @@ def _remove(path: str) -> None:
     pass
 
 
-def _install(release: Release, staged: str, sha256: str, source: str) -> str:
-  """Checks `staged` (a file in the cache folder) and renames it into place with its record."""
+def _install(release: Release, staged: str, sha256: str, source: str, label: str) -> str:
+  """Checks `staged` (a file in the cache folder) and renames it into place with its record;
+  a failed check names `label` (where the file came from) instead of the staging name."""
   final = cached_path(release)
   try:
     check_file(release, staged)
   except CheckpointError as e:
     reason = str(e).split(": ", 1)[-1] if str(e).startswith(staged) else str(e)
-    raise CheckpointError(f"{source}: {reason}; {manual_hint(release)}") from None
+    raise CheckpointError(f"{label}: {reason}; {manual_hint(release)}") from None
   _write_record(final, {"name": release.name, "file": release.file_name, "sha256": sha256,
                         "source": source, "size": os.path.getsize(staged),
                         "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -253,7 +254,7 @@ def _download(release: Release) -> str:
             OSError) as e:
       raise CheckpointError(f"cannot download {url} ({_reason(e)}); "
                             f"{manual_hint(release)}") from None
-    return _install(release, staged, digest.hexdigest(), url)
+    return _install(release, staged, digest.hexdigest(), url, url)
   finally:
     _remove(staged)
 
@@ -293,11 +294,7 @@ def register(name: str, file: str) -> str:
   os.close(fd)
   try:
     shutil.copyfile(file, staged)
-    try:
-      check_file(release, staged)
-    except CheckpointError as e:
-      raise CheckpointError(str(e).replace(staged, file)) from None
-    return _install(release, staged, sha256_of(staged), f"registered by hand from {file}")
+    return _install(release, staged, sha256_of(staged), f"registered by hand from {file}", file)
   finally:
     _remove(staged)
 
