@@ -223,10 +223,14 @@ def _install(release: Release, staged: str, sha256: str, source: str, label: str
   except CheckpointError as e:
     reason = str(e).split(": ", 1)[-1] if str(e).startswith(staged) else str(e)
     raise CheckpointError(f"{label}: {reason}; {manual_hint(release)}") from None
-  _write_record(final, {"name": release.name, "file": release.file_name, "sha256": sha256,
-                        "source": source, "size": os.path.getsize(staged),
-                        "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+  size = os.path.getsize(staged)
+  # Killed at any point, the cache holds the old file and record, or a file without a record
+  # (checked and recorded on its next use), or the new pair; never a record of another file.
+  _remove(record_path(final))
   os.replace(staged, final)
+  _write_record(final, {"name": release.name, "file": release.file_name, "sha256": sha256,
+                        "source": source, "size": size,
+                        "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
   return final
 
 

@@ -80,7 +80,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
     self.server.requests.append((host, self.path))
     drive = self.server.drive
-    if host == "drive.google.com" and url.path == "/uc" and query.get("id") in drive:
+    if host == "drive.google.com" and url.path == "/uc" and self.server.quota_exceeded:
+      page = ('<html><body>\n<p class="uc-error-caption">Sorry, you can\'t view or download this '
+              'file at this time.</p>\n<p class="uc-error-subcaption">Too many users have viewed '
+              "or downloaded this file recently. Please try accessing the file again later.</p>\n"
+              "</body></html>\n").encode()
+      self._send(200, page, {"Content-Type": "text/html; charset=utf-8"})
+    elif host == "drive.google.com" and url.path == "/uc" and query.get("id") in drive:
       # A file too large to scan: the warning page, whose form carries the download's
       # parameters (gdown reads the form's action and hidden inputs).
       name, _ = drive[query["id"]]
@@ -128,6 +134,7 @@ class _Host(http.server.ThreadingHTTPServer):
     self.requests: list[tuple[str, str]] = []
     self.drive: dict[str, tuple[str, bytes]] = {}   # Drive id -> (file name, bytes)
     self.files: dict[str, bytes] = {}               # mirror: file name -> bytes
+    self.quota_exceeded = False                     # Drive refuses every download
 
   @property
   def url(self) -> str:
@@ -263,6 +270,19 @@ def test_no_network_is_one_line_saying_what_to_do(cache, monkeypatch, capsys, tm
   lines = capsys.readouterr().err.strip().splitlines()
   assert len(lines) == 1, lines                 # nothing before it: no download started
   assert lines[0] == f"error: {message}"
+
+
+def test_refused_drive_download(host, cache, monkeypatch):
+  host.quota_exceeded = True
+  host.drive[WFLW_DRIVE_ID] = (WFLW_FILE, _fixture_bytes())
+  _as_drive(monkeypatch, host)
+  with pytest.raises(CheckpointError) as excinfo:
+    released.ensure("wflw")
+  message = _one_line_error(excinfo)
+  assert message.startswith(f"cannot download https://drive.google.com/uc?id={WFLW_DRIVE_ID} ")
+  assert "Too many users have viewed or downloaded this file recently" in message
+  assert str(cache / WFLW_FILE) in message and "register wflw" in message
+  assert _leftovers(cache) == []
 
 
 def test_refused_mirror_download(host, cache, monkeypatch):
