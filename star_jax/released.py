@@ -316,7 +316,10 @@ def ensure(name: str) -> str:
     return _download(release)
   record = read_record(path)
   if record is None:
-    check_file(release, path)
+    try:
+      check_file(release, path)
+    except CheckpointError as e:
+      raise CheckpointError(f"{e}; {manual_hint(release)}") from None
     _write_record(path, {"name": release.name, "file": release.file_name,
                          "sha256": sha256_of(path), "source": "placed by hand",
                          "size": os.path.getsize(path),
