@@ -18,7 +18,8 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Training workdir, checkpoint directory or official STAR .pkl.")
+    "checkpoint", None, "A released model (wflw, 300w, cofw), a training workdir, a checkpoint "
+    "directory or an official STAR .pkl.")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Where metrics.json, predictions.npz and ced.png are written.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "val"], "Which split to evaluate.")

@@ -76,7 +76,8 @@ def get_base_config(dataset: str = "wflw") -> ml_collections.ConfigDict:
   c.ema.half_life_examples = 10000.0  # decay per step = 0.5 ** (batch_size / half_life)
 
   # ---- fine-tuning (README, "Train on your own data") ----
-  c.init_from = ""             # official .pkl, star-jax workdir or checkpoint; '' = from scratch
+  c.init_from = ""             # wflw/300w/cofw (released), official .pkl, star-jax workdir or
+                               # checkpoint; '' = from scratch
   # 'default' (EMA of star-jax runs, 'net' of an official .pkl, as eval.py), 'ema' or 'raw'.
   c.init_weights = "default"
   # Parameters kept fixed: '' none, 'stem', or 'stem,stack0,...' (stem and the first stacks).

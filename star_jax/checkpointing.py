@@ -264,6 +264,7 @@ class LoadedModel:
   source: str = ""            # the path it was loaded from
   weights: str = ""           # 'ema', 'raw', or the official state-dict key
   extra: dict = dataclasses.field(default_factory=dict)  # e.g. step and validation NME
+  trained_on: str | None = None  # the dataset it learnt ('embedded': synthetic faces), if known
 
   @property
   def num_points(self) -> int:
@@ -272,9 +273,12 @@ class LoadedModel:
 
 def model_record(model, spec: datasets.DatasetSpec, image_size: int,
                  config: ml_collections.ConfigDict | None = None,
-                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """The JSON `model` item of an inference checkpoint."""
-  return {"format": _FORMAT, "star_jax_version": __version__, "model": models.describe(model),
+                 extra: Mapping[str, Any] | None = None,
+                 trained_on: str | None = None) -> dict[str, Any]:
+  """The JSON `model` item of an inference checkpoint (`trained_on`: by default what `config`
+  trains on)."""
+  description = models.describe(model, trained_on=trained_on or models.training_data(config))
+  return {"format": _FORMAT, "star_jax_version": __version__, "model": description,
           "scheme": spec.to_dict(), "image_size": int(image_size),
           "config": None if config is None else config_to_json(config),
           "extra": dict(extra or {})}
@@ -291,7 +295,8 @@ def _from_record(record: Mapping[str, Any], variables: PyTree, where: str, weigh
   config_text = record.get("config")
   config = config_from_json(config_text) if isinstance(config_text, str) else None
   extra = record.get("extra") if isinstance(record.get("extra"), Mapping) else {}
-  return LoadedModel(model, variables, spec, image_size, config, where, weights, dict(extra))
+  return LoadedModel(model, variables, spec, image_size, config, where, weights, dict(extra),
+                     trained_on=models.trained_on(record.get("model"), config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +314,8 @@ def _inference_args(record: Mapping[str, Any], variables: PyTree,
 def save_for_inference(out_dir: str, model, variables: PyTree, *, spec: datasets.DatasetSpec,
                        image_size: int, config: ml_collections.ConfigDict | None = None,
                        raw_variables: PyTree | None = None,
-                       extra: Mapping[str, Any] | None = None) -> str:
+                       extra: Mapping[str, Any] | None = None,
+                       trained_on: str | None = None) -> str:
   """Writes an inference checkpoint directory that `load_model(out_dir)` reads.
 
   `variables` ({"params", "batch_stats"}) are the default weights (EMA for a training run);
@@ -322,7 +328,8 @@ def save_for_inference(out_dir: str, model, variables: PyTree, *, spec: datasets
                                   multiprocessing_options=_process_local())
   try:
     checkpointer.save(out_dir, _inference_args(
-        model_record(model, spec, image_size, config, extra), variables, raw_variables),
+        model_record(model, spec, image_size, config, extra, trained_on), variables,
+        raw_variables),
         force=True)
   finally:
     checkpointer.close()
@@ -481,14 +488,14 @@ def is_official_checkpoint(path: str) -> bool:
   return os.path.isfile(path) and path.lower().endswith(OFFICIAL_SUFFIXES)
 
 
-def _load_official(path: str, weights: str) -> LoadedModel:
+def _load_official(path: str, weights: str, trained_on: str | None = None) -> LoadedModel:
   from star_jax import official
   use_ema = weights == "ema"
   arch, variables = official.read_official(path, ema=use_ema)
   model = official.model_from_architecture(arch, precision="highest")
   return LoadedModel(model, variables, official.scheme_of_architecture(arch),
                      DEFAULT_IMAGE_SIZE, None, path,
-                     "net_ema" if use_ema else "net")
+                     "net_ema" if use_ema else "net", trained_on=trained_on)
 
 
 WEIGHTS = ("default", "ema", "raw")
@@ -502,7 +509,9 @@ def load_model(path: str, *, weights: str = "default") -> LoadedModel:
     - an inference checkpoint directory (`<workdir>/best/<step>`, the output of
       `python -m star_jax.convert`);
     - the `checkpoints/` or `best/` directory of a run, or one of their step directories;
-    - an official STAR `.pkl` (read as data and converted on the fly).
+    - an official STAR `.pkl` (read as data and converted on the fly);
+    - the name of a released official model, 'wflw', '300w' or 'cofw' (when no such path
+      exists): downloaded and checked on first use, then cached (`star_jax.released`).
   `weights`: 'default' (the EMA weights of star-jax runs; `"net"` of an official file, as the
   official tester and evaluate.py use), 'ema' or 'raw' (for an official file: `"net_ema"` or
   `"net"`). The model is built for inference (no BatchNorm synchronisation).
@@ -511,6 +520,10 @@ def load_model(path: str, *, weights: str = "default") -> LoadedModel:
   """
   if weights not in WEIGHTS:
     raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+  from star_jax import released
+  release = released.lookup(path)
+  if release is not None and not os.path.exists(os.path.expanduser(path)):
+    return _load_official(released.ensure(release.name), weights, trained_on=release.dataset)
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.isfile(path):
     if is_official_checkpoint(path):
@@ -519,7 +532,8 @@ def load_model(path: str, *, weights: str = "default") -> LoadedModel:
                           f"({', '.join(OFFICIAL_SUFFIXES)}); star-jax checkpoints are "
                           "directories")
   if not os.path.isdir(path):
-    raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    raise CheckpointError(f"{path}: no such checkpoint file or directory (or a released model: "
+                          f"{', '.join(released.names())})")
   if _is_inference_dir(path):
     return _load_inference_dir(path, weights)
   if os.path.isdir(os.path.join(path, "meta")) and os.path.isdir(os.path.join(path, "state")):

@@ -31,7 +31,8 @@ def convert(checkpoint: str, out_dir: str, *, ema: bool = False) -> checkpointin
   loaded = checkpointing.load_model(checkpoint, weights="ema" if ema else "default")
   checkpointing.save_for_inference(
       out_dir, loaded.model, loaded.variables, spec=loaded.spec, image_size=loaded.image_size,
-      extra={"converted_from": os.path.abspath(checkpoint), "weights": loaded.weights})
+      extra={"converted_from": os.path.abspath(checkpoint), "weights": loaded.weights},
+      trained_on=loaded.trained_on)
   return loaded
 
 

@@ -5,7 +5,8 @@ schemes are the ones the official STAR configuration (conf/alignment.py) uses fo
 and COFW. A scheme of your own is a JSON file (`load_scheme`, format in the README, "Train on
 your own data"); `get_spec` takes a built-in name or the path of such a file, and checkpoints
 store the scheme they were trained with (`DatasetSpec.to_dict`), so evaluation and prediction
-need nothing else.
+need nothing else. They also store the data they learnt (`trained_on`: a dataset name, or
+`SYNTHETIC_DATASET` for the embedded synthetic faces, which `synthetic_warning` reports).
 """
 
 from __future__ import annotations
@@ -200,6 +201,18 @@ COFW = DatasetSpec(
 )
 
 SPECS: dict[str, DatasetSpec] = {s.name: s for s in (WFLW, W300, COFW)}
+
+# `trained_on` of a model that learnt only the synthetic faces of `star_jax.data.embedded`.
+SYNTHETIC_DATASET = "embedded"
+
+
+def synthetic_warning(trained_on: str | None, model: str) -> str | None:
+  """The one warning line for a model trained only on the synthetic faces, else None."""
+  if trained_on != SYNTHETIC_DATASET:
+    return None
+  return (f"warning: {model} was trained only on the embedded synthetic faces; on real photos, "
+          "videos and cameras its landmarks are rough (use --checkpoint wflw, the released "
+          "WFLW model, for real faces)")
 
 
 def _fail(where: str, what: str) -> None:

@@ -11,10 +11,12 @@ replaces `_network` and how the model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from star_jax import datasets
 from star_jax import detection
 from star_jax import landmark_mappings
 from star_jax import tracking
@@ -73,7 +75,13 @@ class Predictor:
 
   The network is the only part a subclass replaces (`_network`; see
   `star_jax.runtime.RuntimePredictor` for exported models).
+
+  A model trained only on the embedded synthetic faces (`trained_on == 'embedded'`) says so in
+  one warning line on stderr the first time it runs.
   """
+
+  trained_on: str | None = None  # the dataset the model learnt, when its checkpoint says
+  model_label: str = "the model"
 
   def __init__(self, checkpoint, *, weights: str = "default", batch_size: int = 8,
                detector: str | Callable[[np.ndarray], list[Box]] = detection.DEFAULT,
@@ -90,6 +98,8 @@ class Predictor:
     self._variables = jax.device_put(self.loaded.variables)
     self.spec = self.loaded.spec
     self.image_size = self.loaded.image_size
+    self.trained_on = self.loaded.trained_on
+    self.model_label = self.loaded.source or self.model_label
 
   def _setup(self, batch_size: int, detector, detector_rule, tta: str) -> None:
     """What every network shares: batching, the detector and its crop rule, test-time flip."""
@@ -99,6 +109,7 @@ class Predictor:
       raise UsageError(f"tta={tta!r}: use one of {', '.join(TTA_MODES)}")
     self.batch_size = int(batch_size)
     self.tta = tta
+    self._told_training_data = False
     if callable(detector):
       self.detector_name = getattr(detector, "__name__", "custom")
       self.detector = detector
@@ -127,6 +138,7 @@ class Predictor:
     With `tta='flip'` each landmark set is the mean of the crop's and the un-flipped one of the
     mirrored crop (the scheme's flip pairs swapped, x -> -x).
     """
+    self._tell_training_data()
     crops = np.asarray(crops_rgb_u8)
     if not len(crops):
       return np.zeros((0, self.num_points, 2), np.float32)
@@ -139,6 +151,15 @@ class Predictor:
       mirrored = run(np.ascontiguousarray(crops[:, :, ::-1]))[:, self.spec.flip_permutation()]
       out = 0.5 * (out + mirrored * np.asarray([-1.0, 1.0], np.float32))
     return out.astype(np.float32)
+
+  def _tell_training_data(self) -> None:
+    """The synthetic-data warning, once per predictor."""
+    if self._told_training_data:
+      return
+    self._told_training_data = True
+    warning = datasets.synthetic_warning(self.trained_on, self.model_label)
+    if warning:
+      print(warning, file=sys.stderr, flush=True)
 
   def crops_at(self, image_rgb: np.ndarray, crops: Sequence[tuple[float, np.ndarray]]
                ) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -5,7 +5,9 @@
         [--points 68] [--batch_size 8] [--workers 2]
         [--camera N] [--redetect_every 10] [--no_smooth] [--max_frames N] [--no_video]
 
-PATH is a training workdir, a star-jax checkpoint directory or an official STAR `.pkl`;
+PATH is a released model's name (`wflw`, `300w`, `cofw`: downloaded on first use, see
+`star_jax.released`), a training workdir, a star-jax checkpoint directory or an official STAR
+`.pkl`;
 `--model M.onnx` (or `.tflite`, from `python -m star_jax.export`) runs an exported model with
 `star_jax.runtime.RuntimePredictor` instead (the same pipeline, no JAX).
 INPUT is an image, a folder (its images and videos) or a video file (by suffix, see
@@ -291,7 +293,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="image files, video files and/or folders")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--checkpoint",
-                      help="training workdir, checkpoint directory or official STAR .pkl")
+                      help="a released model (wflw, 300w, cofw: downloaded once), a training "
+                           "workdir, a checkpoint directory or an official STAR .pkl")
   source.add_argument("--model", help="an exported .onnx or .tflite model (star_jax.export), "
                                       "run by star_jax.runtime without JAX")
   parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")

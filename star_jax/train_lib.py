@@ -484,7 +484,9 @@ class _Run:
     step = self.step
     host = parallel.unreplicate(self.state_r)
     meta = {"config": checkpointing.config_to_json(self.config),
-            "model": models.describe(self.eval_model), "scheme": self.spec.to_dict(),
+            "model": models.describe(self.eval_model,
+                                     trained_on=models.training_data(self.config)),
+            "scheme": self.spec.to_dict(),
             "log_sums": self.accumulator.sums, "log_count": self.accumulator.count,
             "best_nme": self.best_nme, "train_size": self.train_size,
             "saved_at": time.time()}

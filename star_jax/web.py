@@ -1,4 +1,4 @@
-"""`python -m star_jax.web --model PATH.onnx [--port N]`: the in-browser demo, served locally.
+"""`python -m star_jax.web --model PATH.onnx|NAME [--port N]`: the in-browser demo, served locally.
 
 The page (`web/` in the source tree: HTML, JavaScript, and onnxruntime-web installed there by
 `make web`) is static; this module only serves it, with the standard library's `http.server`
@@ -6,8 +6,10 @@ on 127.0.0.1, and maps the exported model and its sidecar to `/model.onnx` and
 `/model.onnx.json`, which the page loads by default. Every response carries the
 cross-origin-isolation headers (COOP `same-origin`, COEP `require-corp`): without them a browser
 withholds SharedArrayBuffer and onnxruntime-web runs on one thread. The photo and the webcam
-stay in the browser; nothing but these files crosses the socket.
+stay in the browser; nothing but these files crosses the socket. A model trained only on the
+embedded synthetic faces says so in one warning line when it is served.
 
+    python -m star_jax.web --model wflw               # the released WFLW model, exported once
     python -m star_jax.export --checkpoint runs/demo --format onnx --out demo.onnx
     python -m star_jax.web --model demo.onnx          # prints http://127.0.0.1:8000/
     python -m star_jax.web --model demo.onnx --image face.jpg --box 120,80,260,240
@@ -22,14 +24,18 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import json
 import os
 import posixpath
+import shutil
 import sys
+import tempfile
 import threading
 import urllib.parse
 from typing import Mapping, Sequence
 
 from star_jax import cli
+from star_jax import datasets
 from star_jax.detection.boxes import Box
 from star_jax.errors import CheckpointError, DataError, UsageError
 from star_jax.runtime import contract
@@ -57,6 +63,47 @@ def check_page(root: str = WEB_ROOT) -> None:
   if missing:
     raise UsageError(f"{os.path.join(root, RUNTIME_DIR, missing[0])} is missing: install the "
                      "page's runtime with `make web` (npm ci in web/)")
+
+
+def released_onnx(name: str) -> str:
+  """An ONNX export of the released model `name` (`star_jax.released`), made once in the cache
+  beside its checkpoint and made again when the checkpoint's sha256 changes."""
+  from star_jax import checkpointing
+  from star_jax import released
+  from star_jax.export import exporter
+  release = released.get(name)
+  checkpoint = released.ensure(name)
+  out = os.path.splitext(checkpoint)[0] + ".onnx"
+  sidecar = contract.sidecar_path(out)
+  expected = released.sha256_of(checkpoint)
+  if os.path.isfile(out) and os.path.isfile(sidecar):
+    try:
+      with open(sidecar, encoding="utf-8") as f:
+        if json.load(f)["source"]["sha256"] == expected:
+          return out
+    except (OSError, ValueError, KeyError, TypeError):
+      pass  # unreadable or foreign: made again below
+  print(f"exporting the released {release.name} model to {out} (once)", file=sys.stderr)
+  staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".export.")
+  try:
+    staged = os.path.join(staging, os.path.basename(out))
+    exporter.export(checkpointing.load_model(release.name), "onnx", staged)
+    os.replace(staged, out)   # the model first: a sidecar that matches always has its model
+    os.replace(contract.sidecar_path(staged), sidecar)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return out
+
+
+def resolve_model(model: str, root: str = WEB_ROOT) -> str:
+  """`model` itself, or for the name of a released model ('wflw', '300w', 'cofw') that is not
+  a file here, its ONNX export in the cache (downloaded and exported on first use, once the
+  page in `root` is known to be there)."""
+  from star_jax import released
+  if not os.path.exists(model) and released.lookup(model) is not None:
+    check_page(root)
+    return released_onnx(model)
+  return model
 
 
 def check_model(model: str) -> contract.ModelInfo:
@@ -147,8 +194,13 @@ class PageServer:
 
   def __init__(self, model: str, *, port: int = 0, root: str = WEB_ROOT,
                routes: Mapping[str, str] | None = None, quiet: bool = True):
-    self.info = check_model(model)
+    resolved = resolve_model(model, root)
+    self.model = resolved
+    self.info = check_model(resolved)
     check_page(root)
+    warning = datasets.synthetic_warning(self.info.trained_on, resolved)
+    if warning:
+      print(warning, file=sys.stderr, flush=True)
     all_routes = {MODEL_URL: os.path.abspath(model),
                   MODEL_URL + ".json": os.path.abspath(contract.sidecar_path(model))}
     all_routes.update({posixpath.normpath(k): os.path.abspath(v)
@@ -198,7 +250,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                   "ONNX model on http://127.0.0.1:PORT/. Install the page's runtime first: "
                   "make web.")
   parser.add_argument("--model", required=True,
-                      help="an ONNX export (python -m star_jax.export --format onnx); its "
+                      help="a released model (wflw, 300w, cofw: exported once into the cache) or "
+                           "an ONNX export (python -m star_jax.export --format onnx); its "
                            "sidecar MODEL.json must lie beside it")
   parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                       help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)")
@@ -251,7 +304,7 @@ def _main(argv: Sequence[str] | None) -> int:
     routes[image_route] = args.image
   server = PageServer(args.model, port=args.port, routes=routes, quiet=not args.verbose)
   url = page_url(server.url, image_route, args.box)
-  print(f"serving the star-jax page at {url} with {args.model} "
+  print(f"serving the star-jax page at {url} with {server.model} "
         f"({contract.describe(server.info.record)}); Ctrl-C stops", flush=True)
   try:
     server.httpd.serve_forever()

@@ -571,10 +571,15 @@ def _files(root: str) -> DataFiles:
                    test_tsv=os.path.join(root, "test.tsv"))
 
 
+def cache_root() -> str:
+  """star-jax's cache folder: `$STAR_JAX_CACHE`, else `~/.cache/star_jax` (also holds the
+  released models, `star_jax.released`)."""
+  return os.environ.get("STAR_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                          "star_jax")
+
+
 def default_cache_dir() -> str:
-  base = os.environ.get("STAR_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                           "star_jax")
-  return os.path.join(base, "embedded")
+  return os.path.join(cache_root(), "embedded")
 
 
 def generate(root: str, *, counts: Sequence[int] = DEFAULT_COUNTS, seed: int = DEFAULT_SEED,

@@ -27,7 +27,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                   "float32 [B, S, S, 3] RGB 0-255, first output 'landmarks' [B, N, 2] in crop "
                   "pixels) with a sidecar PATH.json.")
   parser.add_argument("--checkpoint", required=True,
-                      help="training workdir, checkpoint directory or official STAR .pkl")
+                      help="a released model (wflw, 300w, cofw), a training workdir, a checkpoint "
+                           "directory or an official STAR .pkl")
   parser.add_argument("--format", required=True, choices=contract.FORMATS)
   parser.add_argument("--out", required=True,
                       help="output file (a directory for savedmodel); the sidecar is OUT.json")

@@ -145,6 +145,7 @@ def _sidecar_record(loaded: Any, fmt: str, out: str, *, batch: int | None, dtype
                  "sha256": sha, "weights": loaded.weights},
       "num_points": model.num_points,
       "dataset": spec.name,
+      "trained_on": loaded.trained_on,
       "point_names": list(spec.point_names),
       "scheme": spec.to_dict(),
       "edges": [{"name": e.name, "closed": e.closed, "points": list(e.points)}

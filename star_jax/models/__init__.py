@@ -72,8 +72,9 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def describe(model) -> dict[str, Any]:
-  """`{"name", "fields"}`: what `from_description` needs to rebuild `model` (for inference)."""
+def describe(model, *, trained_on: str | None = None) -> dict[str, Any]:
+  """`{"name", "fields"}`: what `from_description` needs to rebuild `model` (for inference);
+  with `trained_on` (see `training_data`) also `"trained_on"`, which the rebuild ignores."""
   name = getattr(type(model), "registry_name", None)
   if name is None or registry.lookup(name) is not type(model):
     raise ValueError(f"{type(model).__name__} is not a registered model")
@@ -85,7 +86,34 @@ def describe(model) -> dict[str, Any]:
     if field.name == "dtype":
       value = jnp.dtype(value).name
     fields[field.name] = _plain(value)
-  return {"name": name, "fields": fields}
+  description = {"name": name, "fields": fields}
+  if trained_on:
+    description["trained_on"] = str(trained_on)
+  return description
+
+
+def training_data(config: Any) -> str | None:
+  """What a run's model learns from: `embedded` (`datasets.SYNTHETIC_DATASET`, the synthetic
+  faces) when `config.data.source` is the embedded dataset, else `config.dataset`."""
+  from star_jax import datasets
+  if config is None:
+    return None
+  try:
+    source, dataset = str(config.data.source), config.dataset
+  except (AttributeError, KeyError):
+    return None
+  if source == "embedded":
+    return datasets.SYNTHETIC_DATASET
+  return str(dataset) if dataset else None
+
+
+def trained_on(description: Any, config: Any = None) -> str | None:
+  """The dataset a stored model was trained on: its description's `trained_on`, else (older
+  checkpoints) what its run's config says, else None (unknown)."""
+  value = description.get("trained_on") if isinstance(description, Mapping) else None
+  if isinstance(value, str) and value:
+    return value
+  return training_data(config)
 
 
 def _int_tuple(value: Any, depth: int) -> tuple | None:
@@ -162,4 +190,4 @@ def from_description(description: Mapping[str, Any], where: str = "model descrip
 
 __all__ = ["DEFAULT_MODEL", "ModelOutput", "StackedHourglass", "count_parameters",
            "create_model", "describe", "from_description", "init_variables", "model_class",
-           "parameter_shapes"]
+           "parameter_shapes", "trained_on", "training_data"]

@@ -56,6 +56,12 @@ class ModelInfo:
   record: dict
 
   @property
+  def trained_on(self) -> str | None:
+    """The dataset the model was trained on (None: not recorded, exports before it was)."""
+    value = self.record.get("trained_on")
+    return value if isinstance(value, str) and value else None
+
+  @property
   def quantization(self) -> str | None:
     return self.record.get("quantization")
 

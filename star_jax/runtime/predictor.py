@@ -46,6 +46,8 @@ class RuntimePredictor(inference.Predictor):
     self.spec = (datasets.scheme_from_dict(scheme, self.model.path, for_training=False)
                  if scheme else datasets.spec_for_num_points(self.model.num_points))
     self.image_size = self.model.image_size
+    self.trained_on = self.model.info.trained_on
+    self.model_label = str(self.model.path)
 
   def _network(self, crops_rgb_u8: np.ndarray) -> np.ndarray:
     pixels = self.model(np.asarray(crops_rgb_u8)).astype(np.float64)
