@@ -257,10 +257,12 @@ def face_record(face, landmarks: np.ndarray) -> dict:
           "landmarks": np.round(np.asarray(landmarks, np.float64), 3).tolist()}
 
 
-def draw_tracked(frame_rgb: np.ndarray, faces: Sequence, landmarks: Sequence[np.ndarray]
-                 ) -> np.ndarray:
-  """The frame with each face's points, crop square and id."""
-  canvas = plots.draw_landmarks(frame_rgb, list(landmarks), [f.box.as_list() for f in faces])
+def draw_tracked(frame_rgb: np.ndarray, faces: Sequence, landmarks: Sequence[np.ndarray],
+                 edges: Sequence = ()) -> np.ndarray:
+  """The frame with each face's curves (`edges` of the landmarks' layout), points, crop square
+  and id."""
+  canvas = plots.draw_landmarks(frame_rgb, list(landmarks), [f.box.as_list() for f in faces],
+                                edges)
   for face in faces:
     x, y = int(round(face.box.x1)), int(round(face.box.y1)) - 4
     cv2.putText(canvas, str(face.id), (max(0, x), max(12, y)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
@@ -340,12 +342,13 @@ class VideoReport:
 
 def run_video(source: str | int, out_dir: str, stem: str, *, tracker,
               to_output_layout: Callable[[np.ndarray], np.ndarray] = lambda p: p,
-              write_video: bool = True, max_frames: int = 0, progress: bool = True
-              ) -> VideoReport:
+              edges: Sequence = (), write_video: bool = True, max_frames: int = 0,
+              progress: bool = True) -> VideoReport:
   """Tracks faces through a video file or camera, writing `<stem>.mp4` and `<stem>.jsonl`.
 
   `tracker` is a `star_jax.tracking.FaceTracker`; `to_output_layout` maps each face's
-  landmarks to the layout written (e.g. 98 -> 68 points). Ctrl-C on a camera ends the
+  landmarks to the layout written (e.g. 98 -> 68 points), whose curves `edges` are drawn
+  (`datasets.Edge`s). Ctrl-C on a camera ends the
   recording and keeps what was written.
   """
   label = f"camera{source}" if isinstance(source, int) else str(source)
@@ -365,7 +368,7 @@ def run_video(source: str | int, out_dir: str, stem: str, *, tracker,
         record = {"frame": index, "time_s": round(float(time_s), 6),
                   "faces": [face_record(f, p) for f, p in zip(faces, points)]}
         writer.write(record, lambda frame=frame, faces=faces, points=points:
-                     draw_tracked(frame, faces, points))
+                     draw_tracked(frame, faces, points, edges))
         frames += 1
         with_faces += bool(faces)
         if bar is not None:
