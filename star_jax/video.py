@@ -162,7 +162,9 @@ class FrameReader:
 
 
 H264_QUALITY = "20"       # libx264 constant rate factor: visually clean landmarks and text
-H264_PRESET = "veryfast"  # keeps the encoder thread behind the network on a 2-core CPU
+# The encoder shares the CPU with the network: the fastest preset costs what OpenCV's mp4v did
+# (benchmarks/RESULTS.md, "Video encoding"), at about twice mp4v's file size.
+H264_PRESET = "ultrafast"
 _warned_no_h264 = False
 
 
