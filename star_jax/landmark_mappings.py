@@ -52,3 +52,14 @@ def convert_landmarks(landmarks: np.ndarray, source: DatasetSpec | str, num_poin
     return landmarks[..., list(WFLW98_TO_300W68), :]
   raise ValueError(f"no mapping from {spec.name}'s {spec.num_points} points to {num_points} "
                    "points; supported: 98 -> 68")
+
+
+def output_spec(source: DatasetSpec, num_points: int | None) -> DatasetSpec:
+  """The scheme of `convert_landmarks(..., source, num_points)`'s output (None: the source's):
+  its curves are the ones to draw on converted landmarks."""
+  if num_points is None or num_points == source.num_points:
+    return source
+  if source.num_points == 98 and num_points == 68:
+    return get_spec("300w")
+  raise ValueError(f"no mapping from {source.name}'s {source.num_points} points to {num_points} "
+                   "points; supported: 98 -> 68")

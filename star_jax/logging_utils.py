@@ -135,8 +135,52 @@ def create_writer(workdir: str, *, enabled: bool = True) -> metric_writers.Metri
       JsonlWriter(workdir), _TensorBoardWriter(os.path.join(workdir, TENSORBOARD_DIR))])
 
 
-def progress_bar(total: int, initial: int, *, enabled: bool = True) -> tqdm.tqdm:
-  """A tqdm bar over training steps with rate and ETA (off on processes other than 0)."""
-  return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                   disable=not enabled, file=sys.stderr, smoothing=0.1,
-                   mininterval=1.0)
+# The bar while the first steps compile: no rate or ETA, which would be those of compilation.
+_COMPILING_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, compiling{postfix}]"
+
+
+class TrainingBar(tqdm.tqdm):
+  """A tqdm bar over training steps whose rate, ETA and elapsed time start once the first
+  `warmup_steps` steps (XLA compiles the step on the first call, and the first read-back waits
+  for it) are done; until then it says 'compiling'."""
+
+  def __init__(self, *args, warmup_steps: int = 2, **kwargs):
+    self._warmup_left = int(warmup_steps)
+    if self._warmup_left > 0:
+      kwargs["bar_format"] = _COMPILING_FORMAT
+    super().__init__(*args, **kwargs)
+
+  def update(self, n: float = 1):
+    if self._warmup_left <= 0:
+      return super().update(n)
+    self._warmup_left -= n
+    if self._warmup_left > 0:
+      return super().update(n)
+    done = self.n + n
+    # Timing starts here: tqdm's own reset, with the count (and its origin) kept.
+    self.reset()
+    self.n = self.last_print_n = self.initial = done
+    self.bar_format = None
+    self.refresh()
+    return True
+
+
+def progress_bar(total: int, initial: int, *, enabled: bool = True,
+                 warmup_steps: int = 2) -> TrainingBar:
+  """A bar over training steps with rate and ETA, both leaving out the first `warmup_steps`
+  steps' compilation (off on processes other than 0)."""
+  return TrainingBar(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                     disable=not enabled, file=sys.stderr, smoothing=0.1, mininterval=1.0,
+                     warmup_steps=warmup_steps)
+
+
+def format_validation(step: int, result: Mapping[str, Any]) -> str:
+  """The console line of one validation: NME in % as `eval.py` prints it."""
+  return (f"step {step}: validation NME {100 * result['val_nme']:.3f} % (EMA weights), "
+          f"{100 * result['val_nme_raw']:.3f} % (raw weights) on {result['val_images']} images")
+
+
+def above_bars():
+  """A context in which console lines are written on their own line, above any progress bar
+  (the bars are cleared and redrawn after)."""
+  return tqdm.tqdm.external_write_mode(file=sys.stderr)

@@ -197,7 +197,8 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
       f.write(_format_json(record))
     if faces and write_png:
       drawn = [np.asarray(face["landmarks"]) for face in record["faces"]]
-      canvas = plots.draw_landmarks(image, drawn, [f.box.as_list() for f in faces])
+      canvas = plots.draw_landmarks(image, drawn, [f.box.as_list() for f in faces],
+                                    landmark_mappings.output_spec(predictor.spec, num_points).edges)
       report.png_path = plots.save_png(os.path.join(out_dir, stems[i] + ".png"), canvas)
     elif not faces:
       report.message = f"{paths[i]}: no face found"
@@ -420,7 +421,9 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
       video_reports.append(video.run_video(
           source, args.out, stem, tracker=predictor.tracker(config, smoothing),
-          to_output_layout=layout, write_video=not args.no_video, max_frames=args.max_frames))
+          to_output_layout=layout,
+          edges=landmark_mappings.output_spec(predictor.spec, args.points).edges,
+          write_video=not args.no_video, max_frames=args.max_frames))
     except video.VideoError as e:
       print(f"skipped {e}", file=sys.stderr)
       video_errors.append(str(source))

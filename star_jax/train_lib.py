@@ -463,8 +463,9 @@ class _Run:
     result["val_seconds"] = time.time() - start
     self.writer.write_scalars(step, result)
     self.writer.flush()
-    logging.info("step %d: val NME %.5f (EMA), %.5f (raw) on %d images", step,
-                 result["val_nme"], result["val_nme_raw"], result["val_images"])
+    from star_jax import logging_utils
+    with logging_utils.above_bars():
+      logging.info("%s", logging_utils.format_validation(step, result))
     nme, weights = best_candidate(result, str(self.config.best_weights))
     use_raw = weights == "raw"
     if nme < self.best_nme:

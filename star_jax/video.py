@@ -5,8 +5,11 @@ JSONL record per frame.
     python -m star_jax.predict --checkpoint CKPT --camera 0 --out DIR    # DIR/camera0.*
 
 Any container and codec OpenCV's FFmpeg build reads is accepted. Frames are decoded in a
-background thread and the annotated frames encoded (MPEG-4 Part 2, `mp4v`, at the source's
-frame rate) in another, so decoding and encoding overlap the network. Each JSONL line is
+background thread and the annotated frames encoded in another, so decoding and encoding overlap
+the network. The annotated video is H.264 (yuv420p, `+faststart`, at the source's frame rate),
+which browsers play, written by the libx264 that PyAV's wheel ships (`av`, pinned in
+pyproject.toml); without PyAV it falls back, with one warning line, to OpenCV's MPEG-4 Part 2
+(`mp4v`), which desktop players read but browsers do not. Each JSONL line is
 
   {"frame": 12, "time_s": 0.4, "faces": [{"id": 0, "box": [...], "box_source": "track",
    "scale": 1.1, "center": [x, y], "landmarks": [[x, y], ...]}, ...]}
@@ -22,6 +25,7 @@ Imports neither JAX nor TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import json
 import os
 import queue
@@ -157,6 +161,96 @@ class FrameReader:
     self.close()
 
 
+H264_QUALITY = "20"       # libx264 constant rate factor: visually clean landmarks and text
+# The encoder shares the CPU with the network: the fastest preset costs what OpenCV's mp4v did
+# (benchmarks/RESULTS.md, "Video encoding"), at about twice mp4v's file size.
+H264_PRESET = "ultrafast"
+_warned_no_h264 = False
+
+
+def h264_available() -> bool:
+  """Whether PyAV and its libx264 encoder can be loaded."""
+  try:
+    import av
+    av.codec.Codec("libx264", "w")
+  except Exception:  # ImportError, or a PyAV build without the encoder
+    return False
+  return True
+
+
+class _H264Encoder:
+  """RGB frames -> an H.264 MP4 through PyAV (libx264, yuv420p; odd sizes padded by one black
+  row or column, since 4:2:0 needs even sides)."""
+
+  codec = "h264"
+
+  def __init__(self, path: str, fps: float, size: tuple[int, int]):
+    import av
+    self._av = av
+    self.size = (int(size[0]), int(size[1]))
+    self._even = (self.size[0] + self.size[0] % 2, self.size[1] + self.size[1] % 2)
+    rate = fractions.Fraction(float(fps)).limit_denominator(1001)
+    self._container = av.open(path, "w", options={"movflags": "+faststart"})
+    try:
+      self._stream = self._container.add_stream("libx264", rate=rate)
+      self._stream.width, self._stream.height = self._even
+      self._stream.pix_fmt = "yuv420p"
+      self._stream.options = {"crf": H264_QUALITY, "preset": H264_PRESET}
+    except Exception:
+      self._container.close()
+      raise
+
+  def write(self, frame_rgb: np.ndarray) -> None:
+    frame = np.asarray(frame_rgb, np.uint8)
+    if self._even != self.size:
+      frame = np.pad(frame, ((0, self._even[1] - frame.shape[0]),
+                             (0, self._even[0] - frame.shape[1]), (0, 0)))
+    picture = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+    for packet in self._stream.encode(picture):
+      self._container.mux(packet)
+
+  def close(self) -> None:
+    try:
+      for packet in self._stream.encode(None):
+        self._container.mux(packet)
+    finally:
+      self._container.close()
+
+
+class _OpenCVEncoder:
+  """RGB frames -> MPEG-4 Part 2 (`mp4v`) through OpenCV: the fallback without PyAV."""
+
+  codec = "mpeg4"
+
+  def __init__(self, path: str, fps: float, size: tuple[int, int]):
+    self._writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    if not self._writer.isOpened():
+      raise VideoError(f"{path}: cannot be written (no MPEG-4 encoder in this OpenCV build?)")
+
+  def write(self, frame_rgb: np.ndarray) -> None:
+    self._writer.write(np.ascontiguousarray(np.asarray(frame_rgb, np.uint8)[..., ::-1]))
+
+  def close(self) -> None:
+    self._writer.release()
+
+
+def open_encoder(path: str, fps: float, size: tuple[int, int], *,
+                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)):
+  """An encoder (`write(rgb)`, `close()`, `codec`) of an MP4 that browsers play: H.264 when
+  PyAV is installed, else `mp4v` after one warning line (once per process)."""
+  global _warned_no_h264
+  if h264_available():
+    try:
+      return _H264Encoder(path, fps, size)
+    except Exception as e:  # PyAV raises its own error types (av.FFmpegError, ...)
+      raise VideoError(f"{path}: cannot be written ({e})") from None
+  if not _warned_no_h264:
+    log("warning: PyAV (pip install av) is not installed: annotated videos are MPEG-4 Part 2 "
+        "(mp4v), which browsers do not play")
+    _warned_no_h264 = True
+  return _OpenCVEncoder(path, fps, size)
+
+
 def face_record(face, landmarks: np.ndarray) -> dict:
   """The JSON object of one tracked face (`landmarks` already in the output layout)."""
   return {"id": int(face.id), "box": [round(v, 3) for v in face.box.as_list()],
@@ -165,10 +259,12 @@ def face_record(face, landmarks: np.ndarray) -> dict:
           "landmarks": np.round(np.asarray(landmarks, np.float64), 3).tolist()}
 
 
-def draw_tracked(frame_rgb: np.ndarray, faces: Sequence, landmarks: Sequence[np.ndarray]
-                 ) -> np.ndarray:
-  """The frame with each face's points, crop square and id."""
-  canvas = plots.draw_landmarks(frame_rgb, list(landmarks), [f.box.as_list() for f in faces])
+def draw_tracked(frame_rgb: np.ndarray, faces: Sequence, landmarks: Sequence[np.ndarray],
+                 edges: Sequence = ()) -> np.ndarray:
+  """The frame with each face's curves (`edges` of the landmarks' layout), points, crop square
+  and id."""
+  canvas = plots.draw_landmarks(frame_rgb, list(landmarks), [f.box.as_list() for f in faces],
+                                edges)
   for face in faces:
     x, y = int(round(face.box.x1)), int(round(face.box.y1)) - 4
     cv2.putText(canvas, str(face.id), (max(0, x), max(12, y)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
@@ -187,12 +283,11 @@ class OutputWriter:
     self._jsonl = open(self.jsonl_path, "w")
     self._video = None
     if write_video:
-      self._video = cv2.VideoWriter(self.video_path, cv2.VideoWriter_fourcc(*"mp4v"), info.fps,
-                                    (info.width, info.height))
-      if not self._video.isOpened():
+      try:
+        self._video = open_encoder(self.video_path, info.fps, (info.width, info.height))
+      except VideoError:
         self._jsonl.close()
-        raise VideoError(f"{self.video_path}: cannot be written (no MPEG-4 encoder in this "
-                         "OpenCV build?)")
+        raise
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
     self._error: BaseException | None = None
     self._thread = threading.Thread(target=self._run, daemon=True)
@@ -209,7 +304,7 @@ class OutputWriter:
       try:
         self._jsonl.write(json.dumps(record, separators=(",", ":")) + "\n")
         if self._video is not None:
-          self._video.write(np.ascontiguousarray(canvas_fn()[..., ::-1]))
+          self._video.write(canvas_fn())
       except BaseException as e:  # reported by close()
         self._error = e
 
@@ -224,7 +319,10 @@ class OutputWriter:
     self._thread.join()
     self._jsonl.close()
     if self._video is not None:
-      self._video.release()
+      try:
+        self._video.close()
+      except Exception as e:  # the encoder's flush can fail (disk full)
+        self._error = self._error or e
     if self._error is not None:
       raise VideoError(f"{self.video_path or self.jsonl_path}: {self._error}")
 
@@ -246,12 +344,13 @@ class VideoReport:
 
 def run_video(source: str | int, out_dir: str, stem: str, *, tracker,
               to_output_layout: Callable[[np.ndarray], np.ndarray] = lambda p: p,
-              write_video: bool = True, max_frames: int = 0, progress: bool = True
-              ) -> VideoReport:
+              edges: Sequence = (), write_video: bool = True, max_frames: int = 0,
+              progress: bool = True) -> VideoReport:
   """Tracks faces through a video file or camera, writing `<stem>.mp4` and `<stem>.jsonl`.
 
   `tracker` is a `star_jax.tracking.FaceTracker`; `to_output_layout` maps each face's
-  landmarks to the layout written (e.g. 98 -> 68 points). Ctrl-C on a camera ends the
+  landmarks to the layout written (e.g. 98 -> 68 points), whose curves `edges` are drawn
+  (`datasets.Edge`s). Ctrl-C on a camera ends the
   recording and keeps what was written.
   """
   label = f"camera{source}" if isinstance(source, int) else str(source)
@@ -271,7 +370,7 @@ def run_video(source: str | int, out_dir: str, stem: str, *, tracker,
         record = {"frame": index, "time_s": round(float(time_s), 6),
                   "faces": [face_record(f, p) for f, p in zip(faces, points)]}
         writer.write(record, lambda frame=frame, faces=faces, points=points:
-                     draw_tracked(frame, faces, points))
+                     draw_tracked(frame, faces, points, edges))
         frames += 1
         with_faces += bool(faces)
         if bar is not None:

@@ -102,6 +102,8 @@ def test_evaluate_writes_metrics_predictions_and_ced(evaluation, expected):
     metrics = json.load(f)
   assert metrics["num_images"] == 3 and metrics["count"] == 3
   assert metrics["dataset"] == "wflw" and metrics["norm"] == "ocular"
+  # What the errors were computed on (also the CED plot's title).
+  assert metrics["data"] == f"wflw test, {os.path.basename(TEST_TSV)}"
   assert metrics["failure_threshold"] == 0.1
   assert metrics["nme"] == pytest.approx(float(np.mean(expected["nme"])), abs=5e-3)
   # Random weights: every image fails, so FR = 1 and AUC = 0.

@@ -238,3 +238,61 @@ def test_face_record_fields():
   assert record == {"id": 3, "box": [1.0, 2.0, 101.0, 102.0], "box_source": "track",
                     "scale": 0.5, "center": [51.0, 52.0],
                     "landmarks": [[1.235, 1.235]] * 68}
+
+
+def _bars(count: int, size: tuple[int, int]) -> list[np.ndarray]:
+  """Frames with a red left half, a blue right half and a white bar moving right."""
+  width, height = size
+  frames = []
+  for i in range(count):
+    frame = np.zeros((height, width, 3), np.uint8)
+    frame[:, : width // 2] = (255, 0, 0)
+    frame[:, width // 2:] = (0, 0, 255)
+    frame[:, 4 * i: 4 * i + 8] = 255
+    frames.append(frame)
+  return frames
+
+
+def test_annotated_video_is_h264_at_the_source_rate(tmp_path):
+  av = pytest.importorskip("av", reason="PyAV (the H.264 encoder, pinned in pyproject.toml)")
+  # Odd sides: 4:2:0 needs even ones, the encoder pads one black row and column.
+  info = video.VideoInfo(161, 121, 12.0, None)
+  frames = _bars(15, (161, 121))
+  writer = video.OutputWriter(str(tmp_path), "bars", info)
+  for i, frame in enumerate(frames):
+    writer.write({"frame": i}, lambda frame=frame: frame)
+  writer.close()
+  with av.open(writer.video_path) as container:
+    stream = container.streams.video[0]
+    assert stream.codec_context.name == "h264"
+    assert stream.codec_context.pix_fmt == "yuv420p"
+    assert stream.average_rate == 12
+    decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+  assert len(decoded) == 15 and decoded[0].shape == (122, 162, 3)
+  # Lossy, but the picture is the one written, in RGB order (OpenCV reads it too).
+  for got, want in zip(decoded, frames):
+    assert np.abs(got[:121, :161].astype(float) - want).mean() < 6
+  capture = cv2.VideoCapture(writer.video_path)
+  assert capture.get(cv2.CAP_PROP_FPS) == 12.0
+  ok, first = capture.read()
+  assert ok and np.abs(first[:121, :161, ::-1].astype(float) - frames[0]).mean() < 6
+  capture.release()
+
+
+def test_without_pyav_the_video_is_mp4v_after_one_warning(tmp_path, monkeypatch):
+  monkeypatch.setattr(video, "h264_available", lambda: False)
+  monkeypatch.setattr(video, "_warned_no_h264", False)
+  lines = []
+  for name in ("a.mp4", "b.mp4"):
+    encoder = video.open_encoder(str(tmp_path / name), 25.0, (64, 48), log=lines.append)
+    for frame in _bars(3, (64, 48)):
+      encoder.write(frame)
+    encoder.close()
+  assert len(lines) == 1 and "\n" not in lines[0]
+  assert lines[0].startswith("warning: PyAV") and "mp4v" in lines[0]
+  capture = cv2.VideoCapture(str(tmp_path / "a.mp4"))
+  fourcc = int(capture.get(cv2.CAP_PROP_FOURCC))
+  # MPEG-4 Part 2: OpenCV's FFmpeg names the decoder FMP4.
+  assert encoder.codec == "mpeg4" and fourcc.to_bytes(4, "little") in (b"mp4v", b"FMP4")
+  assert sum(1 for _ in iter(lambda: capture.read()[0], False)) == 3
+  capture.release()

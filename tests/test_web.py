@@ -10,7 +10,11 @@
   the reason otherwise): a photo and a face box given to the page give the landmarks of
   `star_jax.predict.Predictor` (JAX, box rule 'official', same box) within 0.5 px, its crop is
   OpenCV's, and the webcam path runs on Chromium's fake camera. A screenshot is saved in the
-  test's tmp directory.
+  test's tmp directory;
+- the annotated video (when Chromium is installed): the predictor's H.264 MP4 is one the
+  browser says it plays (`canPlayType` of the file's own avc1 codec string) and a `<video>`
+  element decodes its frames (size, advancing media time, the written colours on a canvas).
+  A Chromium built without any H.264 decoder skips it, saying so.
 
 The model is the demo architecture with one stack and random weights: one stack has no
 CoordConv boundary switch, so float32 engines agree to rounding (see star_jax.export.parity).
@@ -19,11 +23,14 @@ CoordConv boundary switch, so float32 engines agree to rounding (see star_jax.ex
 from __future__ import annotations
 
 import base64
+import functools
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from typing import Any
@@ -34,7 +41,7 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from star_jax import detection, web
+from star_jax import detection, video, web
 from star_jax.data import original_formats, transforms
 from star_jax.checkpointing import load_model
 from star_jax.export import exporter
@@ -347,3 +354,72 @@ def test_page_tracks_on_the_webcam(page_server, browser):
   points = np.asarray(page.evaluate("window.starJax.result().points"))
   assert points.shape == (98, 2) and np.isfinite(points).all()
   page.evaluate("window.starJax.stopCamera()")
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+  def log_message(self, *args) -> None:
+    del args
+
+
+@needs_browser
+def test_browser_plays_the_annotated_video(browser, tmp_path):
+  av = pytest.importorskip("av", reason="PyAV (the H.264 encoder, pinned in pyproject.toml)")
+  width, height, count = 160, 120, 24
+  writer = video.OutputWriter(str(tmp_path), "clip", video.VideoInfo(width, height, 12.0, None))
+  for i in range(count):
+    frame = np.zeros((height, width, 3), np.uint8)
+    frame[:, : width // 2] = (255, 0, 0)              # red left, blue right, a moving bar
+    frame[:, width // 2:] = (0, 0, 255)
+    frame[:, 4 * i: 4 * i + 8] = 255
+    writer.write({"frame": i}, lambda frame=frame: frame)
+  writer.close()
+  with av.open(writer.video_path) as container:
+    extradata = container.streams.video[0].codec_context.extradata
+  # The avcC record: version, then profile, constraint flags and level (RFC 6381's avc1.PPCCLL).
+  codecs = "avc1." + extradata[1:4].hex().upper()
+  (tmp_path / "index.html").write_text("<!doctype html><title>video</title><body></body>")
+  server = http.server.ThreadingHTTPServer(
+      ("127.0.0.1", 0), functools.partial(_QuietFiles, directory=str(tmp_path)))
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    page = browser.open(f"http://127.0.0.1:{server.server_port}/index.html")
+    page.wait_for("document.readyState === 'complete' && document.body !== null")
+    support = page.evaluate(f"""(() => {{ const v = document.createElement('video');
+        return {{file: v.canPlayType('video/mp4; codecs="{codecs}"'),
+                 baseline: v.canPlayType('video/mp4; codecs="avc1.42E01E"')}}; }})()""")
+    if not support["baseline"] and not support["file"]:
+      pytest.skip("this Chromium build has no H.264 decoder (proprietary codecs left out)")
+    assert support["file"] in ("probably", "maybe"), (codecs, support)
+    result = page.evaluate("""new Promise((done) => {
+        const v = document.createElement('video');
+        v.muted = true;
+        v.src = 'clip.mp4';
+        document.body.appendChild(v);
+        v.onerror = () => done({error: v.error ? v.error.code + ' ' + v.error.message : '?'});
+        const times = [];
+        const onFrame = (now, meta) => {
+          times.push(meta.mediaTime);
+          if (times.length < 3) { v.requestVideoFrameCallback(onFrame); return; }
+          v.pause();
+          const canvas = document.createElement('canvas');
+          canvas.width = v.videoWidth; canvas.height = v.videoHeight;
+          const context = canvas.getContext('2d');
+          context.drawImage(v, 0, 0);
+          const pixel = (x, y) => Array.from(context.getImageData(x, y, 1, 1).data.slice(0, 3));
+          done({width: v.videoWidth, height: v.videoHeight, times: times,
+                presented: meta.presentedFrames, left: pixel(70, 60),
+                right: pixel(150, 60)});
+        };
+        v.requestVideoFrameCallback(onFrame);
+        v.play().catch((e) => done({error: String(e)}));
+      })""", timeout=60)
+  finally:
+    server.shutdown()
+    server.server_close()
+  assert "error" not in result, result
+  assert (result["width"], result["height"]) == (width, height)
+  assert result["presented"] >= 3 and result["times"] == sorted(result["times"])
+  assert result["times"][-1] > result["times"][0]
+  # x = 70 is red until the bar reaches it (frame 16 and later), x = 150 stays blue.
+  assert result["right"][2] > 200 and max(result["right"][:2]) < 60, result
+  assert (result["left"][0] > 200 and result["left"][2] < 60) or min(result["left"]) > 200, result

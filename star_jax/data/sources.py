@@ -22,6 +22,7 @@ starts in the original image).
 from __future__ import annotations
 
 import abc
+import os
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,10 @@ class Source(abc.ABC):
   def image_dir(self) -> str | None:
     """The folder TSV image paths are relative to (subset rules match below it), if any."""
     return None
+
+  def label(self, split: str) -> str:
+    """What `split` is, for titles and reports: the scheme, the split and its file."""
+    return f"{self.spec.name} {split}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +238,11 @@ class TsvSource(Source):
     row = int(rows[index])
     return f"{ann.tsv_path}:{int(ann.line_numbers[row])}: {ann.image_paths[row]}"
 
+  def label(self, split: str) -> str:
+    ann, _ = self.annotations(split)
+    carved = " (rows held out of it)" if split == "val" and not self.files.val_tsv else ""
+    return f"{self.spec.name} {split}, {os.path.basename(ann.tsv_path)}{carved}"
+
   def check_image(self, split: str, index: int) -> str | None:
     ann, rows = self._split(split)
     path = ann.image_paths[int(rows[index])]
@@ -250,6 +260,11 @@ class EmbeddedSource(TsvSource):
     from star_jax.data import embedded
     files = embedded.ensure_embedded_dataset(cache_dir=config.data.embedded_dir or None)
     super().__init__(config, files)
+
+  def label(self, split: str) -> str:
+    ann, _ = self.annotations(split)
+    return (f"embedded synthetic faces {split}, {os.path.basename(ann.tsv_path)} "
+            f"({self.spec.name} scheme)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +340,9 @@ class TfdsSource(Source):
 
   def describe(self, split: str, index: int) -> str:
     return f"{self.builder.name}/{self._raw_split(split)} row {index}"
+
+  def label(self, split: str) -> str:
+    return f"TFDS {self.builder.name} {split}"
 
   def check_image(self, split: str, index: int) -> str | None:
     return None  # TFDS decoded and re-encoded every image when the dataset was built

@@ -9,6 +9,9 @@ works in (`l = (2p + 1) / S - 1`, exact to about 1e-5 px).
 
     predictor = RuntimePredictor("model.onnx")
     faces = predictor.predict(image_rgb)                 # list of (N, 2) arrays, pixels
+
+`predict` and `track` take what the JAX predictor's take (arrays, grey, `color="bgr"`, PIL
+images, paths), through the same `image_io.as_rgb_image`.
 """
 
 from __future__ import annotations
