@@ -25,8 +25,8 @@ Per frame (`FaceTracker.update`):
    face when the network reads the crop rather than the face; while it drifts, the loop also
    magnifies tiny differences between two engines running the same model: see
    benchmarks/RESULTS.md, "Tracking: JAX vs ONNX Runtime"); an unmatched box starts a new
-   track (new id); a track that no detection has matched `max_missed_detections` times in a row is ended (the
-   detector is the authority on whether a face is still there).
+   track (new id); a track that no detection has matched `max_missed_detections` times in a
+   row is ended (the detector is the authority on whether a face is still there).
 3. The network reads all crops of the frame in one call.
 4. A track *looks lost* when its new landmarks do not look like a face in that crop: the
    landmark box's longer side is outside `[lost_min_fill, lost_max_fill]` of the crop side (a
