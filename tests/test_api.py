@@ -20,6 +20,7 @@ from skimage import data as skdata
 
 import star_jax
 from star_jax import checkpointing
+from star_jax import tracking
 from star_jax.errors import UsageError
 from star_jax.image_io import ImageError, as_rgb_image, load_image
 
@@ -129,7 +130,10 @@ def test_grey_photo_through_the_detector(predictor):
   assert faces and all(f.shape == (98, 2) for f in faces)
   np.testing.assert_array_equal(np.stack(faces),
                                 np.stack(predictor.predict(np.stack([grey] * 3, axis=2))))
-  tracked = list(predictor.track([grey[:, :, None]]))
+  # The fixture's random weights scatter the points, which the tracker rightly calls lost; the
+  # input path is what is tested here, so that rule is off.
+  keep = tracking.TrackerConfig(lost_max_segment=float("inf"))
+  tracked = list(predictor.track([grey[:, :, None]], config=keep))
   assert len(tracked[0]) == len(faces)
 
 
