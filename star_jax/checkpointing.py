@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging as py_logging
 import os
 import shutil
@@ -357,10 +358,35 @@ class BestCheckpoints:
            spec: datasets.DatasetSpec, image_size: int, config: ml_collections.ConfigDict,
            raw_variables: PyTree | None = None, extra: Mapping[str, Any] | None = None) -> None:
     extra = dict(extra or {}, step=int(step), val_nme=float(val_nme))
+    if self._keeps_existing(int(step), float(val_nme)):
+      return
     record = model_record(model, spec, image_size, config, extra)
     self.manager.save(int(step), args=_inference_args(record, variables, raw_variables),
                       metrics={"val_nme": float(val_nme)}, force=True)
     self.manager.wait_until_finished()
+
+  def _keeps_existing(self, step: int, val_nme: float) -> bool:
+    """Whether `best/<step>` already holds this step's model (a run killed after writing it,
+    before its training checkpoint, repeats the step exactly): kept when it is complete and
+    records the same validation NME; otherwise it is removed so that the step is written anew
+    (never orbax's StepAlreadyExistsError)."""
+    if step not in self.manager.all_steps():
+      return False
+    step_dir = os.path.join(self.directory, str(step))
+    try:
+      recorded = float(_read_json(os.path.join(step_dir, MODEL_ITEM))["extra"]["val_nme"])
+      complete = _is_inference_dir(step_dir)
+    except (CheckpointError, KeyError, TypeError, ValueError):
+      recorded, complete = math.nan, False
+    if complete and math.isclose(recorded, val_nme, rel_tol=1e-6, abs_tol=1e-9):
+      logging.info("best/%d already holds this step's model (validation NME %.6f): kept",
+                   step, recorded)
+      return True
+    logging.warning("best/%d exists but does not match this run (recorded validation NME %s, "
+                    "now %.6f): replaced", step, recorded, val_nme)
+    self.manager.delete(step)
+    self.manager.reload()
+    return False
 
   def close(self) -> None:
     self.manager.close()

@@ -1,6 +1,7 @@
 """Training checkpoints (keep-N, atomic steps, corrupt fallback) and inference checkpoints."""
 
 import os
+import shutil
 
 import chex
 import jax
@@ -226,3 +227,30 @@ def test_official_pkl_and_its_conversion_load_the_same_weights(tmp_path):
   again = checkpointing.load_model(out)
   assert again.model == loaded.model
   chex.assert_trees_all_equal(again.variables, jax.tree.map(np.asarray, loaded.variables))
+
+
+def test_a_best_step_written_by_a_killed_run_is_kept_or_replaced_never_an_error(tmp_path):
+  # A run killed after best/2 and before checkpoints/2 repeats step 2 on resume: the same
+  # model (same NME) is kept as it is; one that differs, or a damaged one, is written anew.
+  config, model, variables = _tiny_model_and_variables()
+  wflw = datasets.get_spec("wflw")
+  first = checkpointing.BestCheckpoints(str(tmp_path))
+  first.save(2, 0.3, model, variables, spec=wflw, image_size=32, config=config)
+  first.close()   # the killed run
+  written = os.path.getmtime(tmp_path / "best" / "2" / checkpointing.MODEL_ITEM)
+
+  again = checkpointing.BestCheckpoints(str(tmp_path))
+  again.save(2, 0.3, model, variables, spec=wflw, image_size=32, config=config)
+  assert os.path.getmtime(tmp_path / "best" / "2" / checkpointing.MODEL_ITEM) == written
+  other = jax.tree.map(lambda x: x + 1, variables)
+  again.save(2, 0.25, model, other, spec=wflw, image_size=32, config=config)
+  again.close()
+  assert checkpointing.read_best_meta(str(tmp_path))["val_nme"] == 0.25
+  chex.assert_trees_all_equal(checkpointing.load_model(str(tmp_path)).variables, other)
+
+  # A damaged step (its model description gone) is replaced too.
+  shutil.rmtree(tmp_path / "best" / "2" / checkpointing.MODEL_ITEM)
+  third = checkpointing.BestCheckpoints(str(tmp_path))
+  third.save(2, 0.25, model, variables, spec=wflw, image_size=32, config=config)
+  third.close()
+  chex.assert_trees_all_equal(checkpointing.load_model(str(tmp_path)).variables, variables)
