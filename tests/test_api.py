@@ -4,6 +4,8 @@ README's three-line example run as written."""
 
 from __future__ import annotations
 
+from tests.limits import LAST_GUARD_S
+
 import json
 import os
 import pathlib
@@ -51,7 +53,7 @@ def test_import_is_light_and_names_load_on_use():
                         "listed": "Predictor" in dir(star_jax)}))
       """)
   run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+                       timeout=LAST_GUARD_S)
   assert run.returncode == 0, run.stderr
   result = json.loads(run.stdout.strip().splitlines()[-1])
   # Nothing heavy on `import star_jax`; the predictor classes bring OpenCV, never JAX.
@@ -149,6 +151,6 @@ def test_readme_python_example_runs(tmp_path):
   code = code.replace('"photo.jpg"', repr(PHOTO) + ", boxes=" + repr(BOX))
   script = code + "\nimport json; print(json.dumps([f.shape for f in faces]))\n"
   run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                       timeout=600)
+                       timeout=LAST_GUARD_S)
   assert run.returncode == 0, run.stderr[-3000:]
   assert json.loads(run.stdout.strip().splitlines()[-1]) == [[98, 2]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.limits import LAST_GUARD_S
+
 import hashlib
 import os
 import subprocess
@@ -32,8 +34,8 @@ def results_untouched():
 
 def _run(command: list[str], cwd: str = REPO) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
-                        check=False)
+  return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=LAST_GUARD_S, check=False)
 
 
 def test_every_script_is_covered():

@@ -3,6 +3,8 @@ validation line gives NME in % (as eval.py does), `make` installs quietly."""
 
 from __future__ import annotations
 
+from tests.limits import LAST_GUARD_S
+
 import io
 import os
 import re
@@ -88,7 +90,7 @@ def test_validation_line_is_in_percent():
 def test_make_installs_quietly():
   """`make install` runs pip with -q and announces itself in one line."""
   run = subprocess.run(["make", "-n", "-B", "install"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60, check=False)
+                       text=True, timeout=LAST_GUARD_S, check=False)
   if run.returncode != 0 and "make: not found" in run.stderr:
     pytest.skip("no make")
   assert run.returncode == 0, run.stderr

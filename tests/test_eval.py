@@ -20,6 +20,7 @@ from star_jax.data import pipeline
 from star_jax.data import transforms
 from star_jax.data import annotations as annotations_lib
 from star_jax.datasets import get_spec
+from tests.limits import LAST_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -150,7 +151,7 @@ def test_eval_cli_end_to_end(tmp_path, expected):
          os.path.join(ROOT, "configs", "wflw.py"), "--checkpoint", CHECKPOINT,
          "--output_dir", str(out), f"--config.data.test_tsv={TEST_TSV}",
          f"--config.data.image_dir={DATA_DIR}", "--batch_size=2"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=LAST_GUARD_S)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ("metrics.json", "predictions.npz", "ced.png"):
     assert (out / name).is_file(), name

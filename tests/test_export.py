@@ -12,6 +12,8 @@ A one-stack model (no boundary switch) is also compared with jitted JAX float32 
 
 from __future__ import annotations
 
+from tests.limits import LAST_GUARD_S
+
 import hashlib
 import json
 import os
@@ -171,7 +173,7 @@ def test_bfloat16_stablehlo_computes_in_bfloat16(models, export_dir):
 
 def _cli(*args):
   return subprocess.run([sys.executable, "-m", "star_jax.export", *args], capture_output=True,
-                        text=True, cwd=ROOT, timeout=600)
+                        text=True, cwd=ROOT, timeout=LAST_GUARD_S)
 
 
 @pytest.mark.parametrize("args, flag", [

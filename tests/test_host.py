@@ -5,6 +5,8 @@ Each case runs in a fresh interpreter, because XLA reads XLA_FLAGS once per proc
 
 from __future__ import annotations
 
+from tests.limits import LAST_GUARD_S
+
 import json
 import os
 import subprocess
@@ -40,7 +42,7 @@ def _probe(**env_overrides) -> dict:
          if k not in ("XLA_FLAGS", "STAR_JAX_DEFAULT_XLA_CPU", "STAR_JAX_DEFAULT_MALLOC")}
   env.update(env_overrides)
   run = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
+                       text=True, timeout=LAST_GUARD_S, check=False)
   assert run.returncode == 0, run.stderr[-2000:]
   return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -76,5 +78,5 @@ def test_too_late_once_jax_has_started():
           "print(len(host.tune_xla_cpu()), repr(os.environ.get('XLA_FLAGS', '')))")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300, check=True)
+                       text=True, timeout=LAST_GUARD_S, check=True)
   assert run.stdout.split() == ["0", "''"]

@@ -10,6 +10,8 @@ and the time from an empty one to the first landmark are measured by benchmarks/
 
 from __future__ import annotations
 
+from tests.limits import LAST_GUARD_S
+
 import importlib.metadata
 import json
 import os
@@ -89,7 +91,7 @@ def test_exported_model_runs_with_only_the_inference_install(onnx_model, tmp_pat
       print(json.dumps({{"code": code, "modules": tops}}))
       """)
   run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                       timeout=900)
+                       timeout=LAST_GUARD_S)
   assert run.returncode == 0, run.stderr
   result = json.loads(run.stdout.strip().splitlines()[-1])
   assert result["code"] == 0, run.stderr

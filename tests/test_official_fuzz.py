@@ -11,6 +11,8 @@ of the interpreter shows as a failing exit code instead of killing the test run.
 
 from __future__ import annotations
 
+from tests.limits import LAST_GUARD_S
+
 import collections
 import dataclasses
 import io
@@ -655,7 +657,7 @@ def test_random_byte_flips_never_crash_or_corrupt(tmp_path):
   start = time.monotonic()
   result = subprocess.run([sys.executable, __file__, "flips", str(FLIP_SEED), str(ZIP_FLIPS),
                            str(PICKLE_FLIPS), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=LAST_GUARD_S)
   assert result.returncode == 0, (f"rc {result.returncode}\n{result.stdout[-3000:]}\n"
                                   f"{result.stderr[-3000:]}")
   outcomes = json.loads(result.stdout.strip().splitlines()[-1])

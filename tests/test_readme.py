@@ -23,6 +23,8 @@ need an official STAR checkout or a GPU.
 
 from __future__ import annotations
 
+from tests.limits import LAST_GUARD_S
+
 import hashlib
 import json
 import os
@@ -210,7 +212,7 @@ def test_every_readme_command_runs(sandbox):
       ran.append(f"{command}  ({time.time() - started:.0f} s)")
       continue
     proc = subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=LAST_GUARD_S)
     assert proc.returncode == 0, (f"README command failed (rc {proc.returncode}): {command}\n"
                                   f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     for key, check in AFTER.items():

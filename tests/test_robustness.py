@@ -20,6 +20,8 @@ The cases of the reliability review, and where each is tested:
 
 from __future__ import annotations
 
+from tests.limits import LAST_GUARD_S
+
 import os
 import shutil
 import subprocess
@@ -45,7 +47,7 @@ def _env(**extra):
   return env
 
 
-def _run(args, timeout=300, **env):
+def _run(args, timeout=LAST_GUARD_S, **env):
   return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                         timeout=timeout, env=_env(**env), check=False)
 
@@ -252,7 +254,7 @@ def test_first_signal_asks_to_stop_a_second_one_exits_at_once():
         time.sleep(5)
         print("not reached", flush=True)
   """)
-  proc = _run(["-c", script], timeout=60)
+  proc = _run(["-c", script], timeout=LAST_GUARD_S)
   assert "stop requested: True 130" in proc.stdout and "not reached" not in proc.stdout
   assert proc.returncode == 130
   assert "SIGINT again: exiting now" in proc.stderr

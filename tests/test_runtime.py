@@ -8,6 +8,8 @@ the detector.
 
 from __future__ import annotations
 
+from tests.limits import LAST_GUARD_S
+
 import json
 import os
 import subprocess
@@ -89,7 +91,7 @@ def test_runtime_imports_neither_jax_nor_tensorflow(exported, images):
       print(json.dumps({{"banned": banned, "points": [len(f[0]) for f in faces]}}))
       """)
   run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+                       timeout=LAST_GUARD_S)
   assert run.returncode == 0, run.stderr
   result = json.loads(run.stdout.strip().splitlines()[-1])
   assert result == {"banned": [], "points": [98, 98, 98, 98]}

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from tests.limits import LAST_GUARD_S
+
 import ast
 import json
 import os
@@ -115,7 +117,7 @@ def test_importing_the_library_changes_no_process_setting():
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL")}
   proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(modules)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
+                        capture_output=True, text=True, timeout=LAST_GUARD_S, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   changed = json.loads(proc.stdout.strip().splitlines()[-1])
   assert not changed, changed

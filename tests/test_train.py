@@ -25,6 +25,7 @@ import pytest
 
 from star_jax import checkpointing
 from star_jax import logging_utils
+from tests.limits import LAST_GUARD_S
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ STEPS = 6
 # element and to 5e-6 on average; the first logged losses agree to 1e-7 relative.
 DEVICE_COUNT_MAX_ATOL = 5e-4
 DEVICE_COUNT_MEAN_ATOL = 5e-6
-START_TIMEOUT_S = 300
+START_TIMEOUT_S = LAST_GUARD_S
 
 
 def _env(cache_dir, **extra):
