@@ -100,6 +100,35 @@ def tree_checksum(tree: PyTree) -> int:
   return crc
 
 
+# What a save needs beyond its arrays' bytes: orbax's metadata, the OCDBT index, JSON items.
+_SAVE_OVERHEAD_BYTES = 4 << 20
+_SAVE_OVERHEAD_FACTOR = 1.1
+
+
+def tree_bytes(tree: PyTree) -> int:
+  return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree)))
+
+
+def check_free_space(directory: str, needed_bytes: int) -> None:
+  """CheckpointError (one line, before anything is written) when the filesystem of `directory`
+  lacks room for a save of `needed_bytes` of arrays: a save that runs out of space part-way
+  fails in orbax's writer threads, each with its own traceback. The previous checkpoint stays
+  as it was, and once space is freed the same command resumes from it."""
+  existing = directory
+  while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  try:
+    free = shutil.disk_usage(existing).free
+  except OSError:
+    return  # unknown: let the write itself report
+  need = int(needed_bytes * _SAVE_OVERHEAD_FACTOR) + _SAVE_OVERHEAD_BYTES
+  if free < need:
+    raise CheckpointError(
+        f"{directory}: no space left for the next checkpoint (needs about {need / 2**20:.1f} MiB, "
+        f"{free / 2**20:.1f} MiB free); checkpoints written so far are intact: free some space and "
+        "run the same command again to resume")
+
+
 def _process_local() -> ocp.options.MultiprocessingOptions:
   """Orbax options for reads/writes that one process does alone (no cross-process barriers)."""
   me = jax.process_index()
@@ -176,6 +205,9 @@ class TrainCheckpoints:
 
   def save(self, step: int, state: PyTree, meta: Mapping[str, Any]) -> None:
     state = _host_tree(state)
+    # An asynchronous save still in flight holds space the check cannot see yet.
+    self.manager.wait_until_finished()
+    check_free_space(self.directory, tree_bytes(state))
     meta = dict(meta, step=int(step), checksum=tree_checksum(state))
     self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -360,6 +392,8 @@ class BestCheckpoints:
     extra = dict(extra or {}, step=int(step), val_nme=float(val_nme))
     if self._keeps_existing(int(step), float(val_nme)):
       return
+    check_free_space(self.directory, tree_bytes(variables) + (
+        tree_bytes(raw_variables) if raw_variables is not None else 0))
     record = model_record(model, spec, image_size, config, extra)
     self.manager.save(int(step), args=_inference_args(record, variables, raw_variables),
                       metrics={"val_nme": float(val_nme)}, force=True)

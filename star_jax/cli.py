@@ -93,6 +93,17 @@ def run(fn: Callable[[], int | None]) -> int:
     sys.exit(EXIT_INTERRUPTED)
   except OSError as e:
     error_exit(_describe_os_error(e), 1)
+  except (ValueError, RuntimeError) as e:
+    # Out of space inside a library's writer (orbax/tensorstore report ENOSPC this way).
+    if not _OUT_OF_SPACE.search(str(e)):
+      raise
+    path = _QUOTED_PATH.search(str(e))
+    error_exit(f"{path.group(1) if path else 'a file'}: no space left on the device; free some "
+               "space and run the same command again", 1)
+
+
+_OUT_OF_SPACE = re.compile(r"RESOURCE_EXHAUSTED|No space left on device|ENOSPC")
+_QUOTED_PATH = re.compile(r'local file "([^"]+)"')
 
 
 def main_wrapper(fn: Callable[[Sequence[str] | None], int | None]
