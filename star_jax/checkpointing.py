@@ -322,6 +322,9 @@ def _from_record(record: Mapping[str, Any], variables: PyTree, where: str, weigh
   model = models.from_description(record.get("model"), where)
   spec = datasets.scheme_from_dict(record.get("scheme"), where, for_training=False) if record.get(
       "scheme") is not None else datasets.spec_for_num_points(model.num_points)
+  if int(spec.num_points) != int(model.num_points):
+    raise CheckpointError(f"{where}: the scheme has {spec.num_points} points but the model "
+                          f"description {model.num_points}")
   image_size = record.get("image_size", DEFAULT_IMAGE_SIZE)
   if isinstance(image_size, bool) or not isinstance(image_size, int) or not 0 < image_size < 8192:
     raise CheckpointError(f"{where}: image_size must be a positive integer, got {image_size!r}")
@@ -561,7 +564,8 @@ def _load_official(path: str, weights: str, trained_on: str | None = None) -> Lo
 WEIGHTS = ("default", "ema", "raw")
 
 
-def load_model(path: str, *, weights: str = "default") -> LoadedModel:
+def load_model(path: str, *, weights: str = "default", check_finite: bool = True
+               ) -> LoadedModel:
   """Any checkpoint, ready for inference; the one loader behind eval, predict, export, convert.
 
   `path` may be:
@@ -575,15 +579,26 @@ def load_model(path: str, *, weights: str = "default") -> LoadedModel:
   `weights`: 'default' (the EMA weights of star-jax runs; `"net"` of an official file, as the
   official tester and evaluate.py use), 'ema' or 'raw' (for an official file: `"net_ema"` or
   `"net"`). The model is built for inference (no BatchNorm synchronisation).
+  The weights are held to the model description before the network is used
+  (`models.check_variables`: every variable's path, shape and dtype; with `check_finite`, no
+  NaN or infinity).
   Raises CheckpointError (one line, naming the path) for anything that is not a readable
-  checkpoint.
+  checkpoint or whose weights do not fit what it says it is.
   """
   if weights not in WEIGHTS:
     raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
   from star_jax import released
   release = released.lookup(path)
   if release is not None and not os.path.exists(os.path.expanduser(path)):
-    return _load_official(released.ensure(release.name), weights, trained_on=release.dataset)
+    loaded = _load_official(released.ensure(release.name), weights, trained_on=release.dataset)
+  else:
+    loaded = _load_unchecked(path, weights)
+  models.check_variables(loaded.model, loaded.variables, loaded.source,
+                         check_finite=check_finite)
+  return loaded
+
+
+def _load_unchecked(path: str, weights: str) -> LoadedModel:
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.isfile(path):
     if is_official_checkpoint(path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 from typing import Any, Callable, Iterable, Sequence
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from star_jax import checkpointing
+from star_jax import json_output
 from star_jax import metrics as metrics_lib
 from star_jax import outputs
 from star_jax import plots
@@ -147,8 +147,7 @@ def write_outputs(output_dir: str, result: EvalResult, masks: dict[str, np.ndarr
   outputs.record_folder_outputs(output_dir, OUTPUT_NAMES)
   paths = {name: os.path.join(output_dir, name) for name in OUTPUT_NAMES}
   with open(paths["metrics.json"], "w") as f:
-    json.dump(result.metrics, f, indent=2)
-    f.write("\n")
+    f.write(json_output.dumps(result.metrics, where=paths["metrics.json"], indent=2) + "\n")
   np.savez(paths["predictions.npz"], landmarks=result.landmarks.astype(np.float32),
            image_paths=np.array(result.image_paths, dtype=str), nme=result.nme,
            landmarks_gt=result.landmarks_gt.astype(np.float32), index=result.index)

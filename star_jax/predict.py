@@ -44,7 +44,6 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -54,6 +53,7 @@ import numpy as np
 
 from star_jax import cli
 from star_jax import detection
+from star_jax import json_output
 from star_jax import landmark_mappings
 from star_jax import outputs
 from star_jax import plots
@@ -97,9 +97,10 @@ class FileReport:
   num_faces: int = 0
 
 
-def _format_json(record: dict) -> str:
-  """Indented JSON with each [x, y] pair (and each box) kept on one line."""
-  text = json.dumps(record, indent=1)
+def _format_json(record: dict, where: str = "predictions") -> str:
+  """Indented JSON with each [x, y] pair (and each box) kept on one line; a non-finite number is
+  null (and one warning line naming `where`)."""
+  text = json_output.dumps(record, where=where, indent=1)
   number = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
   text = re.sub(r"\[\s*(" + number + r")((?:,\s*" + number + r")*)\s*\]",
                 lambda m: "[" + m.group(1) + re.sub(r",\s*", ", ", m.group(2)) + "]", text)
@@ -194,7 +195,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
               "faces": [f.to_json(num_points, predictor.spec) for f in faces]}
     report.json_path = os.path.join(out_dir, stems[i] + ".json")
     with open(report.json_path, "w") as f:
-      f.write(_format_json(record))
+      f.write(_format_json(record, report.json_path))
     if faces and write_png:
       drawn = [np.asarray(face["landmarks"]) for face in record["faces"]]
       canvas = plots.draw_landmarks(image, drawn, [f.box.as_list() for f in faces],

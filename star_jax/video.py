@@ -37,6 +37,7 @@ from typing import Callable, Iterator, Sequence
 import cv2
 import numpy as np
 
+from star_jax import json_output
 from star_jax import plots
 from star_jax.errors import DataError
 
@@ -290,6 +291,7 @@ class OutputWriter:
         raise
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
     self._error: BaseException | None = None
+    self._warned_nonfinite = False
     self._thread = threading.Thread(target=self._run, daemon=True)
     self._thread.start()
 
@@ -302,7 +304,11 @@ class OutputWriter:
         continue
       record, canvas_fn = item
       try:
-        self._jsonl.write(json.dumps(record, separators=(",", ":")) + "\n")
+        clean, nonfinite = json_output.finite(record)
+        if nonfinite and not self._warned_nonfinite:  # once per video, not once per frame
+          self._warned_nonfinite = True
+          print(json_output.nonfinite_warning(self.jsonl_path, nonfinite), file=sys.stderr)
+        self._jsonl.write(json.dumps(clean, separators=(",", ":"), allow_nan=False) + "\n")
         if self._video is not None:
           self._video.write(canvas_fn())
       except BaseException as e:  # reported by close()

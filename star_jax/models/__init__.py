@@ -9,17 +9,24 @@ the first time the name is asked for, so nothing else needs editing.
 A trained network is stored as its description, `{"name": ..., "fields": {...}}`: the registry
 name and the dataclass fields as JSON numbers, strings, booleans and lists. `from_description`
 rebuilds it: the class comes from the registry of networks already imported (never from the
-file, which cannot make star-jax import or call anything), and every field is checked against
-the type of the class's own default.
+file, which cannot make star-jax import or call anything), every field is checked against
+the type of the class's own default, and sizes against `SIZE_LIMITS` (before anything is built).
+`check_variables` then holds the stored weights to the description: every variable's path,
+shape and dtype, and (by default) that every value is finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import json
 from typing import Any, Mapping
 
+import flax.traverse_util
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from star_jax.errors import CheckpointError, UsageError
 from star_jax.models import registry
@@ -33,6 +40,13 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 _LEGACY_CLASS_NAMES = {"star_jax.models.hourglass.StackedHourglass": DEFAULT_MODEL}
 # Fields that never travel with a description (flax's own and run-time-only settings).
 _NOT_DESCRIBED = ("parent", "name", "bn_axis_name")
+# Inclusive ranges of the size fields a description may give (any network with such a field),
+# so that a file cannot ask for an absurd network: the released models use 4 stacks, 4 levels,
+# 256 channels and 98 points.
+SIZE_LIMITS = {"num_stacks": (1, 16), "num_levels": (1, 8), "channels": (1, 4096),
+               "num_points": (1, 4096)}
+# Any other integer field.
+_INT_LIMIT = 1 << 20
 
 
 def model_class(name: str) -> type:
@@ -143,13 +157,15 @@ def _field_value(cls: type, field: dataclasses.Field, value: Any, where: str) ->
       raise bad("true or false")
     return value
   if isinstance(default, int):
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 20:
-      raise bad("a non-negative integer")
+    low, high = SIZE_LIMITS.get(field.name, (0, _INT_LIMIT - 1))
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+      raise bad(f"an integer from {low} to {high}")
     return value
   if isinstance(default, tuple):
     depth = 2 if field.name.endswith("points") else 1
     converted = _int_tuple(value, depth)
-    if converted is None:
+    if converted is None or len(converted) > _INT_LIMIT or (depth == 2 and any(
+        len(v) > _INT_LIMIT for v in converted)):
       raise bad("a list of lists of integers" if depth == 2 else "a list of integers")
     return converted
   if default is None or isinstance(default, str):
@@ -185,9 +201,75 @@ def from_description(description: Mapping[str, Any], where: str = "model descrip
     raise CheckpointError(f"{where}: unknown field(s) {', '.join(map(str, unknown))[:200]} for "
                           f"model {name!r}")
   kwargs = {key: _field_value(cls, known[key], value, where) for key, value in fields.items()}
+  num_points = kwargs.get("num_points", getattr(cls, "num_points", None))
+  for edge in kwargs.get("edge_points", ()) if isinstance(num_points, int) else ():
+    outside = [p for p in edge if not 0 <= p < num_points]
+    if outside:
+      raise CheckpointError(f"{where}: edge_points name landmark {outside[0]}, outside the "
+                            f"model's {num_points} points")
   return cls(**kwargs)
 
 
-__all__ = ["DEFAULT_MODEL", "ModelOutput", "StackedHourglass", "count_parameters",
-           "create_model", "describe", "from_description", "init_variables", "model_class",
-           "parameter_shapes", "trained_on", "training_data"]
+# ---------------------------------------------------------------------------------------------
+# Stored weights against the description.
+
+def _path_name(path: tuple) -> str:
+  return "/".join(str(k) for k in path)
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_variables(description_json: str, where: str) -> dict[tuple, jax.ShapeDtypeStruct]:
+  """Path -> shape and dtype of every variable of the described network (traced, not built)."""
+  model = from_description(json.loads(description_json), where)  # sizes bounded first
+  size = 4 * 2 ** int(getattr(model, "num_levels", 4))
+  shapes = parameter_shapes(model, size)
+  return {path: leaf for path, leaf in flax.traverse_util.flatten_dict(dict(shapes)).items()}
+
+
+def check_variables(model, variables: Mapping[str, Any], where: str, *,
+                    check_finite: bool = True) -> None:
+  """CheckpointError (one line naming the variable) unless `variables` are exactly what `model`
+  declares: the same paths, each with the model's shape and dtype, and (with `check_finite`)
+  no NaN or infinity. Nothing is allocated for the model: its variables are traced.
+  """
+  try:
+    expected = _expected_variables(json.dumps(describe(model), sort_keys=True), where)
+  except ValueError as e:  # the network refuses its own description (e.g. AAM without edges)
+    raise CheckpointError(f"{where}: the model description does not make a network "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+  if not isinstance(variables, Mapping):
+    raise CheckpointError(f"{where}: the weights are not a tree of named variables")
+  stored = flax.traverse_util.flatten_dict(
+      {k: dict(v) if isinstance(v, Mapping) else v for k, v in variables.items()})
+  missing = sorted(set(expected) - set(stored))
+  extra = sorted(set(stored) - set(expected))
+  if missing:
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise CheckpointError(f"{where}: variable {_path_name(missing[0])} is missing{more}; the "
+                          "weights do not belong to this model description")
+  if extra:
+    more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+    raise CheckpointError(f"{where}: variable {_path_name(extra[0])} is not part of the "
+                          f"described model{more}")
+  for path in sorted(expected):
+    want, leaf = expected[path], stored[path]
+    name = _path_name(path)
+    shape, dtype = tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", None)
+    if dtype is None or not hasattr(leaf, "__array__"):
+      raise CheckpointError(f"{where}: variable {name} is a {type(leaf).__name__}, not an array")
+    if shape != tuple(want.shape):
+      raise CheckpointError(f"{where}: variable {name} has shape {shape}; the model "
+                            f"description needs {tuple(want.shape)}")
+    if np.dtype(dtype) != np.dtype(want.dtype):
+      raise CheckpointError(f"{where}: variable {name} is {np.dtype(dtype).name}; the model "
+                            f"needs {np.dtype(want.dtype).name}")
+    if check_finite:
+      bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
+      if bad:
+        raise CheckpointError(f"{where}: variable {name} holds {bad} non-finite value(s) "
+                              "(NaN or infinity); refusing weights that cannot predict")
+
+
+__all__ = ["DEFAULT_MODEL", "SIZE_LIMITS", "ModelOutput", "StackedHourglass", "check_variables",
+           "count_parameters", "create_model", "describe", "from_description", "init_variables",
+           "model_class", "parameter_shapes", "trained_on", "training_data"]
