@@ -33,7 +33,7 @@ from star_jax import plots
 from star_jax.checkpointing import LoadedModel
 from star_jax.data import transforms
 from star_jax.datasets import DatasetSpec, get_spec
-from star_jax.errors import UsageError
+from star_jax.errors import DataError, UsageError
 
 TTA_MODES = ("none", "flip")
 
@@ -172,13 +172,17 @@ def _progress(iterable: Iterable, total: int | None, enabled: bool, desc: str):
 
 def predict_split(config: Any, loaded: LoadedModel, *, split: str = "test",
                   batch_size: int | None = None, progress: bool = True, tta: str = "none",
-                  source=None, landmark_fn=None) -> dict[str, Any]:
+                  source=None, landmark_fn=None, report_unreadable: bool = False,
+                  log=None) -> dict[str, Any]:
   """Runs the network over a split: predictions and ground truth in original pixels.
 
   Returns, in TSV order: `landmarks`, `landmarks_gt` (M, N, 2), `index` (M,), `tags` (M, T),
   `image_paths` (as the TSV writes them) and `image_dir`. Batches come from the data
   pipeline's `eval_dataset` (the official evaluation crop, for every source alike).
   `landmark_fn(variables, images)` replaces the network (e.g. an exported model's runner).
+  `report_unreadable`: the decode that feeds the network also checks every image; all the
+  unreadable ones are passed to `log` (one `file:line: image: reason` line each) and the pass
+  ends in a DataError naming the first (the network stops at the first, the check goes on).
   """
   from star_jax.data import pipeline
   from star_jax.data import sources
@@ -193,10 +197,19 @@ def predict_split(config: Any, loaded: LoadedModel, *, split: str = "test",
     logging.warning("evaluating %s at %d pixels; it was trained at %d", loaded.source,
                     int(config.data.image_size), loaded.image_size)
   total = -(-source.num_examples(split) // batch_size)
-  batches = pipeline.eval_dataset(config, split, batch_size=batch_size, source=source)
+  batches = pipeline.eval_dataset(config, split, batch_size=batch_size, source=source,
+                                  report_unreadable=report_unreadable)
   parts: dict[str, list] = {k: [] for k in ("landmarks", "landmarks_gt", "index", "tags", "path")}
+  unreadable: list[str] = []
   for batch in _progress(batches, total, progress, f"eval {split}"):
     mask = np.asarray(batch["mask"], bool)
+    for position, problem in zip(batch["position"][mask], batch["problem"][mask]):
+      if problem:
+        unreadable.append(f"{source.describe(split, int(position))}: {problem.decode('utf-8')}")
+        if log is not None:
+          log(unreadable[-1])
+    if unreadable:
+      continue  # the evaluation fails: only the check goes on
     images = np.asarray(batch["image"], np.float32)
     lm = np.asarray(landmark_fn(loaded.variables, images))
     pred_px = transforms.landmarks_to_original(lm, np.asarray(batch["matrix"]), images.shape[1])
@@ -205,6 +218,9 @@ def predict_split(config: Any, loaded: LoadedModel, *, split: str = "test",
     parts["index"].append(np.asarray(batch["index"], np.int64)[mask])
     parts["tags"].append(np.asarray(batch["tags"], np.int32)[mask])
     parts["path"].append(np.asarray(batch["path"])[mask])
+  if unreadable:
+    more = f" (and {len(unreadable) - 1} more, listed above)" if len(unreadable) > 1 else ""
+    raise DataError(f"{unreadable[0]}{more}")
   out = {k: np.concatenate(v) for k, v in parts.items()}
   order = np.argsort(out["index"], kind="stable")
   paths = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in out["path"][order]]
@@ -247,7 +263,8 @@ def evaluate(config: Any, checkpoint: str | LoadedModel, output_dir: str | None 
     threshold: FR/AUC threshold in (0, 1] (default: the dataset's, 0.05 for 300W, else 0.1).
     even_rule: Simpson rule for even sample counts (see star_jax.metrics).
     tta: 'none' or 'flip' (test-time flip augmentation, see `make_landmark_fn`).
-    check_images: decode every image once first and report all unreadable ones.
+    check_images: report every unreadable image (the decode that feeds the network checks
+      each image; nothing is written when one fails).
   """
   from star_jax.data import sources
   check_output_dir(output_dir, inputs_of(config, checkpoint))
@@ -266,11 +283,9 @@ def evaluate(config: Any, checkpoint: str | LoadedModel, output_dir: str | None 
                      f"config.dataset={config.dataset!r} has {spec.num_points}; pass the config "
                      "of the dataset the checkpoint was trained on")
   source = sources.source_for(config)
-  if check_images:
-    sources.check_images(source, split, progress=progress,
-                         log=lambda line: print(f"unreadable: {line}", file=sys.stderr))
   out = predict_split(config, loaded, split=split, batch_size=batch_size, progress=progress,
-                      tta=tta, source=source)
+                      tta=tta, source=source, report_unreadable=check_images,
+                      log=lambda line: print(f"unreadable: {line}", file=sys.stderr))
   image_paths = out["image_paths"]
   metrics, nmes, masks = compute_metrics(
       out["landmarks"], out["landmarks_gt"], spec, image_paths=image_paths, tags=out["tags"],

@@ -19,7 +19,12 @@ that window is decoded (`tf.image.decode_and_crop_jpeg`; other formats decode wh
 OpenCV/Pillow). The crop is warped with the plan's matrix moved to the window's frame, then the
 texture operations run and the targets are drawn (`targets.py`). The warp equals the official
 full-image warp up to OpenCV's 1/32-pixel coordinate rounding of the shifted matrix (rarely
-one grey level); the evaluation crop decodes the whole image and is bit-exact.
+one grey level). The evaluation crop decodes the whole image with OpenCV (`cv2.imdecode`, the
+decoder behind the official `cv2.imread`) and warps it with the official matrix: it is the
+official crop pixel for pixel. That one decode also serves the image check: with
+`report_unreadable`, an image that cannot be read becomes a `problem` string in its batch row
+instead of an error, so that an evaluation reads every image once and still lists all the
+unreadable ones.
 
 Unreadable images. A decode failure inside tf.data carries no file name, so the iterators here
 catch it, decode the failing batch's images again outside tf.data and raise a DataError naming
@@ -29,11 +34,13 @@ the TSV file, line and image (`config.data.check_images` checks every image up f
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 
+from star_jax import image_io
 from star_jax.data import sources as sources_lib
 from star_jax.data import targets as target_lib
 from star_jax.data import transforms
@@ -96,6 +103,26 @@ def _train_render(settings: _TrainSettings, pixels, position, landmarks, scale, 
   pointmaps = target_lib.point_maps(plan.landmarks_px, size, settings.sigma)
   edgemaps = target_lib.edge_maps(plan.landmarks_px, settings.spec, size)
   return crop, lmk, pointmaps, edgemaps
+
+
+def _eval_render_file(image_size: int, report_unreadable: bool, path, landmarks, scale,
+                      center):
+  """`_eval_render` of the image file at `path`, plus a problem string ('' when readable).
+
+  An unreadable image raises ImageError, or with `report_unreadable` gives a black crop and the
+  reason (the ImageError's message without the path, as `Source.check_image` words it).
+  """
+  path = os.fsdecode(path.item() if isinstance(path, np.ndarray) else path)
+  try:
+    pixels = image_io.load_image(path)
+  except image_io.ImageError as e:
+    if not report_unreadable:
+      raise
+    _, matrix, lmk, landmarks_px = _eval_render(
+        image_size, np.zeros((1, 1, 3), np.uint8), landmarks, scale, center, np.zeros(2))
+    crop = np.zeros((image_size, image_size, 3), np.uint8)
+    return crop, matrix, lmk, landmarks_px, str(e).removeprefix(f"{path}: ")
+  return (*_eval_render(image_size, pixels, landmarks, scale, center, np.zeros(2)), "")
 
 
 def _eval_render(image_size: int, pixels, landmarks, scale, center, offset):
@@ -288,20 +315,24 @@ def _eval_share(num: int, batch_size: int, p: int, count: int) -> tuple[int, int
 
 def eval_dataset(config, split: str, *, batch_size: int, process_index: int | None = None,
                  process_count: int | None = None, num_threads: int | None = None,
-                 source: sources_lib.Source | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 source: sources_lib.Source | None = None,
+                 report_unreadable: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """One pass over `split` ('val' or 'test') in TSV order, as the official test path crops.
 
   Batches: `image` (b,S,S,3) float32 RGB `u8/255*2-1`; `landmarks` (b,N,2) normalised crop
   coordinates (clipped); `matrix` (b,3,3) float32 original->crop; `landmarks_px` (b,N,2)
   original pixels; `index` (b,) int64 TSV row; `tags` (b,T) int32; `path` (b,) bytes, the image
-  path as the TSV writes it; `mask` (b,) bool, False on the padding that fills the last batch
-  (every batch has `batch_size` rows). With several processes each takes a contiguous share
-  and all get the same number of batches.
+  path as the TSV writes it; `position` (b,) int64 row of the split (for `Source.describe`);
+  `problem` (b,) bytes, why the image could not be read ('' when it could; only with
+  `report_unreadable`, else an unreadable image raises a DataError naming it); `mask` (b,)
+  bool, False on the padding that fills the last batch (every batch has `batch_size` rows).
+  With several processes each takes a contiguous share and all get the same number of batches.
   """
   source = source or sources_lib.source_for(config)
   p, count = _process(process_index, process_count)
   dataset = build_eval_dataset(config, split, batch_size=batch_size, process_index=p,
-                               process_count=count, num_threads=num_threads, source=source)
+                               process_count=count, num_threads=num_threads, source=source,
+                               report_unreadable=report_unreadable)
   start, stop, _ = _eval_share(source.num_examples(split), int(batch_size), p, count)
 
   def rows_of(k: int):
@@ -313,7 +344,8 @@ def eval_dataset(config, split: str, *, batch_size: int, process_index: int | No
 
 def build_eval_dataset(config, split: str, *, batch_size: int, process_index: int | None = None,
                        process_count: int | None = None, num_threads: int | None = None,
-                       source: sources_lib.Source | None = None) -> tf.data.Dataset:
+                       source: sources_lib.Source | None = None,
+                       report_unreadable: bool = False) -> tf.data.Dataset:
   """The tf.data.Dataset behind `eval_dataset`."""
   if split not in ("val", "test"):
     raise UsageError(f"split {split!r}: evaluation takes 'val' or 'test'")
@@ -332,21 +364,33 @@ def build_eval_dataset(config, split: str, *, batch_size: int, process_index: in
   records = source.records(split)
   mine = records.skip(start).take(stop - start) if stop > start else records.take(1)
   filler = mine.take(1).repeat()   # shape donor for the padding rows
+  positions = np.where(valid, start + np.arange(padded), start)   # padding: the filler's
   elements = tf.data.Dataset.zip(mine.concatenate(filler).take(padded),
-                                 tf.data.Dataset.from_tensor_slices(valid))
+                                 tf.data.Dataset.from_tensor_slices(valid),
+                                 tf.data.Dataset.from_tensor_slices(positions.astype(np.int64)))
 
-  def load(record, mask):
-    pixels, offset = source.read_image(record)
-    crop, matrix, lmk, landmarks_px = tf.numpy_function(
-        lambda *a: _eval_render(size, *a),
-        [pixels, record["landmarks"], record["scale"], record["center"], offset],
-        [tf.uint8, tf.float32, tf.float32, tf.float32], stateful=False)
+  def load(record, mask, position):
+    image_file = source.image_file(record)
+    if image_file is not None:   # decoded here: one decode for the check and the crop
+      crop, matrix, lmk, landmarks_px, problem = tf.numpy_function(
+          lambda *a: _eval_render_file(size, report_unreadable, *a),
+          [image_file, record["landmarks"], record["scale"], record["center"]],
+          [tf.uint8, tf.float32, tf.float32, tf.float32, tf.string], stateful=False)
+    else:
+      pixels, offset = source.read_image(record)
+      crop, matrix, lmk, landmarks_px = tf.numpy_function(
+          lambda *a: _eval_render(size, *a),
+          [pixels, record["landmarks"], record["scale"], record["center"], offset],
+          [tf.uint8, tf.float32, tf.float32, tf.float32], stateful=False)
+      problem = tf.constant("")
     return dict(
         # evaluate.py's normalisation: u8 / 255 * 2 - 1 in float32.
         image=tf.cast(tf.ensure_shape(crop, [size, size, 3]), tf.float32) / 255.0 * 2.0 - 1.0,
         landmarks=tf.ensure_shape(lmk, [spec.num_points, 2]),
         matrix=tf.ensure_shape(matrix, [3, 3]),
         landmarks_px=tf.ensure_shape(landmarks_px, [spec.num_points, 2]),
+        problem=tf.ensure_shape(problem, []),
+        position=position,
         index=tf.cast(record["index"], tf.int64),
         tags=tf.cast(record["tags"], tf.int32),
         path=record["path"],

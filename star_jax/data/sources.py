@@ -43,6 +43,8 @@ SOURCES = ("tsv", "embedded", "tfds")
 # training rows, 5% would be validated (before the first step, and at every validation) for no
 # better an estimate.
 MAX_CARVED_VAL_ROWS = 1000
+# Records a TFDS training shuffle holds at most (a whole WFLW training split fits).
+TFDS_SHUFFLE_BUFFER = 20000
 
 
 def carved_val_rows(num_rows: int, fraction: float) -> np.ndarray:
@@ -87,6 +89,11 @@ class Source(abc.ABC):
   @abc.abstractmethod
   def read_window(self, record, window: tf.Tensor) -> tf.Tensor:
     """uint8 RGB pixels `window = (y, x, h, w)` of the record's image (inside it)."""
+
+  def image_file(self, record) -> tf.Tensor | None:
+    """The path of the record's image file, for callers that decode it themselves (with
+    `check_image`'s decoder); None when the source hands over decoded pixels."""
+    return None
 
   @abc.abstractmethod
   def read_image(self, record) -> tuple[tf.Tensor, tf.Tensor]:
@@ -229,6 +236,9 @@ class TsvSource(Source):
   def read_window(self, record, window: tf.Tensor) -> tf.Tensor:
     return image_io.decode_window_tensor(tf.io.read_file(record["file"]), window)
 
+  def image_file(self, record) -> tf.Tensor:
+    return record["file"]
+
   def read_image(self, record) -> tuple[tf.Tensor, tf.Tensor]:
     return (image_io.decode_tensor(tf.io.read_file(record["file"])),
             tf.zeros([2], tf.float64))
@@ -311,23 +321,33 @@ class TfdsSource(Source):
     return dataset.filter(lambda r: tf.gather(mask, r["index"])).apply(
         tf.data.experimental.assert_cardinality(count))
 
-  def _load(self, split: str) -> tf.data.Dataset:
-    return self._filtered(split, self._builders.load_records(self.builder,
-                                                             self._raw_split(split)))
+  def _load(self, split: str, *, decode_image: bool = True) -> tf.data.Dataset:
+    return self._filtered(split, self._builders.load_records(
+        self.builder, self._raw_split(split), decode_image=decode_image))
 
   def records(self, split: str) -> tf.data.Dataset:
     return self._load(split)
 
   def train_records(self, seed: int, first_position: int) -> tf.data.Dataset:
     """A seeded shuffle per epoch (no random access in TFDS shards); resuming re-reads the
-    skipped records."""
+    skipped records.
+
+    The shuffle buffer holds the records as stored (the encoded image bytes plus the small
+    annotation tensors), up to `TFDS_SHUFFLE_BUFFER` of them, and each image is decoded after
+    the shuffle: the buffer costs about the encoded size of the training split, not its
+    decoded crops. The order is the same as a shuffle of decoded records with the same seed
+    and buffer (it does not depend on the contents).
+    """
     num = self.num_examples("train")
     if num <= 0:
       raise DataError(f"{self.builder.name}: the training split is empty")
-    shuffled = self._load("train").shuffle(min(num, 20000), seed=seed,
-                                           reshuffle_each_iteration=True).repeat()
+    decode = self.builder.info.features["image"].decode_example
+    shuffled = self._load("train", decode_image=False).shuffle(
+        min(num, TFDS_SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True).repeat()
+    decoded = shuffled.map(lambda r: {**r, "pixels": decode(r["pixels"])},
+                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return tf.data.Dataset.zip(tf.data.Dataset.range(0, _INFINITE),
-                               shuffled).skip(first_position)
+                               decoded).skip(first_position)
 
   def image_hw(self, record) -> tf.Tensor:
     return tf.shape(record["pixels"])[:2]

@@ -1,0 +1,53 @@
+"""The TFDS training shuffle holds encoded records and decodes after the shuffle: same stream as
+a shuffle of decoded records with the same seed and buffer, pixel for pixel."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+import tensorflow as tf  # noqa: E402
+
+from configs import base  # noqa: E402
+from star_jax.data import sources, tfds_builders  # noqa: E402
+from tests import tiny_data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def wflw_tfds_jpeg(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tfds_shuffle")
+  files = tiny_data.wflw(str(root / "manual"), counts=(12, 4, 4))
+  data_dir = str(root / "data")
+  assert tfds_builders.main(["wflw", "--manual_dir", os.path.dirname(files.train_tsv),
+                             "--data_dir", data_dir, "--config", "jpeg"]) == 0
+  return data_dir
+
+
+def test_training_stream_equals_a_shuffle_of_decoded_records(wflw_tfds_jpeg):
+  config = base.get_base_config("wflw")
+  config.data.source = "tfds"
+  config.data.tfds_data_dir = wflw_tfds_jpeg
+  source = sources.source_for(config)
+  num = source.num_examples("train")
+  assert num == 12
+  seed, first = 7, 3
+  # The former stream: decoded records in the shuffle buffer.
+  decoded = source._load("train").shuffle(num, seed=seed, reshuffle_each_iteration=True)
+  reference = tf.data.Dataset.zip(tf.data.Dataset.range(0, 1 << 40),
+                                  decoded.repeat()).skip(first)
+  # What the buffer holds now: the stored bytes.
+  stored = source._load("train", decode_image=False)
+  assert stored.element_spec["pixels"].dtype == tf.string
+  got = source.train_records(seed, first)
+  count = 2 * num + 2                    # across two epoch boundaries
+  for (pos, record), (ref_pos, ref) in zip(got.take(count).as_numpy_iterator(),
+                                           reference.take(count).as_numpy_iterator()):
+    assert pos == ref_pos
+    assert record["index"] == ref["index"]
+    np.testing.assert_array_equal(record["pixels"], ref["pixels"])
+    np.testing.assert_array_equal(record["landmarks"], ref["landmarks"])
+  assert sources.TFDS_SHUFFLE_BUFFER >= 7500   # all of a WFLW-sized training split
