@@ -484,10 +484,8 @@ def is_official_checkpoint(path: str) -> bool:
 def _load_official(path: str, weights: str) -> LoadedModel:
   from star_jax import official
   use_ema = weights == "ema"
-  arch, variables = official.read_official(path, ema=use_ema)
-  model = official.model_from_architecture(arch, precision="highest")
-  return LoadedModel(model, variables, official.scheme_of_architecture(arch),
-                     DEFAULT_IMAGE_SIZE, None, path,
+  model, variables, spec = official.load_official(path, ema=use_ema, precision="highest")
+  return LoadedModel(model, variables, spec, DEFAULT_IMAGE_SIZE, None, path,
                      "net_ema" if use_ema else "net")
 
 
