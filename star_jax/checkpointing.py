@@ -554,10 +554,8 @@ def is_official_checkpoint(path: str) -> bool:
 def _load_official(path: str, weights: str, trained_on: str | None = None) -> LoadedModel:
   from star_jax import official
   use_ema = weights == "ema"
-  arch, variables = official.read_official(path, ema=use_ema)
-  model = official.model_from_architecture(arch, precision="highest")
-  return LoadedModel(model, variables, official.scheme_of_architecture(arch),
-                     DEFAULT_IMAGE_SIZE, None, path,
+  model, variables, spec = official.load_official(path, ema=use_ema, precision="highest")
+  return LoadedModel(model, variables, spec, DEFAULT_IMAGE_SIZE, None, path,
                      "net_ema" if use_ema else "net", trained_on=trained_on)
 
 
@@ -607,6 +605,7 @@ def _load_unchecked(path: str, weights: str) -> LoadedModel:
                           f"({', '.join(OFFICIAL_SUFFIXES)}); star-jax checkpoints are "
                           "directories")
   if not os.path.isdir(path):
+    from star_jax import released
     raise CheckpointError(f"{path}: no such checkpoint file or directory (or a released model: "
                           f"{', '.join(released.names())})")
   if _is_inference_dir(path):

@@ -53,6 +53,7 @@ from flax import traverse_util
 
 from star_jax import datasets
 from star_jax.errors import CheckpointError, UsageError
+from star_jax.models import hrnet
 from star_jax.models.hourglass import StackedHourglass, parameter_shapes
 
 # The first convolution sees [B, G, R, xx, yy, rr] in the official net and [R, G, B, xx, yy, rr]
@@ -276,6 +277,8 @@ class _ArchiveReader:
     self.max_dim = file_size
     self._cache: dict[str, np.ndarray] = {}
 
+  legacy = False
+
   def member(self, key: str) -> str:
     return f"{self.prefix}data/{key}"
 
@@ -303,15 +306,64 @@ class _ArchiveReader:
       except _ZIP_ERRORS as e:
         raise CheckpointError(f"{self.path}: storage {member} is corrupt "
                               f"({_one_line(e)})") from None
-      expected = ref.numel * ref.dtype.itemsize
-      if len(raw) != expected:  # the directory said otherwise: a damaged or forged member
-        raise CheckpointError(f"{self.path}: storage {member} has {len(raw)} bytes, expected "
-                              f"{expected} ({ref.numel} x {ref.dtype})")
-      dtype = ref.dtype.newbyteorder("<" if self.byteorder == "little" else ">")
-      array = np.frombuffer(raw, dtype).astype(ref.dtype, copy=False)
-      if ref.dtype == np.bool_ and np.any(np.frombuffer(raw, np.uint8) > 1):
-        raise CheckpointError(f"{self.path}: storage {member} holds booleans other than 0 and 1")
-      self._cache[ref.key] = array
+      self._cache[ref.key] = _decode_storage(self.path, member, raw, ref, self.byteorder)
+    return self._cache[ref.key]
+
+
+def _decode_storage(path: str, member: str, raw: bytes, ref: _StorageRef, byteorder: str
+                    ) -> np.ndarray:
+  """The elements of a storage from its raw bytes, checked against its declaration."""
+  expected = ref.numel * ref.dtype.itemsize
+  if len(raw) != expected:  # the directory said otherwise: a damaged or forged member
+    raise CheckpointError(f"{path}: storage {member} has {len(raw)} bytes, expected "
+                          f"{expected} ({ref.numel} x {ref.dtype})")
+  dtype = ref.dtype.newbyteorder("<" if byteorder == "little" else ">")
+  array = np.frombuffer(raw, dtype).astype(ref.dtype, copy=False)
+  if ref.dtype == np.bool_ and np.any(np.frombuffer(raw, np.uint8) > 1):
+    raise CheckpointError(f"{path}: storage {member} holds booleans other than 0 and 1")
+  return array
+
+
+class _LegacyReader:
+  """The storages of a legacy (pre-1.6) torch.save file: after the pickles, per storage key
+  (in the order the last pickle lists them) an 8-byte element count and the raw bytes.
+
+  While the main pickle is read the records are not known yet (`records` is None): storages are
+  checked against them once the whole file is walked, before anything is decoded."""
+
+  legacy = True
+
+  def __init__(self, path: str, data: bytes, byteorder: str):
+    self.path = path
+    self.data = data
+    self.byteorder = byteorder
+    self.max_dim = len(data)
+    self.records: dict[str, tuple[int, int]] | None = None  # key -> (byte offset, numel)
+    self._cache: dict[str, np.ndarray] = {}
+
+  def member(self, key: str) -> str:
+    return f"data/{key}"
+
+  def storage_problem(self, key: str, dtype: np.dtype, numel: int) -> str | None:
+    if self.records is None:
+      return None
+    record = self.records.get(key)
+    if record is None:
+      return f"storage {key} has no data in the file (truncated or incomplete file)"
+    if record[1] != numel:
+      return f"storage {key} holds {record[1]} elements, declared {numel} ({dtype})"
+    return None
+
+  def storage_array(self, ref: _StorageRef) -> np.ndarray:
+    if ref.key not in self._cache:
+      problem = (self.storage_problem(ref.key, ref.dtype, ref.numel) if self.records is not None
+                 else "storages are read before the file was checked")
+      if problem:
+        raise CheckpointError(f"{self.path}: {problem}")
+      offset, numel = self.records[ref.key]
+      raw = self.data[offset:offset + numel * ref.dtype.itemsize]
+      self._cache[ref.key] = _decode_storage(self.path, f"data/{ref.key}", raw, ref,
+                                             self.byteorder)
     return self._cache[ref.key]
 
 
@@ -324,7 +376,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
   def __init__(self, file, reader: _ArchiveReader):
     super().__init__(file)
     self.reader = reader
-    self._storages: dict[str, _StorageRef] = {}
+    self.storages: dict[str, _StorageRef] = {}
     self._opaque_classes: dict[tuple[str, str], type] = {}
 
   def find_class(self, module: str, name: str):
@@ -338,7 +390,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return self._rebuild_parameter
     if module == "torch._utils" and name == "_rebuild_parameter_with_state":
       return self._rebuild_parameter_with_state
-    if module == "torch" and name in _STORAGE_TYPES:
+    # Legacy files written from a GPU model name the CUDA storage classes; the bytes are the same.
+    if module in ("torch", "torch.cuda") and name in _STORAGE_TYPES:
       return _STORAGE_TYPES[name]
     if module == "builtins" and name in ("set", "frozenset", "slice", "complex"):
       return getattr(builtins, name)
@@ -356,6 +409,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return self._opaque_classes[key]
 
   def persistent_load(self, pid):
+    if self.reader.legacy and type(pid) is tuple and len(pid) == 6 and pid[0] == "storage":
+      # The legacy format adds view metadata: (view key, offset, size) of a storage that is a
+      # slice of another one. torch never writes views for module weights.
+      if pid[5] is not None:
+        return _Invalid(f"storage {_short(pid[2])} is a view of another storage (legacy view "
+                        "metadata), which weights never are")
+      pid = pid[:5]
     if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
       return _Invalid(f"persistent id {_short(pid)} is not ('storage', type, key, location, "
                       "numel)")
@@ -371,7 +431,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if problem:
       return _Invalid(problem)
     ref = _StorageRef(key, storage_type.dtype, numel)
-    known = self._storages.get(key)
+    known = self.storages.get(key)
     if known is not None:
       if known != ref:
         return _Invalid(f"storage {self.reader.member(key)} is declared as {known.numel} x "
@@ -380,7 +440,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     problem = self.reader.storage_problem(key, ref.dtype, numel)
     if problem:
       return _Invalid(problem)
-    self._storages[key] = ref
+    self.storages[key] = ref
     return ref
 
   def _rebuild_tensor_v2(self, *args):
@@ -451,12 +511,12 @@ def _opcode_table() -> list[tuple | None]:
 _OPCODES = _opcode_table()
 
 
-def _scan_pickle(data: bytes) -> None:
+def _scan_pickle(data: bytes) -> int:
   """Walks the pickle's opcodes without executing any, tracking for every stack item its
   nesting depth and (tuples) its hashing weight; raises ValueError naming the first opcode that
   is unknown, malformed, or would exceed the bounds above. Memo entries of mutable containers
   keep the depth they had when stored; deeper content added later sits behind a list or dict,
-  which CPython frees without recursion and never hashes."""
+  which CPython frees without recursion and never hashes. Returns the position after STOP."""
   leaf = (0, 1)  # (depth, weight) of an object holding no other
   stack: list[tuple[int, int]] = []
   marks: list[int] = []
@@ -517,7 +577,7 @@ def _scan_pickle(data: bytes) -> None:
     elif kind == _STOP:
       if len(stack) <= fence:
         raise ValueError(f"STOP on an empty stack at byte {at}")
-      return
+      return pos
     else:
       items: list[tuple[int, int]] = []
       if has_mark:
@@ -595,10 +655,10 @@ def read_torch_checkpoint(path: str) -> Any:
   except zipfile.BadZipFile:
     with open(path, "rb") as f:
       head = f.read(4)
+    if head[:1] == b"\x80":  # a pickle: the legacy (pre-1.6) format
+      return _read_legacy(path)
     what = ("a zip archive truncated or damaged" if head.startswith(b"PK")
-            else "not a zip archive; official checkpoints are torch.save zip files (torch >= 1.6)"
-            if head[:1] != b"\x80" else
-            "a legacy (pre-1.6) torch.save file; re-save it with a recent torch")
+            else "neither a torch.save zip file (torch >= 1.6) nor a legacy torch.save file")
     raise CheckpointError(f"{path}: {what}") from None
   except _ZIP_ERRORS as e:
     raise CheckpointError(f"{path}: cannot read the zip archive ({_one_line(e)})") from None
@@ -652,9 +712,16 @@ def _read_archive(path: str, archive: zipfile.ZipFile, file_size: int) -> Any:
     raise CheckpointError(f"{path}: {pickle_name} is corrupt ({_one_line(e)})") from None
 
   reader = _ArchiveReader(path, archive, members, prefix, byteorder, file_size)
+  unpickler = _RestrictedUnpickler(io.BytesIO(data), reader)
+  obj = _load_checked(path, pickle_name, unpickler.load)
+  _raise_first_invalid(path, obj)
+  return obj
+
+
+def _load_checked(path: str, pickle_name: str, load) -> Any:
+  """`load()` with the unpickler's failures as one-line `CheckpointError`s."""
   try:
-    obj = _RestrictedUnpickler(io.BytesIO(data), reader).load()
-    invalid = _first_invalid(obj)
+    return load()
   except CheckpointError:
     raise
   except RecursionError:
@@ -662,20 +729,116 @@ def _read_archive(path: str, archive: zipfile.ZipFile, file_size: int) -> Any:
   except _UNPICKLE_ERRORS as e:
     raise CheckpointError(f"{path}: {pickle_name} is corrupt "
                           f"({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _raise_first_invalid(path: str, obj: Any) -> None:
+  invalid = _first_invalid(obj)
   if invalid is not None:
     where, marker = invalid
     raise CheckpointError(f"{path}: tensor {_path_name(where)}: {marker.problem}")
+
+
+# The legacy format's first two pickles (torch/serialization.py, before 1.6).
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+# Storages a legacy file may hold; the key list is a pickle of at most this many names.
+MAX_LEGACY_STORAGES = 1 << 16
+
+
+class _PlainUnpickler(pickle.Unpickler):
+  """For the legacy header pickles and the key list: numbers, strings, dicts, lists only."""
+
+  def find_class(self, module: str, name: str):
+    raise pickle.UnpicklingError(f"names the global {_one_line(f'{module}.{name}', 100)}")
+
+  def persistent_load(self, pid):
+    raise pickle.UnpicklingError("holds a persistent id")
+
+
+def _read_legacy(path: str) -> Any:
+  """Reads a legacy (pre-1.6, non-zip) torch.save file: five pickles (magic number, protocol
+  version, system info, the object, its storage keys), then the storages' bytes."""
+  with open(path, "rb") as f:
+    data = f.read()
+  pos = 0
+
+  def next_pickle(what: str, load_with=None) -> Any:
+    nonlocal pos
+    try:
+      end = pos + _scan_pickle(data[pos:])
+    except ValueError as e:
+      raise CheckpointError(f"{path}: the legacy {what} pickle at byte {pos} is corrupt "
+                            f"({_one_line(e)})") from None
+    stream = io.BytesIO(data[pos:end])
+    unpickler = (load_with or _PlainUnpickler)(stream)
+    obj = _load_checked(path, f"the legacy {what} pickle", unpickler.load)
+    pos = end
+    return obj
+
+  magic = next_pickle("magic-number")
+  if type(magic) is not int or magic != LEGACY_MAGIC_NUMBER:
+    raise CheckpointError(f"{path}: starts with a pickle but not torch's magic number: not a "
+                          "torch.save file")
+  version = next_pickle("protocol-version")
+  if type(version) is not int or version != LEGACY_PROTOCOL_VERSION:
+    raise CheckpointError(f"{path}: legacy protocol version {_short(version)}, expected "
+                          f"{LEGACY_PROTOCOL_VERSION}")
+  info = next_pickle("system-info")
+  if not (type(info) is dict and type(info.get("little_endian")) is bool):
+    raise CheckpointError(f"{path}: the legacy system info {_short(info)} lacks little_endian")
+  reader = _LegacyReader(path, data, "little" if info["little_endian"] else "big")
+  unpicklers: list[_RestrictedUnpickler] = []  # kept to read its declared storages afterwards
+  obj = next_pickle("object", lambda stream: unpicklers.append(
+      _RestrictedUnpickler(stream, reader)) or unpicklers[-1])
+  keys = next_pickle("storage-key")
+  if (type(keys) is not list or len(keys) > MAX_LEGACY_STORAGES
+      or not all(type(k) is str and _STORAGE_KEY.fullmatch(k) for k in keys)
+      or len(set(keys)) != len(keys)):
+    raise CheckpointError(f"{path}: the legacy storage keys {_short(keys)} are not a list of "
+                          "distinct plain names")
+  declared = unpicklers[0].storages
+  records = {}
+  for key in keys:
+    ref = declared.get(key)
+    if ref is None:
+      raise CheckpointError(f"{path}: storage {key} has data but no tensor declares it")
+    if pos + 8 > len(data):
+      raise CheckpointError(f"{path}: the file ends before storage {key} (truncated)")
+    numel = int.from_bytes(data[pos:pos + 8], reader.byteorder, signed=True)
+    size = numel * ref.dtype.itemsize
+    if numel != ref.numel:
+      raise CheckpointError(f"{path}: storage {key} holds {numel} elements, declared "
+                            f"{ref.numel} ({ref.dtype})")
+    if pos + 8 + size > len(data):
+      raise CheckpointError(f"{path}: storage {key} needs {size} bytes, the file has "
+                            f"{len(data) - pos - 8} left (truncated)")
+    records[key] = (pos + 8, numel)
+    pos += 8 + size
+  reader.records = records
+  for key, ref in declared.items():
+    problem = reader.storage_problem(key, ref.dtype, ref.numel)
+    if problem:
+      raise CheckpointError(f"{path}: {problem}")
+  _raise_first_invalid(path, obj)
   return obj
 
 
 def select_state_dict(obj: Any, *, ema: bool = False, path: str = "checkpoint"
                       ) -> dict[str, LazyTensor]:
-  """Picks `"net"` (or `"net_ema"`) from a trainer checkpoint, or takes a bare state dict, and
-  strips a DataParallel `module.` prefix."""
+  """Picks `"net"` (or `"net_ema"`) from a trainer checkpoint, `"state_dict"` from HRNet's, or
+  takes a bare state dict, and strips a DataParallel `module.` prefix."""
   if not isinstance(obj, Mapping):
     raise CheckpointError(f"{path}: holds {_a_type(obj)}, not a dict or state dict")
   key = "net_ema" if ema else "net"
-  if "net" in obj or "net_ema" in obj:
+  if "state_dict" in obj and "net" not in obj and "net_ema" not in obj:
+    # A training checkpoint of other projects (HRNet's tools: {'state_dict': ..., 'epoch': ...}).
+    if ema:
+      raise CheckpointError(f"{path}: a 'state_dict' checkpoint has no 'net_ema' weights; drop "
+                            "--ema")
+    state = obj["state_dict"]
+    if not isinstance(state, Mapping):
+      raise CheckpointError(f"{path}: 'state_dict' is {_a_type(state)}, not a state dict")
+  elif "net" in obj or "net_ema" in obj:
     if key not in obj:
       entries = ", ".join(_short(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
       raise CheckpointError(f"{path}: has no {key!r} entry (entries: {entries})")
@@ -938,9 +1101,15 @@ def scheme_of_architecture(arch: Architecture) -> datasets.DatasetSpec:
   """
   if arch.dataset is not None:
     return datasets.get_spec(arch.dataset)
+  return _stored_scheme(arch.num_points, arch.edge_points)
+
+
+def _stored_scheme(num_points: int, edge_points: tuple[tuple[int, ...], ...]
+                   ) -> datasets.DatasetSpec:
+  """A scheme of `num_points` with the stored edges, no flip pairs and the box-diagonal NME."""
   edges = tuple(datasets.Edge(f"edge{k}", False, tuple(points))
-                for k, points in enumerate(arch.edge_points))
-  return datasets.DatasetSpec(name=f"official_{arch.num_points}pt", num_points=arch.num_points,
+                for k, points in enumerate(edge_points))
+  return datasets.DatasetSpec(name=f"official_{num_points}pt", num_points=num_points,
                               edges=edges, flip_pairs=(), ocular=None, pupil=None,
                               default_norm="diagonal", failure_threshold=0.1)
 
@@ -959,3 +1128,24 @@ def load_official_checkpoint(path: str, *, ema: bool = False,
   """
   arch, variables = read_official(path, ema=ema)
   return model_from_architecture(arch, precision=precision), variables
+
+
+def load_official(path: str, *, ema: bool = False, precision: str | None = "highest"
+                  ) -> tuple[Any, dict[str, Any], datasets.DatasetSpec]:
+  """`(model, variables, scheme)` of a released checkpoint of a known layout, read as data.
+
+  STAR's StackedHGNetV1 files (see `load_official_checkpoint`) and HRNet's face-alignment
+  HRNetV2 files (`star_jax.models.hrnet`: a plain state dict with or without `module.`, or
+  under `'state_dict'`; zip or legacy format). The scheme is the built-in dataset with the
+  network's number of points (and, for STAR, its E2H edges) when one matches.
+  """
+  path = os.fspath(path)
+  state = select_state_dict(read_torch_checkpoint(path), ema=ema, path=path)
+  if hrnet.is_official_state(state):
+    model, variables = hrnet.convert_official_state(state, path, precision=precision)
+    spec = _spec_or_none(model.num_points) or _stored_scheme(model.num_points, ())
+    return model, jax.tree_util.tree_map(jnp.asarray, variables), spec
+  arch = infer_architecture(state, path)
+  variables = convert_state_dict(state, arch, path)
+  return (model_from_architecture(arch, precision=precision),
+          jax.tree_util.tree_map(jnp.asarray, variables), scheme_of_architecture(arch))

@@ -32,17 +32,18 @@ Faithful details (see docs/official-semantics.md, "Architecture"):
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Sequence
 
-import flax
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from star_jax import decoder
 from star_jax.models import registry
+from star_jax.models.base import (ModelOutput, count_parameters, init_variables,  # noqa: F401
+                                  parameter_shapes)
 from star_jax.models.batch_norm import BatchNorm
 
 # The official CoordConv switches the boundary channels on where the previous stack's heatmap
@@ -57,6 +58,10 @@ STEM_CHANNELS = 64
 STEM_BLOCK_CHANNELS = 128
 
 Dtype = Any
+# Top-level modules whose weights depend on the landmark scheme (their index is the stack).
+_SCHEME_MODULES = re.compile(r"^(heatmap_head|pointmap_head|edgemap_head|merge_heatmaps|"
+                             r"merge_pointmaps|merge_edgemaps)\d+$")
+_STACK_INDEX = re.compile(r"^[a-z_]*?(\d+)$")
 
 
 def torch_default_kernel_init():
@@ -77,22 +82,6 @@ def torch_default_bias_init(fan_in: int):
 def _float_dtype_at_least_f32(dtype: Dtype) -> Dtype:
   """float32 for bf16/f16/f32 compute, float64 when the model runs in float64."""
   return jnp.promote_types(dtype, jnp.float32)
-
-
-@flax.struct.dataclass
-class ModelOutput:
-  """Per-stack outputs; index -1 is the final prediction.
-
-  landmarks: (B, N, 2) soft-argmax (x, y) in [-1, 1] of the fused heatmaps.
-  heatmaps: (B, H/4, W/4, N) fused heatmaps `in_relu(heatmap head) * E2H(edges) * points`.
-  pointmaps: (B, H/4, W/4, N) sigmoid point maps (empty tuple when `use_aam=False`).
-  edgemaps: (B, H/4, W/4, E) sigmoid edge maps (empty tuple when `use_aam=False`).
-  """
-
-  landmarks: tuple[jnp.ndarray, ...]
-  heatmaps: tuple[jnp.ndarray, ...]
-  pointmaps: tuple[jnp.ndarray, ...]
-  edgemaps: tuple[jnp.ndarray, ...]
 
 
 def coordinate_maps(height: int, width: int, dtype: Dtype = jnp.float32) -> np.ndarray:
@@ -205,6 +194,7 @@ class Conv(nn.Module):
   stride: int = 1
   dtype: Dtype = jnp.float32
   precision: str | None = None
+  use_bias: bool = True  # False: no `bias` parameter (convolutions followed by BatchNorm)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -212,21 +202,27 @@ class Conv(nn.Module):
     in_features = x.shape[-1]
     kernel = self.param("kernel", torch_default_kernel_init(), (k, k, in_features, self.features),
                         jnp.float32)
-    bias = self.param("bias", torch_default_bias_init(in_features * k * k), (self.features,),
-                      jnp.float32)
-    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    if self.use_bias:
+      bias = self.param("bias", torch_default_bias_init(in_features * k * k), (self.features,),
+                        jnp.float32)
+      x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    else:
+      x, kernel = (a.astype(self.dtype) for a in (x, kernel))
+      bias = None
     if k == 1 and self.stride == 1:
       rows = x.reshape(-1, in_features)
       # The bias is added before the reshape so that its gradient reads the same 2-D array as
       # the product's (one materialised gradient instead of a 2-D and a 4-D copy).
-      y = jnp.dot(rows, kernel[0, 0], precision=self.precision) + bias
+      y = jnp.dot(rows, kernel[0, 0], precision=self.precision)
+      if bias is not None:
+        y = y + bias
       return y.reshape(*x.shape[:-1], -1)
     pad = (k - 1) // 2
     y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride),
                                      ((pad, pad), (pad, pad)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                      precision=self.precision)
-    return y + bias
+    return y if bias is None else y + bias
 
 
 class UnusedConv1x1(nn.Module):
@@ -334,6 +330,27 @@ class StackedHourglass(nn.Module):
   bn_axis_name: str | None = None
   keep_unused_skip: bool = True
   precision: str | None = None
+
+  # The backbone contract (star_jax.models.base).
+  architecture_defaults = {"num_stacks": 4, "num_levels": 4, "channels": 256, "use_aam": True}
+
+  @classmethod
+  def is_scheme_dependent(cls, module: str) -> bool:
+    """The heads and the merge convolutions that read them: their channels are landmarks."""
+    return _SCHEME_MODULES.match(module) is not None
+
+  def freeze_groups(self) -> tuple[str, ...]:
+    return ("stem",) + tuple(f"stack{i}" for i in range(self.num_stacks))
+
+  def freeze_group(self, module: str) -> str | None:
+    if module.startswith("stem_"):
+      return "stem"
+    match = _STACK_INDEX.match(module)
+    return f"stack{match.group(1)}" if match else None
+
+  @property
+  def min_image_size(self) -> int:
+    return 4 * 2 ** self.num_levels
 
   @classmethod
   def from_config(cls, model_config: Any, spec: Any, *, bn_axis_name: str | None = None
@@ -466,56 +483,3 @@ class StackedHourglass(nn.Module):
 
     return ModelOutput(landmarks=tuple(landmarks), heatmaps=tuple(fused_maps),
                        pointmaps=tuple(pointmaps_out), edgemaps=tuple(edgemaps_out))
-
-
-def count_parameters(params: Any) -> int:
-  """Number of scalar parameters in a pytree of arrays or ShapeDtypeStructs."""
-  return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree_util.tree_leaves(params)))
-
-
-def parameter_shapes(model: StackedHourglass, image_size: int = 256) -> Any:
-  """The variables' shapes (no allocation) for `(1, image_size, image_size, 3)` input."""
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(images.shape,
-                                                                           images.dtype)))
-
-
-def _host_seed(rng: Any) -> list[int]:
-  if isinstance(rng, (int, np.integer)):
-    return [int(rng)]
-  rng = jnp.asarray(rng)
-  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    rng = jax.random.key_data(rng)
-  return [int(v) for v in np.asarray(rng, np.uint32).ravel()]
-
-
-def init_variables(model: StackedHourglass, rng: Any, image_size: int | None = None
-                   ) -> dict[str, Any]:
-  """Fresh {"params", "batch_stats"} (float32 numpy) drawn on the host, without compiling.
-
-  Same distributions as `model.init` (torch defaults: conv kernels and biases
-  U(-1/sqrt(fan_in), 1/sqrt(fan_in)), BatchNorm scale 1, bias 0, mean 0, var 1), determined by
-  `rng` (a JAX key or an int). Exists because `jax.jit(model.init)` compiles one random-number
-  kernel per parameter tensor, which takes tens of seconds on a CPU; this takes a fraction of a
-  second for the full model.
-  """
-  shapes = parameter_shapes(model, image_size or 4 * 2 ** model.num_levels)
-  generator = np.random.default_rng(_host_seed(rng))
-  flat_params = flax.traverse_util.flatten_dict(shapes["params"])
-  params = {}
-  for path in sorted(flat_params):
-    shape = flat_params[path].shape
-    module, leaf = path[:-1], path[-1]
-    if leaf == "scale":
-      value = np.ones(shape, np.float32)
-    elif leaf == "bias" and module + ("scale",) in flat_params:
-      value = np.zeros(shape, np.float32)  # BatchNorm shift
-    else:
-      kernel_shape = flat_params[module + ("kernel",)].shape
-      bound = 1.0 / np.sqrt(np.prod(kernel_shape[:-1]))
-      value = generator.uniform(-bound, bound, shape).astype(np.float32)
-    params[path] = value
-  stats = {path: (np.zeros if path[-1] == "mean" else np.ones)(leaf.shape, np.float32)
-           for path, leaf in flax.traverse_util.flatten_dict(shapes["batch_stats"]).items()}
-  return {"params": flax.traverse_util.unflatten_dict(params),
-          "batch_stats": flax.traverse_util.unflatten_dict(stats)}
