@@ -175,7 +175,7 @@ def test_legacy_inference_directory_still_loads(tmp_path):
     ({"class": "builtins.eval", "fields": {}}, "not a star-jax model"),
     ({"name": "subprocess", "fields": {}}, "not registered"),
     ({"name": "stacked_hourglass", "fields": {"__class__": 1}}, "unknown field"),
-    ({"name": "stacked_hourglass", "fields": {"channels": "256; rm -rf /"}}, "non-negative"),
+    ({"name": "stacked_hourglass", "fields": {"channels": "256; rm -rf /"}}, "must be an integer from 1 to 4096"),
     ({"name": "stacked_hourglass", "fields": {"dtype": "object"}}, "one of float32"),
     ({"name": "stacked_hourglass", "fields": {"edge_points": [[0, "x"]]}}, "lists of integers"),
     ([1, 2, 3], "not a JSON object"),

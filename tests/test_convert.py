@@ -305,7 +305,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
   with pytest.raises(SystemExit) as info:
     convert.main([str(bad), "--out", str(tmp_path / "x")])
   assert info.value.code == 1
-  assert "not a zip archive" in capsys.readouterr().err
+  assert "neither a torch.save zip file" in capsys.readouterr().err
 
 
 def test_model_description_round_trip(converted):
@@ -333,7 +333,7 @@ def _error(path, **kwargs) -> str:
 def test_random_bytes(tmp_path):
   path = tmp_path / "random.pkl"
   path.write_bytes(np.random.default_rng(0).bytes(1000))
-  assert "not a zip archive" in _error(path)
+  assert "neither a torch.save zip file" in _error(path)
 
 
 def test_truncated_file(tmp_path):
