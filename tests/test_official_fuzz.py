@@ -11,8 +11,6 @@ of the interpreter shows as a failing exit code instead of killing the test run.
 
 from __future__ import annotations
 
-from tests.limits import LAST_GUARD_S
-
 import collections
 import dataclasses
 import io
@@ -32,6 +30,10 @@ import pytest
 
 from star_jax import official
 from star_jax.errors import CheckpointError
+
+if __name__ == "__main__":  # run as a script by the byte-flip test: the repository on the path
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.limits import LAST_GUARD_S  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_small",
                        "checkpoint.pkl")

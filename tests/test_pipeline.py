@@ -60,8 +60,10 @@ def test_eval_batches_equal_official_test_path():
   np.testing.assert_array_equal(b["tags"][:3], expected["tags"])
   chex_shapes = {"image": (2, 256, 256, 3), "landmarks": (2, 98, 2), "matrix": (2, 3, 3),
                  "landmarks_px": (2, 98, 2), "index": (2,), "tags": (2, 6), "mask": (2,),
-                 "path": (2,)}
+                 "path": (2,), "position": (2,), "problem": (2,)}
   assert {k: v.shape for k, v in batches[0].items()} == chex_shapes
+  np.testing.assert_array_equal(b["position"], [0, 1, 2, 0])
+  assert not b["problem"].any()
 
 
 def test_eval_sharding_covers_every_row_once():
@@ -213,6 +215,9 @@ class _RecordSource(sources.TfdsSource):
                path=tf.TensorSpec([], tf.string))
     return tf.data.Dataset.from_generator(gen, output_signature=sig).apply(
         tf.data.experimental.assert_cardinality(len(images)))
+
+  def _stored_train_records(self):
+    return self._load("train"), lambda pixels: pixels   # held decoded, in memory
 
 
 def test_stored_crops_with_offset_equal_tsv_eval():

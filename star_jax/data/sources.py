@@ -341,13 +341,18 @@ class TfdsSource(Source):
     num = self.num_examples("train")
     if num <= 0:
       raise DataError(f"{self.builder.name}: the training split is empty")
-    decode = self.builder.info.features["image"].decode_example
-    shuffled = self._load("train", decode_image=False).shuffle(
+    stored, decode = self._stored_train_records()
+    shuffled = stored.shuffle(
         min(num, TFDS_SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True).repeat()
     decoded = shuffled.map(lambda r: {**r, "pixels": decode(r["pixels"])},
                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return tf.data.Dataset.zip(tf.data.Dataset.range(0, _INFINITE),
                                decoded).skip(first_position)
+
+  def _stored_train_records(self) -> tuple[tf.data.Dataset, Any]:
+    """(the training records with `pixels` as stored, encoded; the decoder of `pixels`)."""
+    return (self._load("train", decode_image=False),
+            self.builder.info.features["image"].decode_example)
 
   def image_hw(self, record) -> tf.Tensor:
     return tf.shape(record["pixels"])[:2]

@@ -354,7 +354,8 @@ def convert_official_state(state: Mapping[str, Any], path: str = "checkpoint",
   transition = state["transition1.0.0.weight"]
   if len(head.shape) != 4 or len(transition.shape) != 4:
     raise CheckpointError(f"{path}: head.3.weight {tuple(head.shape)} and transition1.0.0.weight "
-                          f"{tuple(transition.shape)} must be convolution kernels (out, in, kh, kw)")
+                          f"{tuple(transition.shape)} must be convolution kernels "
+                          "(out, in, kh, kw)")
   model = HRNetW18(num_points=int(head.shape[0]), width=int(transition.shape[0]),
                    precision=precision)
   want = {c: flax.traverse_util.flatten_dict(tree)
