@@ -139,6 +139,10 @@ def _check_onnx_file(model: str) -> None:
     raise CheckpointError(f"--model {model}: not an ONNX model (no graph)")
 
 
+IDLE_TIMEOUT_S = 20.0
+MAX_CONNECTIONS = 32
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
   """Static files of the page, a few routed files (the model), isolation headers."""
 
@@ -152,6 +156,20 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     self.routes = routes
     self.quiet = quiet
     super().__init__(*args, **kwargs)
+
+  # Seconds a connection may stay idle (a half-sent request included) before it is closed, so
+  # that idle connections cannot hold the server's threads.
+  timeout = IDLE_TIMEOUT_S
+
+  def send_head(self):
+    try:
+      path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+      path = "\x00"  # not a path any file of the page has
+    if any(ord(c) < 32 for c in path):
+      self.send_error(400, "Bad request path")
+      return None
+    return super().send_head()
 
   def translate_path(self, path: str) -> str:
     route = posixpath.normpath(urllib.parse.unquote(urllib.parse.urlsplit(path).path))
@@ -177,6 +195,26 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 class _Server(http.server.ThreadingHTTPServer):
   daemon_threads = True
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+  def process_request(self, request, client_address):
+    # At most MAX_CONNECTIONS handler threads: a further connection waits for a slot (each
+    # slot is freed within IDLE_TIMEOUT_S by an idle client).
+    self._slots.acquire()
+    try:
+      super().process_request(request, client_address)
+    except BaseException:
+      self._slots.release()
+      raise
+
+  def process_request_thread(self, request, client_address):
+    try:
+      super().process_request_thread(request, client_address)
+    finally:
+      self._slots.release()
 
   def handle_error(self, request, client_address) -> None:
     # A browser that drops a connection (a reload, a closed tab) is not an error worth a

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import base64
 import functools
+import http.client
 import http.server
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -213,6 +215,27 @@ def test_server_routes_model_with_isolation_headers(exported, astronaut):
     assert _get(server.url + "../pyproject.toml")[0] == 404
     assert _get(server.url + "%2e%2e/pyproject.toml")[0] == 404
     assert _get(server.url + "node_modules/")[0] == 404
+
+
+@needs_page
+def test_bad_paths_are_400_and_idle_connections_time_out(exported, monkeypatch, capfd):
+  _, model = exported
+  monkeypatch.setattr(web._Handler, "timeout", 0.5)
+  with web.serve(model) as server:
+    for path in ("/model.onnx%00", "/%ff%fe", "/a%01b"):
+      connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+      connection.request("GET", path)
+      assert connection.getresponse().status == 400, path
+      connection.close()
+    # Half-sent requests: each connection is closed by the server after its idle timeout.
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(40)]
+    for s in idle:
+      s.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\n")   # no blank line: never finished
+    for s in idle:
+      assert s.recv(1024) == b""   # closed by the server (recv waits for it, up to 30 s)
+      s.close()
+    assert _get(server.url)[0] == 200
+  assert "Traceback" not in capfd.readouterr().err
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
