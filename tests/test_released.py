@@ -240,9 +240,11 @@ def test_drive_download_passes_the_confirmation_page(host, cache, monkeypatch, c
   assert _leftovers(cache) == sorted([WFLW_FILE, WFLW_FILE + ".json"])
 
   # Later uses read the cache: no request, no licence line, the sha256 checked.
-  count = len(host.requests)
+  # Only requests for the release count: another library of the process may use the proxy too.
+  drive = lambda: [r for r in host.requests if "google" in r[0] or "google" in r[1]]
+  count = len(drive())
   loaded = checkpointing.load_model("wflw")
-  assert len(host.requests) == count
+  assert len(drive()) == count
   assert "licence" not in capfd.readouterr().err
   assert loaded.source == path and loaded.num_points == 98 and loaded.spec.name == "wflw"
   assert loaded.trained_on == "wflw"
