@@ -28,7 +28,8 @@ forward and backward together, against the 2 reads + 1 write any loss of this sh
 loss itself is written per (moments, point) and vmapped over points and batch. The x moments are
 centred on the 1-D column marginal (exact in float32 for sharp maps far from the centre); the
 y variance is `sum p y^2 - mean_y^2` from the same GEMM, which keeps the forward to one GEMM and
-one reduction (float32 error comparable to the column-centred form on the maps tested).
+one reduction (float32 error against float64 as with a centred y on the benchmark maps; see
+benchmarks/RESULTS.md, issue 24).
 """
 
 from __future__ import annotations
