@@ -4,8 +4,8 @@ Images of the real datasets' size: 1000x800 JPEGs (quality 90, photo-like textur
 box about a third of the image width (`--face_fraction`), as WFLW photos. They are written as a
 converter writes a dataset: OUT/train.tsv, OUT/test.tsv and OUT/images/, which is both a TSV
 dataset folder and a TFDS manual dir. Two sources are timed on the same images:
-- `tsv`: the photos themselves; per sample the JPEG header is read and only the window the
-  crop needs is decoded (`tf.image.decode_and_crop_jpeg`);
+- `tsv`: the photos themselves; each image's header is read once (the source keeps the size)
+  and per sample only the window the crop needs is decoded (`tf.image.decode_and_crop_jpeg`);
 - `tfds`: the pre-cropped records of `star_jax.data.tfds_builders` (margin-padded face crops,
   JPEG quality 95), built once from that folder (build time reported, not counted); per sample
   the stored crop is decoded whole.
@@ -15,8 +15,13 @@ included), and the lower CPU rate of a source is its headline. A per-stage break
 thread, in-process, CPU time) says where the time of the `tsv` source goes, and what decoding
 a stored crop costs in its place.
 
+With `--official_repo` (or STAR_OFFICIAL_REPO) a checkout of the official STAR code, its
+`AlignmentDataset` (training augmentation, aug_prob 1, default encoder: point and edge maps) is
+timed on the same images in the same run, one thread as in a DataLoader worker, and each
+source's headline is also given as a ratio to it per CPU-second.
+
 Run: `python -m benchmarks.input_pipeline [--images 48] [--batches 12] [--sources tsv,tfds]
-[--record]`.
+[--official_repo PATH] [--record]`.
 """
 
 from __future__ import annotations
@@ -146,26 +151,29 @@ def stage_breakdown(config, count: int) -> dict[str, float]:
   spec = get_spec("wflw")
   ann = annotations.read_tsv(config.data.train_tsv, spec, image_dir=config.data.image_dir)
   aug = dict(config.data.augment)
-  times = dict(read_header_plan=0.0, decode_full=0.0, decode_window=0.0, warp=0.0,
+  times = dict(header_once=0.0, plan=0.0, decode_full=0.0, decode_window=0.0, warp=0.0,
                texture=0.0, pointmaps=0.0, edgemaps=0.0)
   n = min(count, len(ann))
   images.decode_tensor(tf.io.read_file(ann.image_paths[0])).numpy()   # warm the eager ops
   for i in range(n):
     t = time.process_time()
-    data = tf.io.read_file(ann.image_paths[i])
-    hw = images.image_size_tensor(data).numpy()
+    # What the TSV source does the first time it sees an image (later epochs: a lookup).
+    hw = images.image_size_file(ann.image_paths[i])
+    times["header_once"] += time.process_time() - t
+    t = time.process_time()
     params = transforms.sample_params(transforms.example_rng(0, i), aug, 1.0, 256)
     plan = transforms.plan_crop(ann.landmarks[i], ann.scale[i], ann.center[i], hw, params,
                                 spec, 256)
     window = transforms.source_window(plan.matrix, hw, 256)
-    times["read_header_plan"] += time.process_time() - t
+    times["plan"] += time.process_time() - t
     t = time.process_time()
-    images.decode_tensor(data).numpy()
+    images.decode_tensor(tf.io.read_file(ann.image_paths[i])).numpy()
     times["decode_full"] += time.process_time() - t
     t = time.process_time()
     y, x, h, w = window
     if plan.flip:
       x = int(hw[1]) - x - w
+    data = tf.io.read_file(ann.image_paths[i])
     pixels = images.decode_window_tensor(data, tf.constant([y, x, h, w])).numpy()
     times["decode_window"] += time.process_time() - t
     t = time.process_time()
@@ -204,6 +212,72 @@ def stored_crops(config, count: int) -> dict[str, float]:
   return {"decode_stored_crop": cpu / len(records) * 1e3, "area": area / len(records)}
 
 
+class _Table:
+  """The part of a pandas DataFrame the official loader uses (`len`, `.iloc[row, col]`,
+  `len(.iloc[row])`), for runs without pandas: the TSV's first line is its header, as
+  `pandas.read_csv(path, sep="\\t")` reads it."""
+
+  def __init__(self, path: str, sep: str = "\t"):
+    with open(path) as f:
+      self._rows = [line.rstrip("\n").split(sep) for line in f.readlines()[1:] if line.strip()]
+    self.iloc = self
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __getitem__(self, key):
+    if isinstance(key, tuple):
+      return self._rows[key[0]][key[1]]
+    return self._rows[key]
+
+
+def _official_dataset(repo: str, train_tsv: str, image_dir: str):
+  """The official `AlignmentDataset` (WFLW, training augmentation with aug_prob 1, default
+  encoder: point and edge maps) on `train_tsv`, imported from the checkout at `repo`."""
+  import importlib
+  import types
+  from star_jax.datasets import get_spec
+  repo = os.path.abspath(repo)
+  if repo not in sys.path:
+    sys.path.insert(0, repo)
+  # Empty packages stand in for `lib` and `lib.dataset` (their __init__ files import the
+  # whole official code base); pandas only reads the TSV, a stand-in does that without it.
+  for name in ("lib", "lib.dataset"):
+    package = types.ModuleType(name)
+    package.__path__ = [os.path.join(repo, *name.split("."))]
+    sys.modules[name] = package
+  try:
+    import pandas  # noqa: F401
+  except ImportError:
+    sys.modules["pandas"] = types.SimpleNamespace(read_csv=_Table)
+  module = importlib.import_module("lib.dataset.alignmentDataset")
+  spec = get_spec("wflw")
+  return module.AlignmentDataset(
+      train_tsv, image_dir, None, 256, 256, 3, (127.5, 127.5, 127.5), 1 / 127.5,
+      [spec.num_points, spec.num_edges, spec.num_points], True, 1.0,
+      [(e.closed, list(e.points)) for e in spec.edges], [list(p) for p in spec.flip_pairs],
+      True, encoder_type="default")
+
+
+def measure_official(repo: str, train_tsv: str, image_dir: str,
+                     samples: int) -> tuple[float, float]:
+  """(samples/s of wall time, samples per CPU-second) of the official dataset's `__getitem__`
+  (image read, augmentation, targets), one thread as a DataLoader worker runs it."""
+  import random
+  import torch
+  torch.set_num_threads(1)        # what a DataLoader worker process sets
+  dataset = _official_dataset(repo, train_tsv, image_dir)
+  random.seed(0)
+  np.random.seed(0)
+  for i in range(2):
+    dataset[i]
+  cpu0, t0 = time.process_time(), time.perf_counter()
+  for i in range(samples):
+    dataset[i % len(dataset)]
+  wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+  return samples / wall, samples / cpu
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,8 +287,17 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--sources", default="tsv,tfds", help="comma list of tsv,tfds")
   parser.add_argument("--face_fraction", type=float, default=1 / 3,
                       help="face box width / image width (WFLW photos: about 1/3 and less)")
+  parser.add_argument("--official_repo", default=os.environ.get("STAR_OFFICIAL_REPO", ""),
+                      help="checkout of github.com/ZhenglinZhou/STAR: its AlignmentDataset is "
+                           "timed on the same images (default $STAR_OFFICIAL_REPO; skipped "
+                           "when empty)")
+  parser.add_argument("--official_samples", type=int, default=96)
   common.add_common_flags(parser)
   args = parser.parse_args(argv)
+  if args.official_repo and not os.path.isfile(
+      os.path.join(args.official_repo, "lib", "dataset", "alignmentDataset.py")):
+    parser.error(f"--official_repo {args.official_repo}: lib/dataset/alignmentDataset.py not "
+                 "found (a checkout of github.com/ZhenglinZhou/STAR is needed)")
   sources = [s for s in args.sources.split(",") if s]
   for source in sources:
     if source not in ("tsv", "tfds"):
@@ -245,6 +328,14 @@ def main(argv: list[str] | None = None) -> None:
                      f"{cpu_rate:.0f}"])
         print(rows[-1], flush=True)
         headline[source] = min(headline.get(source, cpu_rate), cpu_rate)
+    official = None
+    if args.official_repo:
+      # Last: the official module sets process-wide Pillow options when imported.
+      official = measure_official(args.official_repo, configs["tsv"].data.train_tsv,
+                                  configs["tsv"].data.image_dir, args.official_samples)
+      rows.append(["official AlignmentDataset", "1 thread (a DataLoader worker)",
+                   f"{official[0]:.0f}", f"{official[1]:.0f}"])
+      print(rows[-1], flush=True)
   finally:
     shutil.rmtree(root, ignore_errors=True)
   notes = (f"{args.images} generated 1000x800 JPEG q90 (mean {kb:.0f} KB), face box "
@@ -253,13 +344,18 @@ def main(argv: list[str] | None = None) -> None:
            "batches. Headline: samples per CPU-second of the whole process (all threads), the "
            "lower of the two thread settings: "
            + ", ".join(f"{s} {r:.0f}" for s, r in headline.items())
+           + (". Against the official AlignmentDataset (same images, aug_prob 1, point and "
+              f"edge maps; {args.official_samples} samples, per CPU-second): "
+              + ", ".join(f"{s} {r / official[1]:.1f}x" for s, r in headline.items())
+              if official else ". Official dataset not timed (no --official_repo)")
            + f". {settings}; {load} at the start of the timing. Per-sample "
            f"CPU ms by stage (tsv source): {stage_text}{tfds_text}")
   common.record("Training input pipeline (augmentation + AAM targets), TSV and TFDS sources",
                 ["source", "setting", "samples/s/thread (wall)", "samples/s per CPU-second"],
                 rows, notes=notes, write=args.record)
   for source, rate in headline.items():
-    print(f"{source}: {rate:.0f} samples per CPU-second")
+    versus = f" ({rate / official[1]:.1f}x the official dataset)" if official else ""
+    print(f"{source}: {rate:.0f} samples per CPU-second{versus}")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,14 @@ Differences from the official code are numerical only:
 - sqrt/division arguments that only non-finite official values would reach are floored, so the
   loss and its gradient stay finite for any input (negative, all-zero, huge heatmaps).
 
-Structure and performance: `heatmap_moments` is the only pass over the `(B, H, W, N)` tensor;
-it reduces each map to seven moments (custom VJP: 3 reads + 1 write of the heatmaps for forward
-and backward together). The loss itself is written per (moments, point) and vmapped over points
-and batch. Second moments are centred on 1-D marginals rather than formed from raw moments
-(`sum p x^2 - mean^2`), which keeps float32 accurate for sharp maps far from the centre.
+Structure and performance: `heatmap_moments` is the only code that touches the `(B, H, W, N)`
+tensor; it reduces each map to seven moments (custom VJP: 3 reads + 1 write of the heatmaps for
+forward and backward together, against the 2 reads + 1 write any loss of this shape needs). The
+loss itself is written per (moments, point) and vmapped over points and batch. The x moments are
+centred on the 1-D column marginal (exact in float32 for sharp maps far from the centre); the
+y variance is `sum p y^2 - mean_y^2` from the same GEMM, which keeps the forward to one GEMM and
+one reduction (float32 error against float64 as with a centred y on the benchmark maps; see
+benchmarks/RESULTS.md, issue 24).
 """
 
 from __future__ import annotations
@@ -171,11 +174,12 @@ class Moments(NamedTuple):
 def heatmap_moments(heatmaps: jnp.ndarray) -> Moments:
   """`(B, H, W, N)` heatmaps -> `Moments` of every map, in the computation dtype.
 
-  The only pass over the full tensor STAR makes. Forward: the column marginals `sum_h p` and
-  `sum_h p y` are one batched GEMM against the `(2, H)` matrix [1, y] (channels-last needs no
-  transpose), the row marginals and `sum p^2` are streaming reductions; the second moments are
-  then centred exactly on the 1-D marginals, so float32 does not lose the small variance of a
-  sharp map far from the centre to cancellation (as raw moments `sum p x^2 - mean^2` would).
+  The only code that reads the full tensor. Forward, two reads: the column sums `sum_h p`,
+  `sum_h p y` and `sum_h p y^2` are one batched GEMM against the `(3, H)` matrix [1, y, y^2]
+  (channels-last needs no transpose) and `sum p^2` is one streaming reduction. (XLA:CPU emits
+  each reduction output, or a variadic reduce, as a pass of its own or a slow scalar loop, so a
+  row-marginal reduction would be a third read.) The x moments are then centred exactly on the
+  column marginal, so float32 keeps the small x variance of a sharp map far from the centre.
   Backward: `d moment / d h` is a quadratic polynomial in `(x - mean_x, y - mean_y)` plus a
   multiple of `h`, so the heatmap gradient is one elementwise loop whose per-map coefficients
   are computed once: 3 reads and 1 write of the heatmaps for forward + backward.
@@ -188,30 +192,30 @@ def _heatmap_moments_fwd(heatmaps):
   h = heatmaps.astype(dtype)
   batch, height, width, points = h.shape
   gx = decoder.heatmap_grid(width, dtype)[None, :, None]          # x along the width (columns)
-  gy = decoder.heatmap_grid(height, dtype)[None, :, None]         # y along the height (rows)
-  basis = jnp.stack([jnp.ones((height,), dtype), gy[0, :, 0]])                    # (2, H)
-  cols = lax.dot_general(jnp.broadcast_to(basis, (batch, 2, height)),
+  gy = decoder.heatmap_grid(height, dtype)
+  basis = jnp.stack([jnp.ones((height,), dtype), gy, gy * gy])                    # (3, H)
+  cols = lax.dot_general(jnp.broadcast_to(basis, (batch, 3, height)),
                          h.reshape(batch, height, width * points),
                          (((2,), (1,)), ((0,), (0,))),
-                         precision=lax.Precision.HIGHEST).reshape(batch, 2, width, points)
-  col_mass, col_y = cols[:, 0], cols[:, 1]                  # (B, W, N)
-  row_mass = h.sum(axis=2)                                  # (B, H, N)
+                         precision=lax.Precision.HIGHEST).reshape(batch, 3, width, points)
+  col_mass = cols[:, 0]                                     # (B, W, N)
   sum_sq = jnp.square(h).sum(axis=(1, 2))                   # (B, N)
   total = col_mass.sum(axis=1)                              # (B, N)
   norm = jnp.maximum(total, MIN_MASS)
   inv = 1.0 / norm[:, None]
-  p_col, p_col_y, p_row = col_mass * inv, col_y * inv, row_mass * inv
+  p_col, p_col_y = col_mass * inv, cols[:, 1] * inv
+  mass = total / norm
 
   mean_x = (p_col * gx).sum(axis=1)
   mean_y = p_col_y.sum(axis=1)
   dx = gx - mean_x[:, None]                                 # (B, W, N)
-  dy = gy - mean_y[:, None]                                 # (B, H, N)
-  # sum_{h,w} p (x_w - mx)(y_h - my) = sum_w (x_w - mx) * (sum_h p y_h - my * sum_h p).
+  # sum p (y - my)^2 = sum p y^2 - 2 my sum p y + my^2 sum p.
+  second_y = cols[:, 2].sum(axis=1) / norm
   moments = Moments(
-      mass=total / norm, mean_x=mean_x, mean_y=mean_y,
+      mass=mass, mean_x=mean_x, mean_y=mean_y,
       cov_xx=(p_col * dx * dx).sum(axis=1),
       cov_xy=(dx * (p_col_y - mean_y[:, None] * p_col)).sum(axis=1),
-      cov_yy=(p_row * dy * dy).sum(axis=1),
+      cov_yy=second_y - mean_y * mean_y * (2.0 - mass),
       sum_sq=sum_sq / (norm * norm))
   return moments, (heatmaps, moments, norm, total > MIN_MASS)
 
@@ -238,8 +242,10 @@ def _heatmap_moments_bwd(residuals, ct: Moments):
   # Each per-map coefficient ends in a division by a same-shape array. XLA does not fuse such
   # an expensive op into the per-pixel loop below, so the per-map chains run once, not H*W
   # times (cheap ops would be fused and repeated for every pixel).
-  c_0, c_x, c_y, c_xx, c_xy, c_yy = (k / norm for k in (k_0, k_x, k_y, k_xx, k_xy, k_yy))
-  c_sq = k_sq / (norm * norm)
+  # Stacked, the seven coefficients are one small kernel rather than seven.
+  coefficients = (jnp.stack([k_0, k_x, k_y, k_xx, k_xy, k_yy, k_sq / norm])
+                  / jnp.broadcast_to(norm, (7,) + norm.shape))
+  c_0, c_x, c_y, c_xx, c_xy, c_yy, c_sq = coefficients
 
   dtype = c_0.dtype
   _, height, width, _ = heatmaps.shape

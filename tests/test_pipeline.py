@@ -131,6 +131,19 @@ def test_one_thread_gives_the_same_batches():
   assert _equal(a, b)
 
 
+def test_image_headers_are_read_once_per_image(monkeypatch):
+  # 3 records, 4 batches of 4: 16 samples over 5+ epochs, each image's size read once.
+  from star_jax.data import images
+  reads = []
+  real = images.image_size_file
+  monkeypatch.setattr(images, "image_size_file", lambda path: reads.append(path) or real(path))
+  batches = _take(pipeline.train_dataset(_config(seed=7), process_index=0, process_count=1), 4)
+  assert len(batches) == 4 and sum(len(b["index"]) for b in batches) == 16
+  assert sorted(reads) == sorted(set(reads)) and len(reads) == 3
+  expected = [cv2.imread(path).shape[:2] for path in sorted(reads)]
+  assert [tuple(real(path)) for path in sorted(reads)] == expected
+
+
 def test_train_example_equals_official_recipe():
   """An example rebuilt from its parameters the official way (whole image, flip first)."""
   config = _config(image_size=256, batch_size=1, seed=11)

@@ -68,6 +68,31 @@ def test_edge_maps_match_official(expected):
                                rtol=0)
 
 
+def _float_canvas_edge_map(curve, closed, size):
+  """One edge map drawn as the official: full float32 canvas upsampled x4 with INTER_AREA,
+  LINE_AA stroke of 255 (thickness 4), INTER_AREA back, /255, bilinear x4 (align_corners=False:
+  the mean of rows {4r+1, 4r+2} and columns {4c+1, 4c+2})."""
+  canvas = cv2.resize(np.zeros((size, size), np.float32), (4 * size, 4 * size),
+                      interpolation=cv2.INTER_AREA)
+  curve = np.clip(curve, 0, size - 1)
+  cv2.polylines(canvas, [(curve * 4 + 0.5).astype(np.int32)], closed, 255, 4, cv2.LINE_AA)
+  crop = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA) / np.float32(255.0)
+  rows = (crop[1::4] + crop[2::4]) * np.float32(0.5)
+  return (rows[:, 1::4] + rows[:, 2::4]) * np.float32(0.5)
+
+
+def test_edge_maps_equal_the_float_canvas_drawing_bit_for_bit(expected):
+  rng = np.random.default_rng(3)
+  for row in range(3):
+    for jitter in (0.0, 2.0, 25.0):
+      points = expected["landmarks_crop_px"][row] + rng.normal(0, jitter, (98, 2))
+      maps = targets.edge_maps(points, WFLW, 256)
+      for e, edge in enumerate(WFLW.edges):
+        curve = targets.fit_curve(points[list(edge.points)], edge.closed, edge.name)
+        np.testing.assert_array_equal(maps[..., e],
+                                      _float_canvas_edge_map(curve, edge.closed, 256))
+
+
 def test_point_maps_quirks_against_reference():
   # Interior, sub-4.5 (int() truncation moves the window), border, outside (clipped) points.
   points = np.array([[100.3, 57.8], [3.7, 4.2], [0.2, 255.0], [-20.0, 300.0], [4.49, 4.51],

@@ -60,6 +60,19 @@ def image_size_numpy(data: bytes) -> np.ndarray:
     return np.asarray(decode_bytes_numpy(data).shape[:2], np.int32)
 
 
+def image_size_file(path: str) -> np.ndarray:
+  """(height, width) int32 of the image file at `path`, reading only its header where Pillow
+  can (as `image_size_numpy` of the file's bytes, without reading the whole file)."""
+  from PIL import Image
+  try:
+    with Image.open(path) as pil:
+      w, h = pil.size
+      return np.asarray([h, w], np.int32)
+  except Exception:
+    with open(path, "rb") as f:
+      return image_size_numpy(f.read())
+
+
 def image_size_tensor(data: tf.Tensor) -> tf.Tensor:
   """(height, width) int32 of encoded bytes, in the graph for JPEG."""
   def jpeg():

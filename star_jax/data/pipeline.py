@@ -13,11 +13,12 @@ draw of the example at position i comes from a generator keyed by (config.seed, 
 gives the same batches on any number of processes or threads, and `start_step=k` resumes
 exactly where step k begins.
 
-Per example: the image header gives its size; the augmentation plan (flip, crop matrix, random
-similarity) gives the part of the photo the crop reads (`transforms.source_window`), and only
-that window is decoded (`tf.image.decode_and_crop_jpeg`; other formats decode whole through
-OpenCV/Pillow). The crop is warped with the plan's matrix moved to the window's frame, then the
-texture operations run and the targets are drawn (`targets.py`). The warp equals the official
+Per example: the image header gives its size (a TSV source reads each header once); the
+augmentation plan (flip, crop matrix, random similarity; made once, by the window step) gives
+the part of the photo the crop reads (`transforms.source_window`), and only that window is
+decoded (`tf.image.decode_and_crop_jpeg`; other formats decode whole through OpenCV/Pillow).
+The crop is warped with the plan's matrix moved to the window's frame, then the texture
+operations run and the targets are drawn (`targets.py`). The warp equals the official
 full-image warp up to OpenCV's 1/32-pixel coordinate rounding of the shifted matrix (rarely
 one grey level). The evaluation crop decodes the whole image with OpenCV (`cv2.imdecode`, the
 decoder behind the official `cv2.imread`) and warps it with the official matrix: it is the
@@ -72,9 +73,34 @@ def _train_plan(settings: _TrainSettings, position, landmarks, scale, center, im
   return params, plan
 
 
-def _train_window(settings: _TrainSettings, position, landmarks, scale, center, image_hw):
+class _Plans:
+  """Plans made by the window step, kept for the render step of the same example.
+
+  The render step takes its example's plan (or, if another iterator of the same dataset took it
+  first, plans again: the plan is a pure function of the example, so the result is the same).
+  Bounded: entries whose render never ran (a failed read) are dropped past `_LIMIT`.
+  """
+
+  _LIMIT = 4096
+
+  def __init__(self):
+    self._plans: dict[int, tuple] = {}
+
+  def put(self, position: int, plan: tuple) -> None:
+    if len(self._plans) >= self._LIMIT:
+      self._plans.clear()
+    self._plans[position] = plan
+
+  def take(self, position: int) -> tuple | None:
+    return self._plans.pop(position, None)
+
+
+def _train_window(settings: _TrainSettings, position, landmarks, scale, center, image_hw,
+                  plans: _Plans | None = None):
   """The window (y, x, h, w) of the unmirrored image the example's crop reads, (0,0,0,0) if none."""
-  _, plan = _train_plan(settings, position, landmarks, scale, center, image_hw)
+  params, plan = _train_plan(settings, position, landmarks, scale, center, image_hw)
+  if plans is not None:
+    plans.put(int(position), (params, plan))
   window = transforms.source_window(plan.matrix, image_hw, settings.image_size)
   if window is None:
     return np.zeros(4, np.int32)
@@ -85,9 +111,10 @@ def _train_window(settings: _TrainSettings, position, landmarks, scale, center, 
 
 
 def _train_render(settings: _TrainSettings, pixels, position, landmarks, scale, center,
-                  image_hw, window):
+                  image_hw, window, plans: _Plans | None = None):
   """The augmented crop (uint8 RGB), normalised landmarks, point maps and edge maps."""
-  params, plan = _train_plan(settings, position, landmarks, scale, center, image_hw)
+  planned = plans.take(int(position)) if plans is not None else None
+  params, plan = planned or _train_plan(settings, position, landmarks, scale, center, image_hw)
   size = settings.image_size
   y, x, h, w = (int(v) for v in window)
   if h == 0 or w == 0:
@@ -271,17 +298,19 @@ def build_train_dataset(config, *, start_step: int = 0, process_index: int | Non
   elements = elements.filter(
       lambda pos, _: tf.equal((pos % global_batch) // local_batch, p))
 
+  plans = _Plans()   # the crop is planned once per example, by the window step
+
   def load(position, record):
     image_hw = source.image_hw(record)
     args = [position, record["landmarks"], record["scale"], record["center"], image_hw]
-    window = tf.numpy_function(lambda *a: _train_window(settings, *a), args, tf.int32,
+    window = tf.numpy_function(lambda *a: _train_window(settings, *a, plans), args, tf.int32,
                                stateful=False)
     window = tf.ensure_shape(window, [4])
     empty = tf.reduce_any(tf.equal(window[2:], 0))
     pixels = tf.cond(empty, lambda: tf.zeros([1, 1, 3], tf.uint8),
                      lambda: source.read_window(record, window))
     crop, lmk, pointmaps, edgemaps = tf.numpy_function(
-        lambda *a: _train_render(settings, *a), [pixels] + args + [window],
+        lambda *a: _train_render(settings, *a, plans), [pixels] + args + [window],
         [tf.uint8, tf.float32, tf.float32, tf.float32], stateful=False)
     heat = size // target_lib.HEATMAP_STRIDE
     crop = tf.ensure_shape(crop, [size, size, 3])

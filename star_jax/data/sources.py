@@ -136,6 +136,8 @@ class TsvSource(Source):
                                     val_tsv=data.val_tsv, test_tsv=data.test_tsv)
     self._parsed: dict[str, Annotations] = {}               # TSV path -> its rows
     self._splits: dict[str, tuple[Annotations, np.ndarray]] = {}
+    # Image file -> (height, width): each header is read once, not once per epoch.
+    self._sizes: dict[bytes, np.ndarray] = {}
 
   def image_dir(self) -> str | None:
     return self.files.image_dir or None
@@ -230,8 +232,15 @@ class TsvSource(Source):
         seed=tf.constant([seed, position // num], tf.int64)).numpy()
     return int(perm[position % num])
 
+  def _image_size(self, file: bytes) -> np.ndarray:
+    size = self._sizes.get(file)
+    if size is None:   # racing threads may both read it: the same value, stored twice
+      size = self._sizes[file] = image_io.image_size_file(os.fsdecode(file))
+    return size
+
   def image_hw(self, record) -> tf.Tensor:
-    return image_io.image_size_tensor(tf.io.read_file(record["file"]))
+    hw = tf.numpy_function(self._image_size, [record["file"]], tf.int32, stateful=False)
+    return tf.ensure_shape(hw, [2])
 
   def read_window(self, record, window: tf.Tensor) -> tf.Tensor:
     return image_io.decode_window_tensor(tf.io.read_file(record["file"]), window)

@@ -14,10 +14,10 @@ bilinear interpolation (align_corners=False: output pixel (r, c) is the mean of 
 * Edge maps. Per edge: an interpolating cubic spline through the edge's points (periodic for
   closed edges; `scipy.interpolate.splprep(s=0, k=3)`), evaluated 5 times per parameter
   interval, clipped to [0, S-1], drawn with `cv2.polylines` (value 255, thickness 4) on a 4x
-  canvas, reduced with INTER_AREA, /255, then the x4 bilinear downsample. Only a canvas around
-  the curve's bounding box is drawn and reduced, aligned to 16 canvas pixels (one output pixel)
-  so the block averages coincide with the official full-size ones; the result equals the
-  official maps within 1e-6. If the spline fit fails (fewer than 4 distinct points, repeated
+  float32 canvas, reduced with INTER_AREA, /255, then the x4 bilinear downsample. Here only a
+  uint8 canvas around the curve's bounding box is drawn, aligned to 16 canvas pixels (one
+  output pixel), and the drawn pixels each output pixel averages are counted (exact: see
+  `_draw_edge`); the result equals the official maps within 1e-6. If the spline fit fails (fewer than 4 distinct points, repeated
   consecutive points), the raw points are drawn as the official does - counted per edge in
   `curve_fit_fallbacks()` and logged once per edge, rather than silently.
 """
@@ -128,7 +128,15 @@ def fit_curve(points: np.ndarray, closed: bool, name: str = "edge") -> np.ndarra
 
 def _draw_edge(out: np.ndarray, channel: int, curve: np.ndarray, closed: bool,
                image_size: int) -> None:
-  """Renders one curve into `out[..., channel]` (S/4, S/4) as the official, locally."""
+  """Renders one curve into `out[..., channel]` (S/4, S/4) as the official, locally.
+
+  OpenCV draws anti-aliased lines on 8-bit images only: on the official float32 canvas
+  `cv2.LINE_AA` is drawn as an 8-connected line, every pixel exactly 0 or 255. The INTER_AREA x4
+  reduction, /255 and the bilinear x4 downsample are then exact in float32: each output pixel is
+  (the number of drawn canvas pixels in the 8x8 block its two crop rows and columns cover) / 64.
+  So the stroke is drawn with LINE_8 on a uint8 canvas and those blocks are counted: the same
+  values bit for bit, without the float canvas or the resize.
+  """
   sup = EDGE_SUPERSAMPLE
   curve = np.clip(curve, 0, image_size - 1)
   verts = (curve * sup + 0.5).astype(np.int32)
@@ -139,17 +147,19 @@ def _draw_edge(out: np.ndarray, channel: int, curve: np.ndarray, closed: bool,
   y0 = max(0, (int(verts[:, 1].min()) - _EDGE_MARGIN) // block * block)
   x1 = min(full, -(-(int(verts[:, 0].max()) + _EDGE_MARGIN + 1) // block) * block)
   y1 = min(full, -(-(int(verts[:, 1].max()) + _EDGE_MARGIN + 1) // block) * block)
-  canvas = np.zeros((y1 - y0, x1 - x0), np.float32)
-  cv2.polylines(canvas, [verts - np.array([x0, y0], np.int32)], closed, 255,
-                EDGE_THICKNESS * sup, cv2.LINE_AA)
-  crop_res = cv2.resize(canvas, ((x1 - x0) // sup, (y1 - y0) // sup),
-                        interpolation=cv2.INTER_AREA) / np.float32(255.0)
-  lo = HEATMAP_STRIDE // 2 - 1
-  a = crop_res[lo::HEATMAP_STRIDE, lo::HEATMAP_STRIDE]
-  b = crop_res[lo::HEATMAP_STRIDE, lo + 1::HEATMAP_STRIDE]
-  c = crop_res[lo + 1::HEATMAP_STRIDE, lo::HEATMAP_STRIDE]
-  d = crop_res[lo + 1::HEATMAP_STRIDE, lo + 1::HEATMAP_STRIDE]
-  out[y0 // block:y1 // block, x0 // block:x1 // block, channel] = ((a + b) + (c + d)) * 0.25
+  canvas = np.zeros((y1 - y0, x1 - x0), np.uint8)
+  cv2.polylines(canvas, [verts - np.array([x0, y0], np.int32)], closed, 1,
+                EDGE_THICKNESS * sup, cv2.LINE_8)
+  # Crop pixels HEATMAP_STRIDE/2 - 1 and HEATMAP_STRIDE/2 of each output pixel, in canvas pixels.
+  lo = (HEATMAP_STRIDE // 2 - 1) * sup
+  span = 2 * sup
+  rows, cols = (y1 - y0) // block, (x1 - x0) // block
+  # Rows first (contiguous, vectorised), then the few columns; counts <= 64 fit uint8.
+  row_sums = canvas.reshape(rows, block, cols * block)[:, lo:lo + span].sum(axis=1,
+                                                                            dtype=np.uint8)
+  counts = row_sums.reshape(rows, cols, block)[:, :, lo:lo + span].sum(axis=2, dtype=np.uint8)
+  out[y0 // block:y1 // block, x0 // block:x1 // block, channel] = (
+      counts.astype(np.float32) * np.float32(1.0 / (span * span)))
 
 
 def edge_maps(points_px: np.ndarray, spec: DatasetSpec, image_size: int) -> np.ndarray:
