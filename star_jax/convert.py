@@ -12,16 +12,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from star_jax import checkpointing
 from star_jax import cli
 from star_jax import outputs
 from star_jax.errors import DataError, UsageError
 
+if TYPE_CHECKING:  # imported where used: the inference-only install lacks JAX and orbax
+  from star_jax import checkpointing
+
 
 def convert(checkpoint: str, out_dir: str, *, ema: bool = False) -> checkpointing.LoadedModel:
   """Reads `checkpoint` (`"net"`, or `"net_ema"` with `ema`) and writes it to `out_dir`."""
+  from star_jax import checkpointing
   if not os.path.exists(checkpoint):
     raise DataError(f"{checkpoint}: no such file")
   check_out_dir(checkpoint, out_dir)
@@ -39,6 +42,7 @@ def convert(checkpoint: str, out_dir: str, *, ema: bool = False) -> checkpointin
 def _converted_here(path: str) -> bool:
   """Whether `path` is a checkpoint folder this command wrote (its model record says what it
   was converted from): the only folder `convert` replaces, besides an empty one."""
+  from star_jax import checkpointing
   model_dir = os.path.join(path, checkpointing.MODEL_ITEM)
   if not os.path.isdir(model_dir) or not os.path.isdir(
       os.path.join(path, checkpointing.VARIABLES_ITEM)):
@@ -70,6 +74,7 @@ def _main(argv: Sequence[str] | None) -> int:
   parser.add_argument("--ema", action="store_true",
                       help="convert 'net_ema' instead of 'net' (the official tester uses 'net')")
   args = parser.parse_args(argv)
+  cli.require_training_install("python -m star_jax.convert")
   check_out_dir(args.checkpoint, args.out)
   from star_jax import host
   host.configure_process()

@@ -110,3 +110,28 @@ def test_exported_model_runs_with_only_the_inference_install(onnx_model, tmp_pat
     if not dists & closure:
       outside[module] = sorted(dists) or ["(no distribution)"]
   assert not outside, f"imported outside the inference-only install: {outside}"
+
+
+def test_convert_without_the_training_install_is_one_line(tmp_path):
+  """`python -m star_jax.convert` needs JAX and orbax: in the inference-only install it says so
+  in one line (exit 2) instead of failing on an import."""
+  official = os.path.join(ROOT, "tests", "fixtures", "official_wflw_small", "checkpoint.pkl")
+  out = tmp_path / "converted"
+  # A None entry in sys.modules is how Python marks a module absent, for imports and for
+  # importlib.util.find_spec alike.
+  script = textwrap.dedent(f"""
+      import runpy, sys
+      for name in {BLOCKED!r}:
+        sys.modules[name] = None
+      sys.argv = ["star_jax.convert", {official!r}, "--out", {str(out)!r}]
+      runpy.run_module("star_jax.convert", run_name="__main__", alter_sys=True)
+      """)
+  run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                       timeout=LAST_GUARD_S)
+  assert run.returncode == 2, run.stderr
+  assert "Traceback" not in run.stderr
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: python -m star_jax.convert needs the "
+                                                 "training install (missing: jax"), run.stderr
+  assert "pip install" in lines[0]
+  assert not out.exists()

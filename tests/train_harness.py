@@ -2,8 +2,8 @@
 
 It runs train_and_evaluate as train.py does (error contract, SIGTERM / Ctrl-C handling).
 
-Usage: python tests/train_harness.py WORKDIR OUT.npz [--steps N] [--coordinator HOST:PORT
-       --num_processes P --process_id I]
+Usage: python tests/train_harness.py WORKDIR OUT.npz [--steps N] [--every K]
+       [--coordinator HOST:PORT --num_processes P --process_id I]
 Environment: STAR_TEST_NAN_AT_STEP=k puts a NaN in the image of step k's batch;
 STAR_TEST_SLOW_FROM_STEP=k makes every batch from step k on take a second, and wait while the
 file STAR_TEST_PAUSE_FILE exists.
@@ -121,6 +121,8 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=None)
   parser.add_argument("--dtype", default=None, help="override the compute dtype")
   parser.add_argument("--channels", type=int, default=None, help="override the model width")
+  parser.add_argument("--every", type=int, default=None,
+                      help="log, validate and checkpoint every this many steps")
   parser.add_argument("--coordinator", default=None)
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
@@ -143,6 +145,9 @@ def main(argv=None):
     config.model.dtype = args.dtype
   if args.channels is not None:
     config.model.channels = args.channels
+  if args.every is not None:
+    config.log_every_steps = config.eval_every_steps = args.every
+    config.checkpoint_every_steps = args.every
 
   def train():
     with cli.graceful_stop() as stop:

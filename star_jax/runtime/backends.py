@@ -4,7 +4,9 @@
 onnxruntime (`.onnx`) or the LiteRT interpreter (`.tflite`, from `ai-edge-litert`, with its
 default XNNPACK CPU delegate). Neither JAX nor TensorFlow is imported; each engine is imported
 only when a model of its format is opened. Fixed-batch models (TFLite, ONNX exported with
-`--batch`) are fed in chunks of their batch, the last one padded.
+`--batch`) are fed in chunks of their batch, the last one padded. When a model is opened, the
+sidecar's input size, batch and number of points are held to the graph's own input and output
+shapes (`contract.check_against_graph`), before any input is allocated.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ class OnnxModel(LandmarkModel):
       raise CheckpointError(f"{path}: onnxruntime cannot load it "
                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                             ) from None
+    inputs = {i.name: i.shape for i in self.session.get_inputs()}
+    outputs = {o.name: o.shape for o in self.session.get_outputs()}
+    contract.check_against_graph(path, info, *_named_shapes(path, inputs, outputs))
 
   def _run(self, batch: np.ndarray) -> np.ndarray:
     return self.session.run([contract.LANDMARKS_NAME], {contract.INPUT_NAME: batch})[0]
@@ -102,9 +107,23 @@ class LiteRtModel(LandmarkModel):
       self.runner = self.interpreter.get_signature_runner("serving_default")
     except (ValueError, RuntimeError) as e:
       raise CheckpointError(f"{path}: the LiteRT interpreter cannot load it ({e})") from None
+    inputs = {k: d["shape_signature"] for k, d in self.runner.get_input_details().items()}
+    outputs = {k: d["shape_signature"] for k, d in self.runner.get_output_details().items()}
+    contract.check_against_graph(path, info, *_named_shapes(path, inputs, outputs))
 
   def _run(self, batch: np.ndarray) -> np.ndarray:
     return np.array(self.runner(**{contract.INPUT_NAME: batch})[contract.LANDMARKS_NAME])
+
+
+def _named_shapes(path: str, inputs: dict, outputs: dict) -> tuple:
+  """The graph's (`image` input shape, `landmarks` output shape), CheckpointError when the
+  graph lacks either."""
+  for name, found, what in ((contract.INPUT_NAME, inputs, "input"),
+                            (contract.LANDMARKS_NAME, outputs, "output")):
+    if name not in found:
+      raise CheckpointError(f"{path}: the graph has no '{name}' {what} (it has "
+                            f"{', '.join(sorted(found)) or 'none'}): not a star-jax export")
+  return list(inputs[contract.INPUT_NAME]), list(outputs[contract.LANDMARKS_NAME])
 
 
 _ENGINES: dict[str, Callable[..., LandmarkModel]] = {"onnx": OnnxModel, "tflite": LiteRtModel}
