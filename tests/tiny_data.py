@@ -17,7 +17,7 @@ import shutil
 
 import numpy as np
 
-from star_jax import datasets, landmark_mappings
+from star_jax.core import schemes as datasets, landmark_mappings
 from star_jax.data import embedded, original_formats
 
 # 300W-like folders of the 68-point copy: (split, subset folder) per image, cycling.
