@@ -8,7 +8,7 @@ overrides work as in training, e.g. `--config.data.test_tsv=/data/wflw/test.tsv
 OUT/ced.png and prints a table of NME, FR and AUC per subset.
 """
 
-from star_jax import cli
+from star_jax.commands import cli
 
 cli.require_training_install("eval.py")
 
@@ -50,8 +50,8 @@ flags.mark_flags_as_required(["config", "checkpoint", "output_dir"])
 
 def main(argv):
   del argv
-  from star_jax import eval_lib
-  from star_jax import host
+  from star_jax.training import eval_lib
+  from star_jax.commands import host
   eval_lib.check_output_dir(_OUTPUT_DIR.value, eval_lib.inputs_of(_CONFIG.value, _CHECKPOINT.value))
   host.configure_process(tensorflow=True)
   eval_lib.evaluate(_CONFIG.value, _CHECKPOINT.value, _OUTPUT_DIR.value, split=_SPLIT.value,

@@ -6,7 +6,7 @@ with the same workdir resumes from its latest checkpoint. SIGTERM or Ctrl-C save
 at the current step and exits (143 / 130); a second Ctrl-C exits at once.
 """
 
-from star_jax import cli
+from star_jax.commands import cli
 
 cli.require_training_install("train.py")
 
@@ -22,9 +22,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from star_jax import host
-  from star_jax import parallel
-  from star_jax import train_lib
+  from star_jax.commands import host
+  from star_jax.training import parallel
+  from star_jax.training import train_lib
   host.configure_process(tensorflow=True)
   parallel.initialize_distributed(_CONFIG.value)
   with cli.graceful_stop() as stop:

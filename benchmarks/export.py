@@ -5,8 +5,8 @@
 
 Models (random weights: speed does not depend on them): `full` = the WFLW network (4 stacks x
 256 channels), `rt128` = 2 stacks x 128 channels, `rt64` = 1 stack x 64 channels (the real-time
-sizes of issue 13), all 4 levels, 256 px input. Engines: jitted JAX (`star_jax.host` tuning,
-as `star_jax.predict` runs it), ONNX Runtime (CPU), LiteRT with XNNPACK, and the int8
+sizes of issue 13), all 4 levels, 256 px input. Engines: jitted JAX (`star_jax.commands.host` tuning,
+as `star_jax.deploy.predict` runs it), ONNX Runtime (CPU), LiteRT with XNNPACK, and the int8
 dynamic-range exports of the last two. Each row is timed in interleaved rounds (one call of
 every engine per round, so that load from other processes hits all engines alike); the table
 gives the median and the minimum over rounds. Batch 1: latency; batch 32: images per second.
@@ -16,7 +16,7 @@ float32, int8 and float16-weight (`_f16w`) exports on the embedded test split wi
 evaluation crop (`eval_lib.predict_split`) and reports the NME change against the JAX model.
 
 The runtime's import-to-first-landmark time is measured in a fresh interpreter: from before
-`import star_jax.runtime` to the first landmarks of one image with a given box.
+`import star_jax.deploy.runtime` to the first landmarks of one image with a given box.
 Nothing is written to benchmarks/RESULTS.md unless `--record` is given.
 """
 
@@ -52,7 +52,7 @@ def _model(name: str):
 
 def _export_all(loaded, directory: str, batches: list[int]) -> tuple[dict, list]:
   """Exports every engine's files; returns {(engine, batch): path} and size/time rows."""
-  from star_jax.export import exporter
+  from star_jax.deploy.export import exporter
   paths, rows = {}, []
   for engine, (fmt, quantize) in EXPORTS.items():
     # ONNX has a symbolic batch; TFLite gets one file per batch size.
@@ -67,9 +67,9 @@ def _export_all(loaded, directory: str, batches: list[int]) -> tuple[dict, list]
 
 def _engine_calls(loaded, paths: dict, batch: int, images: np.ndarray, threads: int | None):
   import jax
-  from star_jax import eval_lib
-  from star_jax.export.exporter import inference_model
-  from star_jax.runtime import backends
+  from star_jax.training import eval_lib
+  from star_jax.deploy.export.exporter import inference_model
+  from star_jax.deploy.runtime import backends
   model = inference_model(loaded.model)
   landmark_fn = eval_lib.make_landmark_fn(model)
   variables = jax.device_put(loaded.variables)
@@ -98,7 +98,7 @@ FIRST_LANDMARK = """
 import time
 start = time.perf_counter()
 import numpy as np
-from star_jax.runtime import RuntimePredictor
+from star_jax.deploy.runtime import RuntimePredictor
 image = np.full((480, 640, 3), 128, np.uint8)
 faces = RuntimePredictor({path!r}).predict(image, boxes=[(200, 120, 440, 360)])
 assert faces and faces[0].shape[1] == 2
@@ -120,10 +120,10 @@ def _first_landmark_seconds(path: str, repeats: int = 3) -> float:
 
 def _nme_rows(checkpoint: str, directory: str) -> list[list[str]]:
   """NME (%) on the embedded test split: JAX vs the float32 and int8 exports."""
-  from star_jax import checkpointing, eval_lib
-  from star_jax.datasets import get_spec
-  from star_jax.export import exporter
-  from star_jax.runtime import backends
+  from star_jax.training import checkpointing, eval_lib
+  from star_jax.core.schemes import get_spec
+  from star_jax.deploy.export import exporter
+  from star_jax.deploy.runtime import backends
 
   loaded = checkpointing.load_model(checkpoint)
   config = loaded.config
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="trained checkpoint for the int8 NME rows ('' to skip)")
   parser.add_argument("--record", action="store_true", help="append the tables to RESULTS.md")
   args = parser.parse_args(argv)
-  from star_jax import host
+  from star_jax.commands import host
   host.configure_process()
 
   batches = [int(b) for b in args.batch_sizes.split(",")]

@@ -4,7 +4,7 @@ Needs only JAX, flax, optax, numpy (torch optional): no TensorFlow, no tf.data, 
 ml_collections. In order:
 1. correctness against float64 references:
    - the model: the official 32-channel WFLW fixture (tests/fixtures/official_wflw_small)
-     converted with `star_jax.convert`, float32 on the accelerator vs the official float32
+     converted with `star_jax.commands.convert`, float32 on the accelerator vs the official float32
      and float64 outputs (with the official boundary masks fed, so the 0.05 hard switch
      cannot amplify rounding), with the model built at `precision="highest"` (what
      `load_official_checkpoint` returns: every convolution and product in full float32; the
@@ -18,7 +18,7 @@ ml_collections. In order:
    forward + backward of such a loss must move; the ratio is the headline), and against PyTorch
    running the official formula on the same device, including the official CPU round trip for
    `eigh` (in a child process with the same process settings);
-3. the full train step (`star_jax.train_lib.train_step`, as training maps it) at batch
+3. the full train step (`star_jax.training.train_lib.train_step`, as training maps it) at batch
    32/64/128 in bfloat16 and float32: images/s, achieved TFLOP/s and MFU.
 
 The summary table is printed last and written to `$OUT/gpu_results.md` when `$OUT` is set.
@@ -254,7 +254,7 @@ def _apply_with_masks(net, variables, images, masks):
 def check_model() -> None:
   import jax
   import jax.numpy as jnp
-  from star_jax import official
+  from star_jax.foreign import official
   reference = dict(np.load(os.path.join(FIXTURE, "outputs.npz")))
   # The official model reads BGR NCHW; ours RGB NHWC.
   images = np.load(os.path.join(FIXTURE, "input.npy")).transpose(0, 2, 3, 1)[..., ::-1].copy()
@@ -289,7 +289,7 @@ def check_model() -> None:
 def check_loss(torch_result: dict | None) -> None:
   import jax
   import jax.numpy as jnp
-  from star_jax import losses
+  from star_jax.core import losses
   heatmaps, landmarks = loss_inputs(*LOSS_CHECK_SHAPE, seed=1)
   fn = jax.jit(jax.value_and_grad(lambda h, lm: losses.star_loss(h, lm)))
   value32, grad32 = fn(jnp.asarray(heatmaps), jnp.asarray(landmarks))
@@ -316,7 +316,7 @@ def check_loss(torch_result: dict | None) -> None:
 def time_loss(torch_result: dict | None) -> None:
   import jax
   from benchmarks import common
-  from star_jax import losses
+  from star_jax.core import losses
   heatmaps, landmarks = loss_inputs(*LOSS_SHAPE, seed=2)
   h, lm = jax.device_put(heatmaps), jax.device_put(landmarks)
   fn = jax.jit(jax.value_and_grad(lambda h, lm: losses.star_loss(h, lm)))

@@ -66,7 +66,7 @@ def make_dataset(root: str, count: int, seed: int = 0,
   first rows), paths relative to root/images; returns (train TSV path, mean JPEG size in KB)."""
   import cv2
   from star_jax.data.annotations import read_tsv
-  from star_jax.datasets import get_spec
+  from star_jax.core.schemes import get_spec
   template = read_tsv(FIXTURE_TSV, get_spec("wflw")).landmarks[0]
   template = template - template.mean(axis=0)
   template /= np.ptp(template[:, 0])
@@ -147,7 +147,7 @@ def stage_breakdown(config, count: int) -> dict[str, float]:
   """
   import tensorflow as tf
   from star_jax.data import annotations, images, targets, transforms
-  from star_jax.datasets import get_spec
+  from star_jax.core.schemes import get_spec
   spec = get_spec("wflw")
   ann = annotations.read_tsv(config.data.train_tsv, spec, image_dir=config.data.image_dir)
   aug = dict(config.data.augment)
@@ -236,7 +236,7 @@ def _official_dataset(repo: str, train_tsv: str, image_dir: str):
   encoder: point and edge maps) on `train_tsv`, imported from the checkout at `repo`."""
   import importlib
   import types
-  from star_jax.datasets import get_spec
+  from star_jax.core.schemes import get_spec
   repo = os.path.abspath(repo)
   if repo not in sys.path:
     sys.path.insert(0, repo)

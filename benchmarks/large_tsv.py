@@ -77,7 +77,7 @@ def _memory_kb(field: str) -> int:
 
 def _child_parse(tsv: str) -> dict:
   from star_jax.data.annotations import read_tsv
-  from star_jax.datasets import get_spec
+  from star_jax.core.schemes import get_spec
   spec = get_spec("wflw")
   before = _memory_kb("VmRSS")
   start = time.perf_counter()
@@ -91,10 +91,10 @@ def _child_parse(tsv: str) -> dict:
 
 
 def _child_train(tsv: str, workdir: str) -> dict:
-  from star_jax import host
+  from star_jax.commands import host
   host.configure_process(tensorflow=True)
   from configs import base
-  from star_jax import train_lib
+  from star_jax.training import train_lib
   config = base.get_base_config("wflw")
   config.data.train_tsv = tsv
   config.data.test_tsv = tsv

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
   import cv2
   import numpy as np
   import skimage.data
-  from star_jax.export import exporter
+  from star_jax.deploy.export import exporter
 
   work = tempfile.mkdtemp(prefix="star_jax_light_")
   try:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
   import jax
   import jax.numpy as jnp
   from configs import base
-  from star_jax import datasets
+  from star_jax.core import schemes as datasets
   from star_jax.models import count_parameters, create_model, init_variables, parameter_shapes
 
   config = base.get_base_config("wflw")

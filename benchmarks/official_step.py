@@ -80,7 +80,7 @@ def official_wflw_network(modules: dict[str, Any], *, image_size: int = 256,
                           num_stacks: int = 4, seed: int = 0):
   """The official StackedHGNetV1 as the WFLW recipe builds it (98 points, 9 edges, AAM)."""
   import torch
-  from star_jax import datasets
+  from star_jax.core import schemes as datasets
 
   spec = datasets.get_spec("wflw")
   config = types.SimpleNamespace(width=image_size, height=image_size, use_AAM=True)
@@ -94,7 +94,7 @@ def official_wflw_network(modules: dict[str, Any], *, image_size: int = 256,
 def official_wflw_setup(modules: dict[str, Any], batch_size: int, seed: int = 0):
   """(network, EMA copy, Adam, loss terms, batch) as the official WFLW recipe builds them."""
   import torch
-  from star_jax import datasets
+  from star_jax.core import schemes as datasets
   from benchmarks import train_step
 
   spec = datasets.get_spec("wflw")

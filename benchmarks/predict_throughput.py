@@ -4,11 +4,11 @@
     python benchmarks/predict_throughput.py --help
 
 A folder of `--images` 640x480 JPEG photos (quality 90), each with one synthetic face of
-120-200 pixels (frames of `star_jax.clips`), is written to a temporary folder. For each model:
+120-200 pixels (frames of `star_jax.deploy.clips`), is written to a temporary folder. For each model:
 
 - network only: the images' face crops, cut beforehand, go through `Predictor.predict_crops`
   in batches of `--batch_size` (what the network alone sustains on this machine);
-- end to end: `star_jax.predict.predict_files` on the folder: decoding and face detection in
+- end to end: `star_jax.deploy.predict.predict_files` on the folder: decoding and face detection in
   `--workers` threads, crops, batched network, landmarks mapped back to the photo, JSON and
   annotated PNG written in the background; the default detector (BlazeFace);
 - end to end without the PNG (JSON only), to show what the picture costs.
@@ -43,8 +43,8 @@ def loaded_model(name: str):
   """A `checkpointing.LoadedModel` with random weights for a model name of MODELS."""
   import jax
   from configs import base, realtime_1x64, realtime_2x128
-  from star_jax import datasets
-  from star_jax.checkpointing import LoadedModel
+  from star_jax.core import schemes as datasets
+  from star_jax.training.checkpointing import LoadedModel
   from star_jax.models import create_model, init_variables
   config = {"full": lambda: base.get_base_config("wflw"),
             "2x128": realtime_2x128.get_config, "1x64": realtime_1x64.get_config}[name]()
@@ -55,7 +55,7 @@ def loaded_model(name: str):
 
 
 def write_folder(folder: str, count: int) -> list[str]:
-  from star_jax import clips
+  from star_jax.deploy import clips
   paths = []
   for k in range(count):
     clip = clips.moving_face_clip(1, face_side=120 + 80 * (k % 5) / 4, seed=k)
@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--repeats", type=int, default=2, help="timed passes (best is kept)")
   parser.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
   args = parser.parse_args(argv)
-  from star_jax import host
+  from star_jax.commands import host
   host.configure_process()
-  from star_jax import predict
-  from star_jax.image_io import load_image
+  from star_jax.deploy import predict
+  from star_jax.deploy.image_io import load_image
   folder = tempfile.mkdtemp(prefix="star_jax_throughput_")
   load = common.load_average()
   rows = []

@@ -7,7 +7,7 @@
 GFLOP: XLA's cost analysis of the jitted inference forward pass at batch 1 (a multiply-add
 counts 2). ms per face: median wall time of that pass at batch 1 after warm-up (and the
 process CPU time, all threads), random weights. NME: for each `--workdirs` entry, the
-checkpoint's EMA weights evaluated with `star_jax.eval_lib.evaluate` on the embedded dataset's
+checkpoint's EMA weights evaluated with `star_jax.training.eval_lib.evaluate` on the embedded dataset's
 100-image test split (inter-ocular NME), with the step it was trained to.
 """
 
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
   args = parser.parse_args(argv)
-  from star_jax import host
+  from star_jax.commands import host
   host.configure_process()
   import jax
   import jax.numpy as jnp
-  from star_jax import datasets
+  from star_jax.core import schemes as datasets
   from star_jax.models import count_parameters, create_model, init_variables, parameter_shapes
   workdirs = dict(pair.split("=", 1) for pair in args.workdirs.split(",") if pair)
   load = common.load_average()
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     nme, step = "-", "-"
     if short in workdirs or name in workdirs:
       workdir = workdirs.get(short, workdirs.get(name))
-      from star_jax import eval_lib
+      from star_jax.training import eval_lib
       result = eval_lib.evaluate(config, workdir, progress=False, verbose=False)
       nme = f"{100 * result.metrics['nme']:.2f}"
       step = _trained_step(workdir)

@@ -64,7 +64,7 @@ def measure(args) -> dict:
   settings = common.apply_process_settings(args.process_settings)
   import jax
   import jax.numpy as jnp
-  from star_jax.losses import star_loss
+  from star_jax.core.losses import star_loss
 
   heatmaps_np, gt_np = make_inputs(args.batch, args.points, args.size)
   heatmaps, gt = jnp.asarray(heatmaps_np), jnp.asarray(gt_np)

@@ -40,11 +40,11 @@ def main(argv=None) -> int:
   settings = common.apply_process_settings(args.process_settings)
 
   import numpy as np
-  from star_jax import tracking, video
-  from star_jax.checkpointing import load_model
-  from star_jax.export import exporter
-  from star_jax.inference import Predictor
-  from star_jax.runtime import RuntimePredictor
+  from star_jax.deploy import tracking, video
+  from star_jax.training.checkpointing import load_model
+  from star_jax.deploy.export import exporter
+  from star_jax.deploy.inference import Predictor
+  from star_jax.deploy.runtime import RuntimePredictor
 
   with video.FrameReader(args.clip) as reader:
     frames = [(t, frame) for _, t, frame in reader]

@@ -1,6 +1,6 @@
 """Full training step throughput (images/s): the project's `train_step`, step only.
 
-What is timed is exactly what `star_jax.train_lib.train_and_evaluate` runs per step: the
+What is timed is exactly what `star_jax.training.train_lib.train_and_evaluate` runs per step: the
 per-device `train_lib.train_step` (forward of the full WFLW network, STAR + AWing losses on
 every stack, backward, Adam, EMA of parameters and BatchNorm statistics) mapped over the local
 devices by `parallel.map_over_devices` with the state donated. The batch is synthetic and
@@ -12,7 +12,7 @@ Variants (each a flag, so before/after rows can be recorded side by side):
 - `--sync_every_step`: the host reads the metrics after every step (what an unpipelined loop
   does); by default steps are dispatched back to back as the training loop does.
 - `--star_impl dense`: the STAR loss written as a direct translation of the official formula
-  (per-pixel grids, covariances by full-tensor products) instead of `star_jax.losses`' fused
+  (per-pixel grids, covariances by full-tensor products) instead of `star_jax.core.losses`' fused
   marginals, to measure what the fused reductions buy inside the whole step.
 
 Run from the repository root:
@@ -48,8 +48,8 @@ TRAIN_FLOP_FACTOR = 3.0
 
 
 def import_train_lib():
-  """`star_jax.train_lib` (imports neither TensorFlow nor ml_collections at module level)."""
-  from star_jax import train_lib
+  """`star_jax.training.train_lib` (imports neither TensorFlow nor ml_collections at module level)."""
+  from star_jax.training import train_lib
   return train_lib
 
 
@@ -93,12 +93,12 @@ def dense_star_loss(heatmaps, landmarks, *, w=1.0, dist="smoothl1", eps=1e-5, ve
   """STAR v2 (smooth-L1) as the official code computes it, on full (B, H, W, N) tensors.
 
   Per-pixel coordinate grids, means and covariances by products over the whole map, then the
-  same closed-form eigendecomposition as `star_jax.losses` (the official code leaves the device
+  same closed-form eigendecomposition as `star_jax.core.losses` (the official code leaves the device
   for `eigh`; that part is not what is compared here).
   """
   del dist, version
   import jax.numpy as jnp
-  from star_jax import losses
+  from star_jax.core import losses
   h = heatmaps.astype(jnp.float32)
   _, height, width, _ = h.shape
   gy = jnp.linspace(-1.0, 1.0, height)[None, :, None, None]
@@ -126,7 +126,7 @@ def dense_star_loss(heatmaps, landmarks, *, w=1.0, dist="smoothl1", eps=1e-5, ve
 def _patched_star(impl: str):
   """Context for `--star_impl`: swaps `losses.star_loss` while the step is traced."""
   import contextlib
-  from star_jax import losses
+  from star_jax.core import losses
 
   @contextlib.contextmanager
   def swap():
@@ -146,7 +146,7 @@ def shard_to_devices(tree: Any) -> Any:
   placed on the local devices, as the mapped step expects (no transfer at call time)."""
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  from star_jax import parallel
+  from star_jax.training import parallel
   devices = jax.local_devices()
   sharding = NamedSharding(Mesh(np.array(devices), (parallel.AXIS_NAME,)),
                            PartitionSpec(parallel.AXIS_NAME))
@@ -185,7 +185,8 @@ def build_train_step(config, *, donate: bool = True, star_impl: str = "fused"
   """(mapped step, replicated state, device batch) for `config`, as train_and_evaluate builds
   them (same model, optimiser, EMA decay, loss assembly, device mapping)."""
   train_lib = import_train_lib()
-  from star_jax import datasets, parallel
+  from star_jax.core import schemes as datasets
+  from star_jax.training import parallel
   from star_jax.models import create_model
   spec = datasets.get_spec(str(config.dataset))
   train_model = create_model(config.model, spec, bn_axis_name=parallel.AXIS_NAME)
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
       ["variant", "dtype", "batch", "s / step (median)", "CPU-s / step (/ cores)", "images/s",
        "GFLOP/s (3x34.7/img)", "first call s (compile)", "loss"],
       rows,
-      notes=(f"star_jax.train_lib.train_step via parallel.map_over_devices (state donated unless "
+      notes=(f"star_jax.training.train_lib.train_step via parallel.map_over_devices (state donated unless "
              f"no_donate), synthetic on-device batch; median of {args.repeats} windows of "
              f"{args.steps_per_window} steps after warm-up; {settings}; the official step under "
              "the same settings: benchmarks/official_step.py. 'CPU-s / step' is process CPU "

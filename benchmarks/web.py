@@ -3,7 +3,7 @@
     python -m benchmarks.web [--models rt64,full] [--seconds 15] [--record]
 
 Each model (random weights: speed does not depend on them) is exported to ONNX (float32, and
-`--quantize int8` for the `_int8` variants), served by `star_jax.web`, and opened in headless
+`--quantize int8` for the `_int8` variants), served by `star_jax.deploy.web`, and opened in headless
 Chromium with a fake webcam playing a 640x480 clip of a moving face (scikit-image's astronaut,
 written as a .y4m file that Chromium loops at 30 frames/s). The page starts the webcam from a
 box around the face and then tracks from each frame's landmarks, as a person sees it. After a
@@ -56,7 +56,7 @@ SIZE_TARGET_MB = 25.0
 
 
 def _export(name: str, directory: str) -> str:
-  from star_jax.export import exporter
+  from star_jax.deploy.export import exporter
   stacks, channels, levels, size, quantize = MODELS[name]
   loaded = common.random_wflw_model(name, stacks=stacks, channels=channels, levels=levels,
                                     image_size=size)
@@ -134,7 +134,7 @@ def page_weight(browser, server) -> dict[str, int]:
 
 def _runtime_version() -> str:
   import json
-  from star_jax import web
+  from star_jax.deploy import web
   path = os.path.join(web.WEB_ROOT, "node_modules", "onnxruntime-web", "package.json")
   with open(path) as f:
     return json.load(f)["version"]
@@ -155,7 +155,7 @@ def _parse_args(argv):
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
-  from star_jax import web
+  from star_jax.deploy import web
   from tests import chromium as chromium_lib
   chromium = chromium_lib.find_chromium()
   if chromium is None:

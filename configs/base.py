@@ -42,7 +42,7 @@ def get_base_config(dataset: str = "wflw") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "stacked_hourglass"  # star_jax.models registry (StackedHGNetV1 with AAM)
   # Architecture: None means "from config.init_from's checkpoint, else the official value"
-  # (4 stacks, 4 levels, 256 channels, AAM heads); star_jax.finetune resolves them.
+  # (4 stacks, 4 levels, 256 channels, AAM heads); star_jax.training.finetune resolves them.
   c.model.num_stacks = placeholder(int)
   c.model.num_levels = placeholder(int)
   c.model.channels = placeholder(int)
@@ -52,7 +52,7 @@ def get_base_config(dataset: str = "wflw") -> ml_collections.ConfigDict:
 
   # ---- loss: per stack i, 2^i / 2^(S-1) * sum(weight * term) ----
   c.loss = ml_collections.ConfigDict()
-  # name -> weight (star_jax.losses registry); 0 switches a term off. The official
+  # name -> weight (star_jax.core.losses registry); 0 switches a term off. The official
   # `--loss_func smoothl1` is `terms.star=0 terms.smoothl1=1`.
   c.loss.terms = ml_collections.ConfigDict(dict(
       star=1.0, pointmap=10.0, edgemap=10.0, smoothl1=0.0, l1=0.0, l2=0.0, wing=0.0))

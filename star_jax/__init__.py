@@ -16,9 +16,9 @@ __version__ = "0.1.0"
 
 # Public name -> the module that owns it.
 _LAZY = {
-    "Predictor": "star_jax.inference",
-    "Face": "star_jax.inference",
-    "RuntimePredictor": "star_jax.runtime",
+    "Predictor": "star_jax.deploy.inference",
+    "Face": "star_jax.deploy.inference",
+    "RuntimePredictor": "star_jax.deploy.runtime",
     "UsageError": "star_jax.errors",
     "DataError": "star_jax.errors",
     "CheckpointError": "star_jax.errors",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from configs import demo
-from star_jax import checkpointing, datasets
+from star_jax.training import checkpointing
+from star_jax.core import schemes as datasets
 from star_jax.models import create_model, init_variables
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from star_jax.data import images as image_io
 from star_jax.data.annotations import AnnotationError, read_tsv, rewrite_image_path
-from star_jax.datasets import get_spec
+from star_jax.core.schemes import get_spec
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_data")
 WFLW = get_spec("wflw")

@@ -21,10 +21,10 @@ from PIL import Image
 from skimage import data as skdata
 
 import star_jax
-from star_jax import checkpointing
-from star_jax import tracking
+from star_jax.training import checkpointing
+from star_jax.deploy import tracking
 from star_jax.errors import UsageError
-from star_jax.image_io import ImageError, as_rgb_image, load_image
+from star_jax.deploy.image_io import ImageError, as_rgb_image, load_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "tests", "fixtures", "official_wflw_small", "checkpoint.pkl")
@@ -46,10 +46,10 @@ def test_import_is_light_and_names_load_on_use():
                                                                       'tensorflow', 'cv2'})
       first = heavy()
       from star_jax import Predictor, RuntimePredictor
-      import star_jax.inference, star_jax.runtime
+      import star_jax.deploy.inference, star_jax.deploy.runtime
       print(json.dumps({"first": first, "after": heavy(),
-                        "same": [Predictor is star_jax.inference.Predictor,
-                                 RuntimePredictor is star_jax.runtime.RuntimePredictor],
+                        "same": [Predictor is star_jax.deploy.inference.Predictor,
+                                 RuntimePredictor is star_jax.deploy.runtime.RuntimePredictor],
                         "listed": "Predictor" in dir(star_jax)}))
       """)
   run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from star_jax import checkpointing
-from star_jax import datasets
+from star_jax.training import checkpointing
+from star_jax.core import schemes as datasets
 from star_jax import models as models_lib
 from star_jax.errors import CheckpointError
 from star_jax.models import create_model
@@ -216,7 +216,7 @@ OFFICIAL_PKL = os.path.join(os.path.dirname(__file__), "fixtures", "official_wfl
 
 
 def test_official_pkl_and_its_conversion_load_the_same_weights(tmp_path):
-  from star_jax import official
+  from star_jax.foreign import official
   loaded = checkpointing.load_model(OFFICIAL_PKL, weights="ema")
   ref_model, ref_variables = official.load_official_checkpoint(OFFICIAL_PKL, ema=True)
   assert loaded.model == ref_model and loaded.weights == "net_ema"

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from star_jax import logging_utils
+from star_jax.training import logging_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

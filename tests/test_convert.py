@@ -18,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from star_jax import checkpointing, convert, datasets, official
+from star_jax.training import checkpointing
+from star_jax.commands import convert
+from star_jax.core import schemes as datasets
+from star_jax.foreign import official
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_small")
 CHECKPOINT = os.path.join(FIXTURE, "checkpoint.pkl")

@@ -1,4 +1,4 @@
-"""Tests of the soft-argmax decoder (star_jax.decoder)."""
+"""Tests of the soft-argmax decoder (star_jax.core.decoder)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 
-from star_jax import decoder
+from star_jax.core import decoder
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_small",
                        "star_loss_official.npz")

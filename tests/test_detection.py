@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from star_jax import detection
-from star_jax.detection import Box, CropRule, blazeface, calibration, real_faces
+from star_jax.deploy import detection
+from star_jax.deploy.detection import Box, CropRule, blazeface, calibration, real_faces
 from star_jax.errors import UsageError
-from star_jax.image_io import load_image
+from star_jax.deploy.image_io import load_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLAZEFACE_INSTALLED = not detection.available()["blazeface"]
@@ -34,8 +34,8 @@ def menpo():
 def test_detection_imports_neither_jax_nor_tensorflow():
   code = (
       "import sys, numpy as np\n"
-      "from star_jax import detection, tracking, clips\n"
-      "from star_jax.detection import blazeface, lbp, calibration, real_faces, boxes\n"
+      "from star_jax.deploy import detection, tracking, clips\n"
+      "from star_jax.deploy.detection import blazeface, lbp, calibration, real_faces, boxes\n"
       "detection.detect(np.zeros((120, 160, 3), np.uint8))\n"
       "detection.detect(np.zeros((120, 160, 3), np.uint8), 'lbp')\n"
       "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'tensorflow',"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from star_jax.data import embedded
-from star_jax.datasets import get_spec
+from star_jax.core.schemes import get_spec
 
 SPEC = get_spec("wflw")
 COUNTS = (8, 2, 2)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from configs import wflw as wflw_config
-from star_jax import checkpointing
-from star_jax import eval_lib
+from star_jax.training import checkpointing
+from star_jax.training import eval_lib
 from star_jax.data import pipeline
 from star_jax.data import transforms
 from star_jax.data import annotations as annotations_lib
-from star_jax.datasets import get_spec
+from star_jax.core.schemes import get_spec
 from tests.limits import LAST_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

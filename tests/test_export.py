@@ -4,7 +4,7 @@ Each format is exported from the official fixture checkpoint (a converted offici
 stacks, 32 channels, 256 px) and from a star-jax inference checkpoint (the demo architecture:
 2 stacks, 64 px, random weights with non-trivial BatchNorm statistics), run in its own engine
 (ONNX Runtime, LiteRT, TensorFlow, `jax.export`) and compared with the JAX model in float64:
-within 0.05 px mean and 0.5 px max. Why float64 and not float32: see `star_jax.export.parity`
+within 0.05 px mean and 0.5 px max. Why float64 and not float32: see `star_jax.deploy.export.parity`
 (the CoordConv boundary switch makes two correct float32 implementations disagree by up to
 ~4 px on random weights; jitted JAX float32 itself is that far from float64 on the fixture).
 A one-stack model (no boundary switch) is also compared with jitted JAX float32 directly.
@@ -26,9 +26,9 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
 
-from star_jax.checkpointing import load_model
-from star_jax.export import exporter, parity
-from star_jax.runtime import contract
+from star_jax.training.checkpointing import load_model
+from star_jax.deploy.export import exporter, parity
+from star_jax.deploy.runtime import contract
 from tests.export_checkpoints import save_star_jax_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,7 @@ def test_onnx_graph_outputs_and_batch(models, export_dir):
   landmarks, heatmaps = session.run(None, {"image": crops})
   single = session.run(["landmarks"], {"image": crops[1:2]})[0]
   np.testing.assert_allclose(single[0], landmarks[1], atol=1e-3)
-  from star_jax.eval_lib import normalize_crops
+  from star_jax.training.eval_lib import normalize_crops
   reference = loaded.model.apply(loaded.variables, normalize_crops(crops), train=False)
   side = loaded.image_size // 4
   assert heatmaps.shape == (3, side, side, 98)
@@ -146,7 +146,7 @@ def test_int8_exports_are_smaller_and_run(models, export_dir, fmt, quantize, kin
 
 
 def test_default_calibration_crops_are_embedded_faces():
-  from star_jax.export import quantize
+  from star_jax.deploy.export import quantize
   crops = quantize.embedded_calibration_crops(64, count=3)
   assert crops.shape == (3, 64, 64, 3) and crops.dtype == np.float32
   assert 0 <= crops.min() and crops.max() <= 255 and crops.std() > 10

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from configs import base
-from star_jax import checkpointing, datasets, eval_lib, finetune, logging_utils, models
-from star_jax import predict, train_lib
+from star_jax.training import checkpointing, eval_lib, finetune, logging_utils
+from star_jax.core import schemes as datasets
+from star_jax import models
+from star_jax.deploy import predict
+from star_jax.training import train_lib
 from star_jax.errors import UsageError
 from tests import tiny_data
 
@@ -137,8 +140,8 @@ def test_custom_scheme_from_scratch_and_by_finetuning_a_98_point_run(data, tmp_p
   image = np.zeros((128, 128, 3), np.uint8)
   faces = predict.Predictor(tuned, batch_size=2).predict(image, boxes=[(20, 20, 100, 100)])
   assert faces[0].shape == (29, 2)
-  from star_jax.export import exporter
-  from star_jax.runtime import RuntimePredictor
+  from star_jax.deploy.export import exporter
+  from star_jax.deploy.runtime import RuntimePredictor
   onnx_path = exporter.export(tuned, "onnx", str(tmp_path / "face29.onnx")).path
   runtime = RuntimePredictor(onnx_path, batch_size=2)
   assert runtime.spec.name == "face29" and runtime.spec.flip_pairs

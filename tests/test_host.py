@@ -1,4 +1,4 @@
-"""star_jax.host: the process settings the entry points apply before JAX starts.
+"""star_jax.commands.host: the process settings the entry points apply before JAX starts.
 
 Each case runs in a fresh interpreter, because XLA reads XLA_FLAGS once per process.
 """
@@ -26,7 +26,7 @@ def _expected_options() -> list[str]:
 
 _PROBE = """
 import json, os
-from star_jax import host
+from star_jax.commands import host
 import jax
 before = host.tune_xla_cpu()
 flags = os.environ.get("XLA_FLAGS", "")
@@ -74,7 +74,7 @@ def test_opt_out_variables(variable):
 
 
 def test_too_late_once_jax_has_started():
-  code = ("import jax, os\njax.devices()\nfrom star_jax import host\n"
+  code = ("import jax, os\njax.devices()\nfrom star_jax.commands import host\n"
           "print(len(host.tune_xla_cpu()), repr(os.environ.get('XLA_FLAGS', '')))")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from star_jax import checkpointing, eval_lib, official
+from star_jax.training import checkpointing, eval_lib
+from star_jax.foreign import official
 from star_jax.models import count_parameters, hrnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

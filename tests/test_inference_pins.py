@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 import skimage.data
 
-from star_jax import clips
-from star_jax import eval_lib
-from star_jax import predict
-from star_jax import video
-from star_jax.checkpointing import load_model
-from star_jax.detection import Box
-from star_jax.export import exporter
-from star_jax.inference import Predictor
-from star_jax.runtime import RuntimePredictor
+from star_jax.deploy import clips
+from star_jax.training import eval_lib
+from star_jax.deploy import predict
+from star_jax.deploy import video
+from star_jax.training.checkpointing import load_model
+from star_jax.deploy.detection import Box
+from star_jax.deploy.export import exporter
+from star_jax.deploy.inference import Predictor
+from star_jax.deploy.runtime import RuntimePredictor
 from tests.export_checkpoints import save_star_jax_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

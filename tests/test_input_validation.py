@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from star_jax import datasets
+from star_jax.core import schemes as datasets
 from star_jax.data.annotations import BOX_TO_LANDMARKS, AnnotationError, read_tsv
-from star_jax.detection import Box
+from star_jax.deploy.detection import Box
 from star_jax.errors import DataError, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,8 +69,8 @@ def test_boxes_of_no_width_or_height_are_refused(text):
 
 
 def test_predictor_refuses_a_given_box_of_no_width():
-  from star_jax import checkpointing
-  from star_jax.inference import Predictor
+  from star_jax.training import checkpointing
+  from star_jax.deploy.inference import Predictor
   predictor = Predictor(checkpointing.load_model(os.path.join(
       ROOT, "tests", "fixtures", "official_wflw_small", "checkpoint.pkl")))
   image = np.zeros((64, 64, 3), np.uint8)

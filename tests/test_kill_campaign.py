@@ -23,8 +23,8 @@ import time
 import numpy as np
 import pytest
 
-from star_jax import checkpointing
-from star_jax import logging_utils
+from star_jax.training import checkpointing
+from star_jax.training import logging_utils
 from tests.limits import LAST_GUARD_S
 
 pytestmark = pytest.mark.slow

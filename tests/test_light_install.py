@@ -26,8 +26,8 @@ import pytest
 import skimage.data as skimage_data
 from packaging.requirements import Requirement
 
-from star_jax.checkpointing import load_model
-from star_jax.export import exporter
+from star_jax.training.checkpointing import load_model
+from star_jax.deploy.export import exporter
 from tests.export_checkpoints import save_star_jax_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +85,7 @@ def test_exported_model_runs_with_only_the_inference_install(onnx_model, tmp_pat
             raise ModuleNotFoundError(f"blocked: {{name}}")
           return None
       sys.meta_path.insert(0, Blocker())
-      from star_jax import predict
+      from star_jax.deploy import predict
       code = predict.main(["--model", {onnx_model!r}, {photo!r}, "--out", {str(out)!r}])
       tops = sorted({{m.split('.')[0] for m in sys.modules}})
       print(json.dumps({{"code": code, "modules": tops}}))

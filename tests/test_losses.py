@@ -1,4 +1,4 @@
-"""Tests of star_jax.losses against the official outputs and an independent numpy reference."""
+"""Tests of star_jax.core.losses against the official outputs and an independent numpy reference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from star_jax import losses
+from star_jax.core import losses
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_small",
                        "star_loss_official.npz")

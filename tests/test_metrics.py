@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import scipy.integrate
 
-from star_jax import landmark_mappings
-from star_jax import metrics
-from star_jax.datasets import get_spec
+from star_jax.core import landmark_mappings
+from star_jax.core import metrics
+from star_jax.core.schemes import get_spec
 
 WFLW = get_spec("wflw")
 W300 = get_spec("300w")

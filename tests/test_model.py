@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from star_jax import datasets
+from star_jax.core import schemes as datasets
 from star_jax.models import (ModelOutput, StackedHourglass, count_parameters, create_model,
                              init_variables, parameter_shapes)
 from star_jax.models import hourglass

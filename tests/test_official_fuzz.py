@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from star_jax import official
+from star_jax.foreign import official
 from star_jax.errors import CheckpointError
 
 if __name__ == "__main__":  # run as a script by the byte-flip test: the repository on the path

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from star_jax.data import original_formats as of
-from star_jax.datasets import get_spec
+from star_jax.foreign import original_formats as of
+from star_jax.core.schemes import get_spec
 
 
 def _read(tsv):

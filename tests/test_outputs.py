@@ -1,6 +1,6 @@
 """Nothing a user owns is replaced: predict, eval, convert and export refuse, before any work, an
 output that would overwrite an input or a file star-jax did not write; reruns over their own
-outputs work (star_jax.outputs)."""
+outputs work (star_jax.core.outputs)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from star_jax import checkpointing
-from star_jax import convert
-from star_jax import eval_lib
-from star_jax import outputs
-from star_jax import predict
+from star_jax.training import checkpointing
+from star_jax.commands import convert
+from star_jax.training import eval_lib
+from star_jax.core import outputs
+from star_jax.deploy import predict
 from star_jax.errors import UsageError
-from star_jax.export import exporter
+from star_jax.deploy.export import exporter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")

@@ -11,13 +11,13 @@ import cv2
 import numpy as np
 import pytest
 
-from star_jax import checkpointing
-from star_jax import plots
-from star_jax import predict
-from star_jax import tracking
-from star_jax import video
-from star_jax.datasets import Edge, get_spec
-from star_jax.detection import Box
+from star_jax.training import checkpointing
+from star_jax.training import plots
+from star_jax.deploy import predict
+from star_jax.deploy import tracking
+from star_jax.deploy import video
+from star_jax.core.schemes import Edge, get_spec
+from star_jax.deploy.detection import Box
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "tests", "fixtures", "official_wflw_small", "checkpoint.pkl")
@@ -83,7 +83,7 @@ def _far_segments(points: np.ndarray, edges, margin: float):
 
 @pytest.mark.parametrize("points, scheme", [(None, "wflw"), (68, "300w")])
 def test_annotated_png_draws_the_layouts_curves(tmp_path, points, scheme):
-  """The PNG of `star_jax.predict` draws the curves of the layout written (98 or, with
+  """The PNG of `star_jax.deploy.predict` draws the curves of the layout written (98 or, with
   `--points 68`, 300W's)."""
   predictor = predict.Predictor(checkpointing.load_model(CHECKPOINT), batch_size=1)
   image = cv2.imread(PHOTO)[:, :, ::-1]

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from configs import base
 from star_jax.data import annotations, pipeline, sources, targets, transforms
-from star_jax.datasets import get_spec
+from star_jax.core.schemes import get_spec
 from star_jax.errors import DataError, UsageError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_data")

@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from star_jax import checkpointing
-from star_jax import detection
-from star_jax import predict
+from star_jax.training import checkpointing
+from star_jax.deploy import detection
+from star_jax.deploy import predict
 from star_jax.data import annotations as annotations_lib
-from star_jax.datasets import get_spec
-from star_jax.image_io import ImageError, load_image
+from star_jax.core.schemes import get_spec
+from star_jax.deploy.image_io import ImageError, load_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")

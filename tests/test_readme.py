@@ -54,7 +54,7 @@ SKIPPED = {
     "gpu.sh": "needs a GPU",
     "pip install": ("installs into an environment; tests/test_light_install.py and "
                     "benchmarks/light_install.py check the inference-only install"),
-    "star_jax.released register": "needs the released file itself (the fixture standing in "
+    "star_jax.deploy.released register": "needs the released file itself (the fixture standing in "
                                   "for it is not the released architecture)",
 }
 SERVERS = ("tensorboard ", "python -m star_jax.web")
@@ -133,7 +133,7 @@ def sandbox(tmp_path_factory):
   for k, image in enumerate(sorted(os.listdir(os.path.join(faces.image_dir, "test")))[:2]):
     shutil.copy(os.path.join(faces.image_dir, "test", image), root / "folder" / f"{k}.jpg")
     shutil.copy(os.path.join(faces.image_dir, "test", image), root / "photos" / f"{k}.jpg")
-  from star_jax import clips
+  from star_jax.deploy import clips
   clips.main(["--out", str(root / "clip.mp4"), "--frames", "12", "--faces", "1"])
   bin_dir = root / "bin"
   bin_dir.mkdir()
@@ -151,7 +151,7 @@ def sandbox(tmp_path_factory):
 
 def _two_processes_trained(root) -> None:
   """The background processes of the multi-process recipe: `wait` alone hides their status."""
-  from star_jax import logging_utils
+  from star_jax.training import logging_utils
   records = logging_utils.read_metrics(str(root / "runs" / "two_processes"))
   assert any(r.get("step") == 2 and "train_loss" in r for r in records), records
   assert os.path.isdir(root / "runs" / "two_processes" / "checkpoints" / "2")
@@ -193,7 +193,7 @@ def _serve(command: str, root, env) -> None:
 def test_readme_lists_commands():
   commands = readme_commands(open(os.path.join(ROOT, "README.md")).read())
   assert any(c.startswith("python train.py") for c in commands)
-  assert any("star_jax.export" in c for c in commands)
+  assert any("star_jax.deploy.export" in c for c in commands)
 
 
 def test_every_readme_command_runs(sandbox):

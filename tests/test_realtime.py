@@ -8,7 +8,7 @@ import pytest
 from configs import base
 from configs import realtime_1x64
 from configs import realtime_2x128
-from star_jax import datasets
+from star_jax.core import schemes as datasets
 from star_jax.data import embedded
 from star_jax.models import count_parameters, create_model, parameter_shapes
 
@@ -40,9 +40,9 @@ def test_configs_keep_the_recipe_and_shrink_the_model(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_small_configs_train_on_the_embedded_dataset(name, tmp_path_factory):
-  from star_jax import train_lib
-  from star_jax import eval_lib
-  from star_jax.checkpointing import load_model
+  from star_jax.training import train_lib
+  from star_jax.training import eval_lib
+  from star_jax.training.checkpointing import load_model
   root = tmp_path_factory.getbasetemp() / "embedded_small"
   files = embedded.ensure_embedded_dataset(str(root), counts=(8, 4, 4))
   config = CONFIGS[name].get_config("demo")

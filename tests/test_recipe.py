@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from configs import base
-from star_jax import datasets
-from star_jax import losses
+from star_jax.core import schemes as datasets
+from star_jax.core import losses
 from star_jax import models
-from star_jax import train_lib
+from star_jax.training import train_lib
 from star_jax.data import transforms
 
 WFLW_FLIP = [

@@ -30,7 +30,9 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from star_jax import checkpointing, cli, released
+from star_jax.training import checkpointing
+from star_jax.commands import cli
+from star_jax.deploy import released
 from star_jax.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,7 +266,7 @@ def test_no_network_is_one_line_saying_what_to_do(cache, monkeypatch, capsys, tm
   # The same through a command: `error: <that line>`, exit 1.
   image = tmp_path / "astro.png"
   cv2.imwrite(str(image), skdata.astronaut()[..., ::-1])
-  from star_jax import predict
+  from star_jax.deploy import predict
   with pytest.raises(SystemExit) as exit_info:
     predict.main(["--checkpoint", "wflw", str(image), "--out", str(tmp_path / "out"),
                   "--box", ASTRONAUT_FACE])
@@ -402,8 +404,8 @@ def wflw_mirror(host, cache, monkeypatch):
 
 
 def test_name_in_predict_and_predictor(wflw_mirror, tmp_path, capsys):
-  from star_jax import predict
-  from star_jax.inference import Predictor
+  from star_jax.deploy import predict
+  from star_jax.deploy.inference import Predictor
   image = tmp_path / "astro.png"
   cv2.imwrite(str(image), skdata.astronaut()[..., ::-1])
   out = tmp_path / "out"
@@ -420,8 +422,8 @@ def test_name_in_predict_and_predictor(wflw_mirror, tmp_path, capsys):
 
 def test_name_in_export_and_finetune(wflw_mirror, tmp_path):
   from configs import wflw as wflw_config
-  from star_jax import finetune
-  from star_jax.export import cli as export_cli
+  from star_jax.training import finetune
+  from star_jax.deploy.export import cli as export_cli
   out = tmp_path / "wflw.onnx"
   assert export_cli.main(["--checkpoint", "wflw", "--format", "onnx", "--out", str(out)]) == 0
   with open(str(out) + ".json") as f:
@@ -438,7 +440,7 @@ def test_name_in_export_and_finetune(wflw_mirror, tmp_path):
 
 def test_name_in_evaluation(wflw_mirror):
   from configs import wflw as wflw_config
-  from star_jax import eval_lib
+  from star_jax.training import eval_lib
   data_dir = os.path.join(FIXTURES, "official_wflw_data")
   config = wflw_config.get_config()
   config.data.test_tsv = os.path.join(data_dir, "test.tsv")
@@ -457,7 +459,7 @@ def test_cli_error_contract_of_the_command(cache, capsys):
 
 
 def test_name_in_the_web_page(wflw_mirror, tmp_path, capfd):
-  from star_jax import web
+  from star_jax.deploy import web
   from tests.test_training_data import fake_page
   fake_page(tmp_path)
   server = web.PageServer("wflw", root=str(tmp_path))

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from star_jax.data.annotations import AnnotationError, read_tsv
-from star_jax.datasets import get_spec
+from star_jax.core.schemes import get_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_wflw_data")
@@ -86,7 +86,7 @@ def _copy_images(tmp_path):
 @pytest.mark.slow
 def test_checkpoint_naming_code_is_refused_by_predict_and_eval(tmp_path):
   import json
-  from star_jax import checkpointing
+  from star_jax.training import checkpointing
   loaded = checkpointing.load_model(CHECKPOINT)
   ckpt = checkpointing.save_for_inference(str(tmp_path / "ckpt"), loaded.model, loaded.variables,
                                           spec=loaded.spec, image_size=256)
@@ -218,7 +218,8 @@ def test_binary_file_as_tsv(tmp_path):
 def test_unreadable_checkpoint_fallback_is_one_warning_line(tmp_path):
   script = textwrap.dedent(f"""
       import os, numpy as np
-      from star_jax import checkpointing, host
+      from star_jax.training import checkpointing
+      from star_jax.commands import host
       host.configure_process()  # what every entry point does first
       tree = lambda s: {{"w": np.full((4, 3), s, np.float32), "step": np.asarray(s, np.int32)}}
       c = checkpointing.TrainCheckpoints({str(tmp_path)!r}, keep=3)
@@ -245,7 +246,7 @@ def test_unreadable_checkpoint_fallback_is_one_warning_line(tmp_path):
 def test_first_signal_asks_to_stop_a_second_one_exits_at_once():
   script = textwrap.dedent("""
       import os, signal, sys, time
-      from star_jax import cli
+      from star_jax.commands import cli
       with cli.graceful_stop() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.2)

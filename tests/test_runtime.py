@@ -1,6 +1,6 @@
 """The JAX-free runtime: no JAX/TensorFlow import, and the JAX predictor's results on images.
 
-The model has one stack (no CoordConv boundary switch, see `star_jax.export.parity`), so
+The model has one stack (no CoordConv boundary switch, see `star_jax.deploy.export.parity`), so
 ONNX Runtime and LiteRT must reproduce jitted JAX float32 to rounding; the images are the
 fixture photos-like drawings of tests/fixtures/official_wflw_data, with given boxes and with
 the detector.
@@ -22,11 +22,11 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
 
-from star_jax import predict
-from star_jax.checkpointing import load_model
-from star_jax.export import exporter
-from star_jax.image_io import load_image
-from star_jax.runtime import RuntimePredictor, contract
+from star_jax.deploy import predict
+from star_jax.training.checkpointing import load_model
+from star_jax.deploy.export import exporter
+from star_jax.deploy.image_io import load_image
+from star_jax.deploy.runtime import RuntimePredictor, contract
 from tests.export_checkpoints import save_star_jax_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,9 +79,9 @@ def test_runtime_imports_neither_jax_nor_tensorflow(exported, images):
   image = os.path.join(IMAGES, sorted(os.listdir(IMAGES))[0])
   script = textwrap.dedent(f"""
       import json, sys
-      import star_jax.data.transforms, star_jax.detection, star_jax.tracking
-      from star_jax.runtime import RuntimePredictor
-      # A path and a grey PIL image: the input handling of star_jax.predict, without JAX.
+      import star_jax.data.transforms, star_jax.deploy.detection, star_jax.deploy.tracking
+      from star_jax.deploy.runtime import RuntimePredictor
+      # A path and a grey PIL image: the input handling of star_jax.deploy.predict, without JAX.
       from PIL import Image
       grey = Image.open({image!r}).convert("L")
       faces = [RuntimePredictor(path).predict(picture, boxes=[(20, 20, 200, 200)])
@@ -111,7 +111,7 @@ def test_predict_cli_runs_an_exported_model(exported, tmp_path):
 
 def test_runtime_errors_name_the_file(tmp_path):
   from star_jax.errors import CheckpointError
-  from star_jax.runtime import load_model as load_exported
+  from star_jax.deploy.runtime import load_model as load_exported
   lonely = tmp_path / "lonely.onnx"
   lonely.write_bytes(b"not a model")
   with pytest.raises(CheckpointError, match="lonely.onnx.json"):

@@ -21,13 +21,13 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
 
-from star_jax import datasets
-from star_jax import predict
-from star_jax.checkpointing import load_model
+from star_jax.core import schemes as datasets
+from star_jax.deploy import predict
+from star_jax.training.checkpointing import load_model
 from star_jax.errors import CheckpointError
-from star_jax.export import exporter
-from star_jax.runtime import RuntimePredictor, contract
-from star_jax.runtime import load_model as load_exported
+from star_jax.deploy.export import exporter
+from star_jax.deploy.runtime import RuntimePredictor, contract
+from star_jax.deploy.runtime import load_model as load_exported
 from tests.export_checkpoints import save_star_jax_checkpoint
 from tests.limits import LAST_GUARD_S
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from star_jax import train_lib
+from star_jax.training import train_lib
 
 
 def _torch_multistep_lrs(lr0, milestones, gamma, num_epochs, steps_per_epoch):
@@ -129,7 +129,9 @@ def test_train_step_applies_the_ema_to_parameters_and_batch_statistics():
   """One `train_step` of a tiny network: the new EMA is d * old EMA + (1 - d) * new weights,
   for the parameters and the BatchNorm statistics alike, with the EMA starting as a copy."""
   import functools
-  from star_jax import datasets, models, parallel
+  from star_jax.core import schemes as datasets
+  from star_jax import models
+  from star_jax.training import parallel
   config = base.get_base_config("wflw")
   config.model.num_stacks, config.model.num_levels, config.model.channels = 1, 1, 8
   spec = datasets.get_spec("wflw")

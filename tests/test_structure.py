@@ -2,9 +2,9 @@
 
 - no import cycle between star_jax modules, function-level imports included (an AST walk);
 - the library never imports the top-level `configs` package;
-- private JAX APIs (`jax._src`) are used in star_jax/jax_compat.py only;
+- private JAX APIs (`jax._src`) are used in star_jax/core/jax_compat.py only;
 - importing every module changes no process setting (environment variables such as XLA_FLAGS
-  and TF_CPP_MIN_LOG_LEVEL, which only `star_jax.host.configure_process` sets).
+  and TF_CPP_MIN_LOG_LEVEL, which only `star_jax.commands.host.configure_process` sets).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def test_library_never_imports_configs_and_keeps_jax_internals_in_one_place():
       for name in names:
         assert name != "configs" and not name.startswith("configs."), (module, name)
         if name.startswith("jax._src"):
-          assert module == "star_jax.jax_compat", (module, name)
+          assert module == "star_jax.core.jax_compat", (module, name)
 
 
 _PROBE = """

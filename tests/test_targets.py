@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from star_jax.data import targets
-from star_jax.datasets import get_spec
+from star_jax.core.schemes import get_spec
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_data")
 WFLW = get_spec("wflw")

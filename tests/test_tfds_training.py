@@ -11,7 +11,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from configs import base  # noqa: E402
-from star_jax import eval_lib, logging_utils, train_lib  # noqa: E402
+from star_jax.training import eval_lib, logging_utils, train_lib  # noqa: E402
 from star_jax.data import sources, tfds_builders  # noqa: E402
 from tests import tiny_data  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The tracker's geometry against hand-computed values, with an oracle in place of the network.
 
 The oracle returns the true landmarks of a clip's face (optionally moved or resized by a
-transform), so each rule of `star_jax.tracking` is checked on its own: the next crop is the
+transform), so each rule of `star_jax.deploy.tracking` is checked on its own: the next crop is the
 training crop of the landmarks (`scale = 1.05 * max(w, h) / 200`, centre = box centre, the
 official rule written out here, not read from the module), and the lost rules fire exactly
 past their bounds.
@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from star_jax import clips
-from star_jax import datasets
-from star_jax import detection
-from star_jax import tracking
-from star_jax.detection import Box
-from star_jax.detection.boxes import iou
+from star_jax.deploy import clips
+from star_jax.core import schemes as datasets
+from star_jax.deploy import detection
+from star_jax.deploy import tracking
+from star_jax.deploy.detection import Box
+from star_jax.deploy.detection.boxes import iou
 
 
 def test_iou_by_hand():

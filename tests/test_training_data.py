@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from configs import demo, wflw as wflw_config
-from star_jax import checkpointing, datasets, models, web
-from star_jax.runtime import contract
+from star_jax.training import checkpointing
+from star_jax.core import schemes as datasets
+from star_jax import models
+from star_jax.deploy import web
+from star_jax.deploy.runtime import contract
 from tests.export_checkpoints import save_star_jax_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +33,7 @@ def synthetic(tmp_path_factory):
 @pytest.fixture(scope="module")
 def synthetic_onnx(synthetic, tmp_path_factory):
   pytest.importorskip("onnx")
-  from star_jax.export import exporter
+  from star_jax.deploy.export import exporter
   out = str(tmp_path_factory.mktemp("onnx") / "demo.onnx")
   exporter.export(synthetic, "onnx", out)
   return out
@@ -75,7 +78,7 @@ def test_checkpoints_without_the_field_still_load(synthetic, tmp_path):
 
 
 def test_synthetic_model_warns_once_in_the_predictor(synthetic, capsys):
-  from star_jax.inference import Predictor
+  from star_jax.deploy.inference import Predictor
   predictor = Predictor(synthetic, batch_size=1)
   image = np.zeros((96, 96, 3), np.uint8)
   predictor.predict(image, [(20, 20, 70, 70)])
@@ -87,8 +90,8 @@ def test_synthetic_model_warns_once_in_the_predictor(synthetic, capsys):
 def test_synthetic_model_warns_in_the_runtime_and_predict(synthetic_onnx, capsys, tmp_path):
   with open(contract.sidecar_path(synthetic_onnx)) as f:
     assert json.load(f)["trained_on"] == "embedded"
-  from star_jax import predict
-  from star_jax.runtime import RuntimePredictor
+  from star_jax.deploy import predict
+  from star_jax.deploy.runtime import RuntimePredictor
   predictor = RuntimePredictor(synthetic_onnx, batch_size=1)
   predictor.predict(np.zeros((96, 96, 3), np.uint8), [(20, 20, 70, 70)])
   assert len(_warnings(capsys.readouterr().err)) == 1

@@ -14,12 +14,12 @@ import cv2
 import numpy as np
 import pytest
 
-from star_jax import clips
-from star_jax import detection
-from star_jax import predict
-from star_jax import tracking
-from star_jax import video
-from star_jax.detection import Box
+from star_jax.deploy import clips
+from star_jax.deploy import detection
+from star_jax.deploy import predict
+from star_jax.deploy import tracking
+from star_jax.deploy import video
+from star_jax.deploy.detection import Box
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "tests", "fixtures", "official_wflw_small", "checkpoint.pkl")

@@ -4,11 +4,11 @@
   OpenCV's `warpPerspective` crop of `star_jax.data.transforms.warp`, its box rules equal
   `detection.box_to_crop` ('official') and the training rule of `crop_params`, its map
   back equals `transforms.landmarks_to_original`;
-- server (`star_jax.web`): the model routes, the cross-origin-isolation headers that give the
+- server (`star_jax.deploy.web`): the model routes, the cross-origin-isolation headers that give the
   page WASM threads, MIME types, and its one-line errors;
 - the page (when Chromium and the page's runtime from `make web` are installed; skipped with
   the reason otherwise): a photo and a face box given to the page give the landmarks of
-  `star_jax.predict.Predictor` (JAX, box rule 'official', same box) within 0.5 px, its crop is
+  `star_jax.deploy.predict.Predictor` (JAX, box rule 'official', same box) within 0.5 px, its crop is
   OpenCV's, and the webcam path runs on Chromium's fake camera. A screenshot is saved in the
   test's tmp directory;
 - the annotated video (when Chromium is installed): the predictor's H.264 MP4 is one the
@@ -17,7 +17,7 @@
   A Chromium built without any H.264 decoder skips it, saying so.
 
 The model is the demo architecture with one stack and random weights: one stack has no
-CoordConv boundary switch, so float32 engines agree to rounding (see star_jax.export.parity).
+CoordConv boundary switch, so float32 engines agree to rounding (see star_jax.deploy.export.parity).
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from star_jax import detection, video, web
-from star_jax.data import original_formats, transforms
-from star_jax.checkpointing import load_model
-from star_jax.export import exporter
-from star_jax.detection import Box
-from star_jax.predict import Predictor
-from star_jax.runtime import contract
+from star_jax.deploy import detection, video, web
+from star_jax.foreign import original_formats
+from star_jax.data import transforms
+from star_jax.training.checkpointing import load_model
+from star_jax.deploy.export import exporter
+from star_jax.deploy.detection import Box
+from star_jax.deploy.predict import Predictor
+from star_jax.deploy.runtime import contract
 from tests.chromium import FAKE_CAMERA_FLAGS, Chromium, find_chromium
 from tests.export_checkpoints import save_star_jax_checkpoint
 

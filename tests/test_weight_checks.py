@@ -18,8 +18,10 @@ import flax.traverse_util
 import numpy as np
 import pytest
 
-from star_jax import checkpointing, json_output, models
-from star_jax.checkpointing import load_model
+from star_jax.training import checkpointing
+from star_jax.core import json_output
+from star_jax import models
+from star_jax.training.checkpointing import load_model
 from star_jax.errors import CheckpointError
 from tests.export_checkpoints import save_star_jax_checkpoint
 
@@ -139,7 +141,7 @@ def _strict_json(text: str):
 
 
 def test_predictions_of_nonfinite_weights_are_valid_json(good, tmp_path, capsys):
-  from star_jax import predict
+  from star_jax.deploy import predict
   _, loaded = good
   path = _tampered(tmp_path, loaded, _set(("params", "heatmap_head0", "bias"),
                                           lambda a: np.full_like(a, np.nan)))

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from configs import demo
-from star_jax import workdir
+from star_jax.training import workdir
 from star_jax.errors import WorkdirError
 from tests.limits import LAST_GUARD_S
 
@@ -25,7 +25,7 @@ def test_the_lock_is_exclusive_across_processes(tmp_path):
   child = subprocess.Popen(
       [sys.executable, "-c", textwrap.dedent(f"""
           import sys
-          from star_jax import workdir
+          from star_jax.training import workdir
           workdir.lock({run_dir!r})
           print("locked", flush=True)
           sys.stdin.read()

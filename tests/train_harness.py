@@ -74,7 +74,7 @@ class FakeData:
   (seed, global example index); process p takes its slice of every batch."""
 
   def __init__(self, config):
-    from star_jax import datasets
+    from star_jax.core import schemes as datasets
     self.config = config
     self.spec = datasets.get_spec(config.dataset)
 
@@ -136,8 +136,8 @@ def main(argv=None):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
-  from star_jax import cli
-  from star_jax import train_lib
+  from star_jax.commands import cli
+  from star_jax.training import train_lib
   config = tiny_config(args.steps)
   if args.lr is not None:
     config.optim.lr = args.lr

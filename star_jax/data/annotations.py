@@ -53,7 +53,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from star_jax.datasets import DatasetSpec
+from star_jax.core.schemes import DatasetSpec
 from star_jax.errors import DataError
 
 _log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ images whose 98 landmarks follow the WFLW layout and meaning:
   96/97  pupils
 
 The canonical layout is built for the image-left half of the face and mirrored through the WFLW
-flip pairs of `star_jax.datasets`, so mirroring an image maps every landmark onto its flip
+flip pairs of `star_jax.core.schemes`, so mirroring an image maps every landmark onto its flip
 partner. Every image draws its own pose (in-plane roll, a yaw that turns the face on an ellipsoid
 so the far side squashes, a little pitch), size, position, expression (mouth opening, smile, brow
 raise, eye closure, gaze), skin / hair / lip colours, make-up, lighting, occluding patches and
@@ -55,10 +55,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from star_jax import cli
+from star_jax.commands import cli
 from star_jax.data.annotations import DataFiles
-from star_jax.data.original_formats import format_row
-from star_jax.datasets import WFLW
+from star_jax.foreign.original_formats import format_row
+from star_jax.core.schemes import WFLW
 
 # Bump whenever the drawing, the layout or the file format changes: cached copies regenerate.
 GENERATOR_VERSION = "1"
@@ -573,7 +573,7 @@ def _files(root: str) -> DataFiles:
 
 def cache_root() -> str:
   """star-jax's cache folder: `$STAR_JAX_CACHE`, else `~/.cache/star_jax` (also holds the
-  released models, `star_jax.released`)."""
+  released models, `star_jax.deploy.released`)."""
   return os.environ.get("STAR_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                           "star_jax")
 

@@ -18,7 +18,7 @@ import io
 import numpy as np
 import tensorflow as tf
 
-from star_jax import image_io
+from star_jax.deploy import image_io
 
 JPEG_DCT_METHOD = "INTEGER_ACCURATE"
 _JPEG_MAGIC = b"\xff\xd8\xff"

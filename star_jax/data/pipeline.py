@@ -41,11 +41,11 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from star_jax import image_io
+from star_jax.deploy import image_io
 from star_jax.data import sources as sources_lib
 from star_jax.data import targets as target_lib
 from star_jax.data import transforms
-from star_jax.datasets import DatasetSpec
+from star_jax.core.schemes import DatasetSpec
 from star_jax.errors import DataError, UsageError
 
 

@@ -30,9 +30,9 @@ import tensorflow as tf
 
 from star_jax.data import images as image_io
 from star_jax.data.annotations import Annotations, DataFiles, read_tsv
-from star_jax.datasets import DatasetSpec, get_spec
+from star_jax.core.schemes import DatasetSpec, get_spec
 from star_jax.errors import DataError, UsageError
-from star_jax.image_io import ImageError, load_image
+from star_jax.deploy.image_io import ImageError, load_image
 
 SPLITS = ("train", "val", "test")
 # The carved validation split does not depend on the training seed: the same images are held

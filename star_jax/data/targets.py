@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from scipy import interpolate
 
-from star_jax.datasets import DatasetSpec
+from star_jax.core.schemes import DatasetSpec
 
 # The official encoder renders at the crop size and downsamples by this factor.
 HEATMAP_STRIDE = 4

@@ -12,7 +12,7 @@ Each has two configs: `jpeg` (default; stored crops re-encoded as JPEG quality 9
 so they never clash with a TFDS catalogue dataset.
 
 Manual download. Put the images and the official-format TSVs (as written by
-`star_jax.data.original_formats`, or the ADNet metadata) in one folder, the manual dir:
+`star_jax.foreign.original_formats`, or the ADNet metadata) in one folder, the manual dir:
 
   <manual_dir>/train.tsv
   <manual_dir>/test.tsv
@@ -27,7 +27,7 @@ Manual download. Put the images and the official-format TSVs (as written by
 
 or `tfds.builder("star_wflw", data_dir=...).download_and_prepare(download_config=
 tfds.download.DownloadConfig(manual_dir=DIR))`. The 300W test subsets follow the path rule of
-`star_jax.datasets.W300.path_subsets` (common: 'lfpw' or 'helen' in the path, challenge: 'ibug'),
+`star_jax.core.schemes.W300.path_subsets` (common: 'lfpw' or 'helen' in the path, challenge: 'ibug'),
 matched on the paths as the TSV writes them, below the image folder.
 
 What one example stores. Decoding whole photos (WFLW: about 1000x800 JPEGs, the face a third of
@@ -80,9 +80,9 @@ import tensorflow_datasets as tfds
 from star_jax.data.annotations import read_tsv
 from star_jax.data.images import read_image
 from star_jax.data.transforms import OFFICIAL_AUGMENT
-from star_jax import cli
-from star_jax import metrics
-from star_jax.datasets import DatasetSpec, get_spec
+from star_jax.commands import cli
+from star_jax.core import metrics
+from star_jax.core.schemes import DatasetSpec, get_spec
 from star_jax.errors import DataError, UsageError
 
 MARGIN_SIGMAS = 3.0
@@ -150,7 +150,7 @@ class _StarBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {"1.0.0": "Face crops covering +-3 sigma of the official augmentation."}
   BUILDER_CONFIGS = _CONFIGS
   DEFAULT_CONFIG_NAME = "jpeg"
-  DATASET = ""          # key of star_jax.datasets.SPECS
+  DATASET = ""          # key of star_jax.core.schemes.SPECS
   HOMEPAGE = ""
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Place train.tsv and test.tsv (official STAR/ADNet TSV format; see

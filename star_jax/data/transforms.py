@@ -23,7 +23,7 @@ from typing import Mapping
 import cv2
 import numpy as np
 
-from star_jax.datasets import DatasetSpec
+from star_jax.core.schemes import DatasetSpec
 
 # The official face box is `scale * 200` pixels; the crop operation keeps a face scale of 1.
 FACE_BOX_UNIT = 200.0

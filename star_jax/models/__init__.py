@@ -109,7 +109,7 @@ def describe(model, *, trained_on: str | None = None) -> dict[str, Any]:
 def training_data(config: Any) -> str | None:
   """What a run's model learns from: `embedded` (`datasets.SYNTHETIC_DATASET`, the synthetic
   faces) when `config.data.source` is the embedded dataset, else `config.dataset`."""
-  from star_jax import datasets
+  from star_jax.core import schemes as datasets
   if config is None:
     return None
   try:

@@ -5,7 +5,7 @@ recursive hourglass, the per-stack heads (heatmaps, point maps, edge maps), the 
 edge-to-point transform, the fusion of the three maps, soft-argmax landmarks per stack and the
 merge of each stack's outputs into the next one.
 
-Layout is NHWC throughout. The network reads RGB images in [-1, 1]; `star_jax.convert` reorders
+Layout is NHWC throughout. The network reads RGB images in [-1, 1]; `star_jax.commands.convert` reorders
 the first convolution of official (BGR) checkpoints so the two agree.
 
 Faithful details (see docs/official-semantics.md, "Architecture"):
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from star_jax import decoder
+from star_jax.core import decoder
 from star_jax.models import registry
 from star_jax.models.base import (ModelOutput, count_parameters, init_variables,  # noqa: F401
                                   parameter_shapes)
@@ -356,7 +356,7 @@ class StackedHourglass(nn.Module):
   def from_config(cls, model_config: Any, spec: Any, *, bn_axis_name: str | None = None
                   ) -> "StackedHourglass":
     """The network of `config.model` (num_stacks, num_levels, channels, use_aam, dtype,
-    precision) for a landmark scheme (`star_jax.datasets.DatasetSpec`: points and edges)."""
+    precision) for a landmark scheme (`star_jax.core.schemes.DatasetSpec`: points and edges)."""
     def get(key, default):
       value = model_config.get(key, None)
       return default if value is None else value

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from star_jax import decoder
+from star_jax.core import decoder
 from star_jax.errors import CheckpointError
 from star_jax.models import base, registry
 from star_jax.models.base import ModelOutput
