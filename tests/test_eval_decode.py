@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from star_jax.core import schemes as datasets
-from star_jax.data import annotations, original_formats, pipeline
+from star_jax.data import annotations, pipeline
+from star_jax.foreign import original_formats
 from star_jax.deploy.detection import real_faces
 from star_jax.errors import DataError
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from star_jax.data import original_formats as of
+from star_jax.foreign import original_formats as of
 from star_jax.core.schemes import get_spec
 
 

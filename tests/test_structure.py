@@ -32,12 +32,25 @@ def _modules() -> dict[str, str]:
   return found
 
 
+def _is_main_block(node: ast.AST) -> bool:
+  return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+          and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+          and any(isinstance(c, ast.Constant) and c.value == "__main__"
+                  for c in node.test.comparators))
+
+
 def _imports(path: str, module: str, known: set[str]) -> set[str]:
   """star_jax modules imported anywhere in the file (top level or inside functions)."""
   tree = ast.parse(open(path, encoding="utf-8").read(), path)
   package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
   out = set()
+  # A module's `if __name__ == "__main__":` block runs only when it is the program (then it is
+  # `__main__`, not this module): its imports are the command's, not the library's.
+  as_program = {id(n) for block in ast.walk(tree) if _is_main_block(block)
+                for n in ast.walk(block)}
   for node in ast.walk(tree):
+    if id(node) in as_program:
+      continue
     names = []
     if isinstance(node, ast.Import):
       names = [alias.name for alias in node.names]

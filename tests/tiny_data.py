@@ -18,7 +18,8 @@ import shutil
 import numpy as np
 
 from star_jax.core import schemes as datasets, landmark_mappings
-from star_jax.data import embedded, original_formats
+from star_jax.data import embedded
+from star_jax.foreign import original_formats
 
 # 300W-like folders of the 68-point copy: (split, subset folder) per image, cycling.
 _W300_TRAIN = ("afw", "lfpw/trainset", "helen/trainset")

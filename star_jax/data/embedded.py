@@ -55,7 +55,6 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from star_jax.commands import cli
 from star_jax.data.annotations import DataFiles
 from star_jax.foreign.original_formats import format_row
 from star_jax.core.schemes import WFLW
@@ -699,29 +698,7 @@ def write_preview(files: DataFiles, path: str, *, split: str = "train", count: i
   cv2.imwrite(path, grid[..., ::-1])
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.ArgumentParser(
-      prog="python -m star_jax.data.embedded",
-      description="Generates the embedded synthetic WFLW-style dataset (cached).")
-  parser.add_argument("--out", default=None,
-                      help="dataset folder (default: $STAR_JAX_CACHE/embedded or "
-                           "~/.cache/star_jax/embedded)")
-  parser.add_argument("--counts", type=int, nargs=3, default=list(DEFAULT_COUNTS),
-                      metavar=("TRAIN", "VAL", "TEST"))
-  parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-  parser.add_argument("--preview", default=None, metavar="PNG",
-                      help="also write a grid of annotated training samples here")
-  parser.add_argument("--preview-count", type=int, default=16)
-  args = parser.parse_args(argv)
-  start = time.perf_counter()
-  files = ensure_embedded_dataset(args.out, counts=tuple(args.counts), seed=args.seed)
-  print(f"embedded dataset ready in {time.perf_counter() - start:.1f} s")
-  for field in dataclasses.fields(files):
-    print(f"  {field.name}: {getattr(files, field.name)}")
-  if args.preview:
-    write_preview(files, args.preview, count=args.preview_count)
-    print(f"  preview: {args.preview}")
-
-
 if __name__ == "__main__":
-  main()
+  # `python -m star_jax.data.embedded`: the command is star_jax.commands.embedded.
+  from star_jax.commands import embedded as _command
+  raise SystemExit(_command.main())

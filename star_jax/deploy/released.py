@@ -30,10 +30,9 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from star_jax.errors import CheckpointError, UsageError
 
@@ -343,38 +342,3 @@ def status(name: str) -> str:
   record = read_record(path) or {}
   return (f"{release.name}: {path} (sha256 {record.get('sha256', 'not recorded')}, from "
           f"{record.get('source', 'unknown')})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: python -m star_jax.released {list,download,register}.
-
-def _main(argv: Sequence[str] | None) -> int:
-  from star_jax.commands import cli
-  parser = cli.ArgumentParser(
-      prog="python -m star_jax.released",
-      description="The released STAR models (wflw, 300w, cofw): download, register, list.")
-  commands = parser.add_subparsers(dest="command", required=True)
-  commands.add_parser("list", help="where each released model is (or would be) cached")
-  fetch = commands.add_parser("download", help="download (and check) a released model")
-  fetch.add_argument("name", choices=names())
-  add = commands.add_parser("register", help="check a file downloaded by hand and cache it")
-  add.add_argument("name", choices=names())
-  add.add_argument("file", help="the downloaded .pkl")
-  args = parser.parse_args(argv)
-  if args.command == "list":
-    for name in names():
-      print(status(name))
-  elif args.command == "download":
-    print(ensure(args.name))
-  else:
-    print(f"registered {register(args.name, args.file)}")
-  return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  from star_jax.commands import cli
-  return cli.run(lambda: _main(argv))
-
-
-if __name__ == "__main__":
-  sys.exit(main())
