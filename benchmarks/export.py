@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   from star_jax.commands import host
   host.configure_process()
+  host.hide_xla_flags_from_tensorflow()  # TensorFlow's XLA aborts on jaxlib's options
 
   batches = [int(b) for b in args.batch_sizes.split(",")]
   names = [name for name in args.models.split(",") if name]

@@ -41,13 +41,13 @@ CLI: `python -m star_jax.data.embedded --out DIR [--preview grid.png]`.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Sequence
@@ -58,6 +58,8 @@ import numpy as np
 from star_jax.data.annotations import DataFiles
 from star_jax.foreign.original_formats import format_row
 from star_jax.core.schemes import WFLW
+
+_log = logging.getLogger(__name__)
 
 # Bump whenever the drawing, the layout or the file format changes: cached copies regenerate.
 GENERATOR_VERSION = "1"
@@ -593,7 +595,7 @@ def generate(root: str, *, counts: Sequence[int] = DEFAULT_COUNTS, seed: int = D
     with open(tsv, "rb") as f:
       hashes[split] = hashlib.sha256(f.read()).hexdigest()
     if verbose:
-      print(f"{split}: {count} images ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+      _log.info(f"{split}: {count} images ({time.perf_counter() - start:.1f} s)")
   stamp = dict(_stamp(seed, counts), tsv_sha256=hashes)
   with open(os.path.join(root, "STAMP.json"), "w") as f:
     json.dump(stamp, f, indent=1, sort_keys=True)

@@ -10,8 +10,8 @@ replaces `_network` and how the model is loaded.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
-import sys
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -25,6 +25,8 @@ from star_jax.data import transforms
 from star_jax.deploy.detection import Box, CropRule
 from star_jax.errors import UsageError
 from star_jax.deploy.image_io import as_rgb_image
+
+_log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip")
 
@@ -160,7 +162,7 @@ class Predictor:
     self._told_training_data = True
     warning = datasets.synthetic_warning(self.trained_on, self.model_label)
     if warning:
-      print(warning, file=sys.stderr, flush=True)
+      _log.warning(warning)
 
   def crops_at(self, image_rgb: np.ndarray, crops: Sequence[tuple[float, np.ndarray]]
                ) -> tuple[np.ndarray, list[np.ndarray]]:

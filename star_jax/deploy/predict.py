@@ -40,6 +40,7 @@ traceback).
 
 from __future__ import annotations
 
+import logging
 import collections
 import concurrent.futures
 import dataclasses
@@ -57,6 +58,8 @@ from star_jax.deploy import video
 from star_jax.deploy.detection import Box
 from star_jax.deploy.inference import TTA_MODES, Face, Predictor  # noqa: F401 (the public API)
 from star_jax.deploy.image_io import ImageError, load_image
+
+_log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp", ".dib",
                   ".tif", ".tiff", ".webp", ".gif", ".jp2")
@@ -143,7 +146,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
                   boxes: Sequence[Box] | None = None, whole_image: bool = False,
                   box_rule: str | None = None, num_points: int | None = None,
                   images_per_batch: int | None = None, workers: int = 2,
-                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                  log: Callable[[str], None] = _log.warning,
                   progress: bool = True, write_png: bool = True,
                   stems: Sequence[str] | None = None) -> list[FileReport]:
   """Predicts every image file, writing `<stem>.json` and `<stem>.png` into `out_dir`.

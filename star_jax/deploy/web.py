@@ -21,6 +21,7 @@ whose runtime is not installed.
 
 from __future__ import annotations
 
+import logging
 import functools
 import http.server
 import json
@@ -36,6 +37,8 @@ from typing import Mapping
 from star_jax.core import schemes as datasets
 from star_jax.errors import CheckpointError, UsageError
 from star_jax.deploy.runtime import contract
+
+_log = logging.getLogger(__name__)
 
 # The page lives in the source tree's web/, two folders above star_jax/deploy/.
 WEB_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -82,7 +85,7 @@ def released_onnx(name: str) -> str:
           return out
     except (OSError, ValueError, KeyError, TypeError):
       pass  # unreadable or foreign: made again below
-  print(f"exporting the released {release.name} model to {out} (once)", file=sys.stderr)
+  _log.warning(f"exporting the released {release.name} model to {out} (once)")
   staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".export.")
   try:
     staged = os.path.join(staging, os.path.basename(out))
@@ -237,7 +240,7 @@ class PageServer:
     check_page(root)
     warning = datasets.synthetic_warning(self.info.trained_on, resolved)
     if warning:
-      print(warning, file=sys.stderr, flush=True)
+      _log.warning(warning)
     all_routes = {MODEL_URL: os.path.abspath(model),
                   MODEL_URL + ".json": os.path.abspath(contract.sidecar_path(model))}
     all_routes.update({posixpath.normpath(k): os.path.abspath(v)
