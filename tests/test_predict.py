@@ -143,8 +143,9 @@ def test_cli_reports_and_exit_status(tmp_path, astronaut, capsys):
   image = tmp_path / "astro.png"
   cv2.imwrite(str(image), astronaut[..., ::-1])
   out = tmp_path / "out"
-  code = predict_command.main(["--checkpoint", CHECKPOINT, str(image), str(tmp_path / "missing.jpg"),
-                       "--out", str(out), "--box", "178,85,270,172", "--batch_size", str(BATCH)])
+  code = predict_command.main(["--checkpoint", CHECKPOINT, str(image),
+                               str(tmp_path / "missing.jpg"), "--out", str(out), "--box",
+                               "178,85,270,172", "--batch_size", str(BATCH)])
   captured = capsys.readouterr()
   assert code == 1                                   # one input could not be read
   assert "missing.jpg" in captured.err + captured.out
@@ -174,7 +175,8 @@ def test_bad_flags_are_one_line_usage_errors(tmp_path, capsys, extra, flag):
   image = tmp_path / "x.png"
   image.write_bytes(b"")
   with pytest.raises(SystemExit) as exit_info:
-    predict_command.main(["--checkpoint", CHECKPOINT, str(image), "--out", str(tmp_path / "o")] + extra)
+    predict_command.main(["--checkpoint", CHECKPOINT, str(image), "--out", str(tmp_path / "o")]
+                         + extra)
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert flag in err and "Traceback" not in err

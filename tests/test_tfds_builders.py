@@ -10,7 +10,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from configs import base  # noqa: E402
-from star_jax.data import embedded
+from star_jax.data import embedded  # noqa: E402
 from star_jax.foreign import original_formats  # noqa: E402
 from star_jax.data import tfds_builders as tb  # noqa: E402
 from star_jax.commands import tfds_builders as tb_command  # noqa: E402

@@ -99,8 +99,8 @@ def test_synthetic_model_warns_in_the_runtime_and_predict(synthetic_onnx, capsys
   import cv2
   image = tmp_path / "grey.png"
   cv2.imwrite(str(image), np.full((96, 96, 3), 128, np.uint8))
-  assert predict_command.main(["--model", synthetic_onnx, str(image), "--out", str(tmp_path / "out"),
-                       "--box", "20,20,70,70"]) == 0
+  assert predict_command.main(["--model", synthetic_onnx, str(image), "--out",
+                               str(tmp_path / "out"), "--box", "20,20,70,70"]) == 0
   assert len(_warnings(capsys.readouterr().err)) == 1
 
 

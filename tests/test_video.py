@@ -187,8 +187,8 @@ def test_video_cli_writes_annotated_clip_and_jsonl(tmp_path):
   clip = clips.moving_face_clip(6, size=(320, 240), face_side=100, seed=5)
   source = video.write_clip(str(tmp_path / "walk.mp4"), clip.frames, 30.0, (320, 240))
   out = tmp_path / "out"
-  code = predict_command.main(["--checkpoint", CHECKPOINT, source, "--out", str(out), "--batch_size",
-                       "4", "--points", "68"])
+  code = predict_command.main(["--checkpoint", CHECKPOINT, source, "--out", str(out),
+                               "--batch_size", "4", "--points", "68"])
   assert code == 0
   with open(out / "walk.jsonl") as f:
     records = [json.loads(line) for line in f]

@@ -153,9 +153,12 @@ def _load_config_files() -> None:
     path = str(flag.config_filename).split(":")[0]
     try:
       value = flag.value
-      # A file that failed to load gives a stand-in that raises on first use.
-      failure = (object.__getattribute__(value, "_error")
-                 if type(value).__name__ == "_ErrorConfig" else None)
+      # A file that failed to load gives a stand-in that raises an OSError (from the failure)
+      # on any attribute access; a loaded config answers the default for an unknown attribute.
+      getattr(value, "star_jax_probe", None)
+      failure = None
+    except OSError as e:
+      failure = e.__cause__ or e
     except Exception as e:  # config files are user code: any failure is theirs
       failure = e
     if failure is None:

@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
   source.add_argument("--checkpoint",
                       help="a released model (wflw, 300w, cofw: downloaded once), a training "
                            "workdir, a checkpoint directory or an official STAR .pkl")
-  source.add_argument("--model", help="an exported .onnx or .tflite model (star_jax.deploy.export), "
-                                      "run by star_jax.deploy.runtime without JAX")
+  source.add_argument("--model", help="an exported .onnx or .tflite model (python -m "
+                                      "star_jax.export), run by star_jax.deploy.runtime without "
+                                      "JAX")
   parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
   parser.add_argument("--detector", default=detection.DEFAULT,
                       choices=[detection.DEFAULT] + detection.names(),

@@ -27,7 +27,8 @@ Manual download. Put the images and the official-format TSVs (as written by
 
 or `tfds.builder("star_wflw", data_dir=...).download_and_prepare(download_config=
 tfds.download.DownloadConfig(manual_dir=DIR))`. The 300W test subsets follow the path rule of
-`star_jax.core.schemes.W300.path_subsets` (common: 'lfpw' or 'helen' in the path, challenge: 'ibug'),
+`star_jax.core.schemes.W300.path_subsets` (common: 'lfpw' or 'helen' in the path, challenge:
+'ibug'),
 matched on the paths as the TSV writes them, below the image folder.
 
 What one example stores. Decoding whole photos (WFLW: about 1000x800 JPEGs, the face a third of

@@ -9,7 +9,8 @@ handles Drive's confirmation page for large files), with a progress bar, into
     $STAR_JAX_CACHE/released/<official file name>      (default ~/.cache/star_jax/released/)
 
 written under a temporary name and renamed only once it passed the checks: it must be read by the
-safe reader (`star_jax.foreign.official`, data only, nothing in it runs), hold the number of landmarks of
+safe reader (`star_jax.foreign.official`, data only, nothing in it runs), hold the number of
+landmarks of
 its name (the official links have been crossed before: its history has a commit "Swap model
 download links") and the released architecture (`StackedHGNetV1` of conf/alignment.py: 4 stacks,
 4 levels, 256 channels, AAM heads with the dataset's edges). Its sha256 and where it came from go

@@ -16,7 +16,8 @@ pyproject.toml); without PyAV it falls back, with one warning line, to OpenCV's 
 
 where `box` is the square the network read (the crop), `box_source` says whether that crop
 came from a detection ('detector') or from the face's landmarks in the previous frame
-('track'), and `id` is stable while the face is tracked (see `star_jax.deploy.tracking`). `time_s` is
+('track'), and `id` is stable while the face is tracked (see `star_jax.deploy.tracking`). `time_s`
+is
 the frame's timestamp (index / fps for files, seconds since the start for cameras).
 
 Imports neither JAX nor TensorFlow.

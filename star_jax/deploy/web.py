@@ -41,8 +41,8 @@ from star_jax.deploy.runtime import contract
 _log = logging.getLogger(__name__)
 
 # The page lives in the source tree's web/, two folders above star_jax/deploy/.
-WEB_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "web")
+WEB_ROOT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "web")
 # What `make web` (npm ci in web/) installs and the page imports.
 RUNTIME_DIR = os.path.join("node_modules", "onnxruntime-web", "dist")
 RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
@@ -58,8 +58,8 @@ ISOLATION_HEADERS = {
 def check_page(root: str = WEB_ROOT) -> None:
   """Raises UsageError unless the page and the runtime it imports are in `root`."""
   if not os.path.isfile(os.path.join(root, "index.html")):
-    raise UsageError(f"{root}: the page (web/index.html) is not there; run star_jax.deploy.web from a "
-                     "source checkout of star-jax")
+    raise UsageError(f"{root}: the page (web/index.html) is not there; run python -m "
+                     "star_jax.web from a source checkout of star-jax")
   missing = [name for name in RUNTIME_FILES
              if not os.path.isfile(os.path.join(root, RUNTIME_DIR, name))]
   if missing:
@@ -68,7 +68,8 @@ def check_page(root: str = WEB_ROOT) -> None:
 
 
 def released_onnx(name: str) -> str:
-  """An ONNX export of the released model `name` (`star_jax.deploy.released`), made once in the cache
+  """An ONNX export of the released model `name` (`star_jax.deploy.released`), made once in the
+  cache
   beside its checkpoint and made again when the checkpoint's sha256 changes."""
   from star_jax.training import checkpointing
   from star_jax.deploy import released

@@ -33,8 +33,8 @@ from typing import Callable
 
 import numpy as np
 
-from star_jax.deploy.detection.boxes import (Box, CropRule, apply_rule, crop_box, crop_from_landmarks,
-                                      iou, official_crop)
+from star_jax.deploy.detection.boxes import (Box, CropRule, apply_rule, crop_box,
+                                             crop_from_landmarks, iou, official_crop)
 from star_jax.errors import UsageError
 from star_jax.registry import Registry
 
