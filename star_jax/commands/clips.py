@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from star_jax.deploy import clips as clips_lib
 from star_jax.deploy.clips import moving_face_clip
 
 
@@ -14,8 +15,8 @@ def main(argv: list[str] | None = None) -> int:
   from star_jax.commands import cli
   from star_jax.deploy import video
 
-  parser = cli.ArgumentParser(prog="python -m star_jax.clips", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(prog="python -m star_jax.clips", description=clips_lib.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True, help="video file to write (.mp4, .avi)")
   parser.add_argument("--frames", type=int, default=90)
   parser.add_argument("--faces", type=int, choices=(1, 2), default=2)

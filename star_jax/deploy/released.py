@@ -137,7 +137,7 @@ def manual_hint(release: Release) -> str:
   """How to install the file without this machine downloading it (for error messages)."""
   return (f"download {release.file_name} from {_page_url(release)} (or the Baidu mirror "
           f"{release.baidu_url}) and put it at {cached_path(release)}, or run `python -m "
-          f"star_jax.deploy.released register {release.name} FILE`")
+          f"star_jax.released register {release.name} FILE`")
 
 
 # ---------------------------------------------------------------------------------------------
