@@ -8,6 +8,8 @@ overrides work as in training, e.g. `--config.data.test_tsv=/data/wflw/test.tsv
 OUT/ced.png and prints a table of NME, FR and AUC per subset.
 """
 
+import os
+
 from star_jax.commands import cli
 
 cli.require_training_install("eval.py")
@@ -54,10 +56,14 @@ def main(argv):
   from star_jax.commands import host
   eval_lib.check_output_dir(_OUTPUT_DIR.value, eval_lib.inputs_of(_CONFIG.value, _CHECKPOINT.value))
   host.configure_process(tensorflow=True)
-  eval_lib.evaluate(_CONFIG.value, _CHECKPOINT.value, _OUTPUT_DIR.value, split=_SPLIT.value,
-                    norm=_NORM.value, weights=_WEIGHTS.value, batch_size=_BATCH_SIZE.value,
-                    threshold=_THRESHOLD.value, even_rule=_EVEN_RULE.value, tta=_TTA.value,
-                    check_images=_CHECK_IMAGES.value)
+  result = eval_lib.evaluate(_CONFIG.value, _CHECKPOINT.value, _OUTPUT_DIR.value,
+                             split=_SPLIT.value, norm=_NORM.value, weights=_WEIGHTS.value,
+                             batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
+                             even_rule=_EVEN_RULE.value, tta=_TTA.value,
+                             check_images=_CHECK_IMAGES.value, verbose=False)
+  print(eval_lib.format_table(result.metrics))
+  if _OUTPUT_DIR.value:
+    print(f"wrote {os.path.join(_OUTPUT_DIR.value, 'metrics.json')}, predictions.npz, ced.png")
   return 0
 
 

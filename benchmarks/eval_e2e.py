@@ -2,7 +2,8 @@
 
 Images of the real datasets' size (1000x800 JPEG, face a third of the width), written by the
 generator of `benchmarks/input_pipeline.py`. Two paths are timed, each for a model size:
-- `eval_lib`: `star_jax.training.eval_lib.predict_split` + `compute_metrics`, what `eval.py` runs on TSV
+- `eval_lib`: `star_jax.training.eval_lib.predict_split` + `compute_metrics`, what `eval.py` runs
+on TSV
   data (OpenCV crops in a thread pool, batches overlapped with the network);
 - `tf.data`: `star_jax.data.pipeline.eval_dataset` (the pipeline training's validation uses) feeding
   the same jitted landmark function, `transforms.landmarks_to_original` and `metrics.nme`.

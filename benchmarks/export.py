@@ -5,7 +5,8 @@
 
 Models (random weights: speed does not depend on them): `full` = the WFLW network (4 stacks x
 256 channels), `rt128` = 2 stacks x 128 channels, `rt64` = 1 stack x 64 channels (the real-time
-sizes of issue 13), all 4 levels, 256 px input. Engines: jitted JAX (`star_jax.commands.host` tuning,
+sizes of issue 13), all 4 levels, 256 px input. Engines: jitted JAX (`star_jax.commands.host`
+tuning,
 as `star_jax.deploy.predict` runs it), ONNX Runtime (CPU), LiteRT with XNNPACK, and the int8
 dynamic-range exports of the last two. Each row is timed in interleaved rounds (one call of
 every engine per round, so that load from other processes hits all engines alike); the table
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   from star_jax.commands import host
   host.configure_process()
+  host.hide_xla_flags_from_tensorflow()  # TensorFlow's XLA aborts on jaxlib's options
 
   batches = [int(b) for b in args.batch_sizes.split(",")]
   names = [name for name in args.models.split(",") if name]

@@ -4,7 +4,8 @@
     python benchmarks/predict_throughput.py --help
 
 A folder of `--images` 640x480 JPEG photos (quality 90), each with one synthetic face of
-120-200 pixels (frames of `star_jax.deploy.clips`), is written to a temporary folder. For each model:
+120-200 pixels (frames of `star_jax.deploy.clips`), is written to a temporary folder. For each
+model:
 
 - network only: the images' face crops, cut beforehand, go through `Predictor.predict_crops`
   in batches of `--batch_size` (what the network alone sustains on this machine);

@@ -7,7 +7,8 @@
 GFLOP: XLA's cost analysis of the jitted inference forward pass at batch 1 (a multiply-add
 counts 2). ms per face: median wall time of that pass at batch 1 after warm-up (and the
 process CPU time, all threads), random weights. NME: for each `--workdirs` entry, the
-checkpoint's EMA weights evaluated with `star_jax.training.eval_lib.evaluate` on the embedded dataset's
+checkpoint's EMA weights evaluated with `star_jax.training.eval_lib.evaluate` on the embedded
+dataset's
 100-image test split (inter-ocular NME), with the step it was trained to.
 """
 

@@ -48,7 +48,8 @@ TRAIN_FLOP_FACTOR = 3.0
 
 
 def import_train_lib():
-  """`star_jax.training.train_lib` (imports neither TensorFlow nor ml_collections at module level)."""
+  """`star_jax.training.train_lib` (imports neither TensorFlow nor ml_collections at module
+  level)."""
   from star_jax.training import train_lib
   return train_lib
 
@@ -299,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
       ["variant", "dtype", "batch", "s / step (median)", "CPU-s / step (/ cores)", "images/s",
        "GFLOP/s (3x34.7/img)", "first call s (compile)", "loss"],
       rows,
-      notes=(f"star_jax.training.train_lib.train_step via parallel.map_over_devices (state donated unless "
+      notes=(f"star_jax.training.train_lib.train_step via parallel.map_over_devices (state "
+             f"donated unless "
              f"no_donate), synthetic on-device batch; median of {args.repeats} windows of "
              f"{args.steps_per_window} steps after warm-up; {settings}; the official step under "
              "the same settings: benchmarks/official_step.py. 'CPU-s / step' is process CPU "

@@ -5,7 +5,8 @@
 
 Clips are made by `star_jax.deploy.clips` (640x480, 30 frames/s, synthetic faces of ~170 pixels):
 
-- frames/s: a moving face, written as MPEG-4 and run through `star_jax.deploy.video.run_video` as the
+- frames/s: a moving face, written as MPEG-4 and run through `star_jax.deploy.video.run_video` as
+the
   CLI does (decode thread, tracking with re-detection every 10 frames, network, drawing,
   MPEG-4 encoding and JSONL in a writer thread); also the tracker alone on frames in memory,
   and the network alone at batch 1;

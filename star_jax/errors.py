@@ -2,7 +2,8 @@
 
 Every mistake a user can make (a wrong flag, a malformed TSV, an unreadable image, a tampered
 checkpoint) raises one of these with a one-line message that names the file (and line) or the
-flag and says what is wrong. `star_jax.commands.cli` turns them into `error: <message>` on stderr and
+flag and says what is wrong. `star_jax.commands.cli` turns them into `error: <message>` on stderr
+and
 the exit code below, without a traceback; anything else is a programming error and keeps its
 traceback.
 

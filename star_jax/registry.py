@@ -70,5 +70,9 @@ class Registry(Generic[T]):
   def items(self) -> Iterator[tuple[str, T]]:
     return iter(sorted(self._entries.items()))
 
+  def __getitem__(self, name: str) -> T:
+    """`registry[name]`: as `get` (a UsageError listing the known names when there is none)."""
+    return self.get(name)
+
   def __contains__(self, name: object) -> bool:
     return isinstance(name, str) and self.lookup(name) is not None

@@ -10,3 +10,11 @@ def pytest_collection_modifyitems(config, items):
   slow_files = {item.path for item in items if item.get_closest_marker("slow")}
   # Stable: within each group the files keep their usual order.
   items.sort(key=lambda item: item.path not in slow_files)
+
+
+def pytest_configure(config):
+  """The library's warnings and notices as the commands show them (plain lines on the current
+  stderr), so a test reads what a user sees whichever handlers other libraries installed."""
+  del config
+  from star_jax.commands import cli
+  cli.show_library_messages()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from star_jax.data import embedded
+from star_jax.commands import embedded as embedded_command
 from star_jax.core.schemes import get_spec
 
 SPEC = get_spec("wflw")
@@ -160,7 +161,7 @@ def test_env_var_sets_the_default_cache(tmp_path, monkeypatch):
 
 def test_cli_writes_dataset_and_preview(tmp_path):
   out, preview = tmp_path / "cli", tmp_path / "grid.png"
-  embedded.main(["--out", str(out), "--counts", "4", "0", "0", "--preview", str(preview),
+  embedded_command.main(["--out", str(out), "--counts", "4", "0", "0", "--preview", str(preview),
                  "--preview-count", "4"])
   grid = cv2.imread(str(preview))
   assert grid.shape == (512, 512, 3)

@@ -21,7 +21,7 @@ import skimage.data
 
 from star_jax.deploy import clips
 from star_jax.training import eval_lib
-from star_jax.deploy import predict
+from star_jax.commands import predict as predict_command
 from star_jax.deploy import video
 from star_jax.training.checkpointing import load_model
 from star_jax.deploy.detection import Box
@@ -103,7 +103,7 @@ def test_a_12_fps_clip_keeps_12_fps(tmp_path):
   source = str(tmp_path / "clip12.mp4")
   video.write_clip(source, clip.frames, 12.0, (320, 240))
   out = tmp_path / "out"
-  assert predict.main(["--checkpoint", FIXTURE, source, "--out", str(out)]) == 0
+  assert predict_command.main(["--checkpoint", FIXTURE, source, "--out", str(out)]) == 0
   written = [p for p in os.listdir(out) if p.startswith("clip12") and not p.endswith(".jsonl")]
   assert len(written) == 1, os.listdir(out)
   capture = cv2.VideoCapture(str(out / written[0]))

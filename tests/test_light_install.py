@@ -86,7 +86,8 @@ def test_exported_model_runs_with_only_the_inference_install(onnx_model, tmp_pat
           return None
       sys.meta_path.insert(0, Blocker())
       from star_jax.deploy import predict
-      code = predict.main(["--model", {onnx_model!r}, {photo!r}, "--out", {str(out)!r}])
+      from star_jax.commands import predict as predict_command
+      code = predict_command.main(["--model", {onnx_model!r}, {photo!r}, "--out", {str(out)!r}])
       tops = sorted({{m.split('.')[0] for m in sys.modules}})
       print(json.dumps({{"code": code, "modules": tops}}))
       """)

@@ -8,6 +8,7 @@ import pytest
 import scipy.io
 
 from star_jax.foreign import original_formats as of
+from star_jax.commands import original_formats as of_command
 from star_jax.core.schemes import get_spec
 
 
@@ -113,7 +114,7 @@ def test_wflw_output_reads_back_with_read_tsv(wflw_list, tmp_path):
 def test_wflw_cli(wflw_list, tmp_path):
   path, _, _ = wflw_list
   (tmp_path / "list_98pt_rect_attr_test.txt").write_text(path.read_text())
-  of.main(["wflw", str(tmp_path), "--out", str(tmp_path / "tsv")])
+  of_command.main(["wflw", str(tmp_path), "--out", str(tmp_path / "tsv")])
   for split in ("train", "test"):
     assert len(_read(tmp_path / "tsv" / f"{split}.tsv")[1]) == 3
 
@@ -320,7 +321,7 @@ def _assert_dataset_folder(out, spec_name, counts):
 def test_readme_wflw_command_takes_the_train_file(tmp_path, monkeypatch, capsys):
   _wflw_release(tmp_path)
   monkeypatch.chdir(tmp_path)
-  assert of.main(README_WFLW) == 0
+  assert of_command.main(README_WFLW) == 0
   out = capsys.readouterr().out
   assert "list_98pt_rect_attr_train.txt (3 faces)" in out
   assert "list_98pt_rect_attr_test.txt (2 faces)" in out
@@ -339,8 +340,8 @@ def test_readme_wflw_command_takes_the_train_file(tmp_path, monkeypatch, capsys)
 def test_wflw_test_file_or_folder_gives_the_same_tsvs(tmp_path, monkeypatch, source):
   _wflw_release(tmp_path)
   monkeypatch.chdir(tmp_path)
-  assert of.main(README_WFLW[:2] + ["--out", "ref"]) == 0
-  assert of.main(["wflw", source, "--out", "other"]) == 0
+  assert of_command.main(README_WFLW[:2] + ["--out", "ref"]) == 0
+  assert of_command.main(["wflw", source, "--out", "other"]) == 0
   for split in ("train", "test"):
     assert (tmp_path / "other" / f"{split}.tsv").read_text() == \
         (tmp_path / "ref" / f"{split}.tsv").read_text()
@@ -362,13 +363,13 @@ def test_wflw_explicit_images_folder_is_checked_before_writing(tmp_path, monkeyp
   moved = tmp_path / "elsewhere" / "photos"
   os.renames(tmp_path / "WFLW_images", moved)
   monkeypatch.chdir(tmp_path)
-  assert of.main(README_WFLW + ["--images", str(moved)]) == 0
+  assert of_command.main(README_WFLW + ["--images", str(moved)]) == 0
   assert os.path.samefile(tmp_path / "data" / "wflw" / "images", moved)
   _assert_dataset_folder(tmp_path / "data" / "wflw", "wflw", (3, 2))
   # A folder lacking an image: one line naming it, nothing written.
   os.remove(moved / "1--Event" / "test_1.jpg")
   with pytest.raises(SystemExit) as exit_info:
-    of.main(["wflw", WFLW_LIST_DIR, "--out", "fresh", "--images", str(moved)])
+    of_command.main(["wflw", WFLW_LIST_DIR, "--out", "fresh", "--images", str(moved)])
   assert exit_info.value.code == 1
   assert "1 of 5 images" in capsys.readouterr().err
   assert not (tmp_path / "fresh").exists()
@@ -377,7 +378,7 @@ def test_wflw_explicit_images_folder_is_checked_before_writing(tmp_path, monkeyp
 def test_wflw_without_images_writes_tsvs_and_says_so(tmp_path, monkeypatch, capsys):
   _wflw_release(tmp_path, with_images=False)
   monkeypatch.chdir(tmp_path)
-  assert of.main(README_WFLW) == 0
+  assert of_command.main(README_WFLW) == 0
   out = capsys.readouterr().out
   assert "no WFLW_images folder" in out
   assert len(_read(tmp_path / "data" / "wflw" / "train.tsv")[1]) == 3
@@ -389,7 +390,7 @@ def test_existing_images_entry_is_never_replaced(tmp_path, monkeypatch, capsys):
   (tmp_path / "data" / "wflw" / "images").mkdir(parents=True)
   monkeypatch.chdir(tmp_path)
   with pytest.raises(SystemExit) as exit_info:
-    of.main(README_WFLW)
+    of_command.main(README_WFLW)
   assert exit_info.value.code == 2
   assert "is not a link to" in capsys.readouterr().err
   assert not (tmp_path / "data" / "wflw" / "train.tsv").exists()
@@ -407,7 +408,7 @@ def test_wflw_file_name_without_split_is_a_usage_error(tmp_path):
 def test_readme_cofw_command_takes_the_train_file(tmp_path, monkeypatch, capsys):
   images, phis = _cofw_release(tmp_path)
   monkeypatch.chdir(tmp_path)
-  assert of.main(README_COFW) == 0
+  assert of_command.main(README_COFW) == 0
   out = capsys.readouterr().out
   assert "COFW_train_color.mat (2 faces)" in out and "COFW_test_color.mat (2 faces)" in out
   out_dir = tmp_path / "data" / "cofw"
@@ -434,7 +435,7 @@ def test_cofw_damaged_mat_is_one_line(tmp_path):
 def test_300w_cli_links_the_folder_and_reports_subsets(w300_root, tmp_path, monkeypatch, capsys):
   root, _ = w300_root
   monkeypatch.chdir(tmp_path)
-  assert of.main(["300w", str(root), "--out", "data/300w"]) == 0
+  assert of_command.main(["300w", str(root), "--out", "data/300w"]) == 0
   out = capsys.readouterr().out
   assert "train: lfpw/trainset 2, helen/trainset 1, afw 2 faces" in out
   assert "test_challenge: ibug 2 faces" in out
@@ -462,7 +463,7 @@ def test_converted_wflw_folder_builds_as_a_tfds_manual_dir(tmp_path, monkeypatch
   from star_jax.data import tfds_builders
   _wflw_release(tmp_path)
   monkeypatch.chdir(tmp_path)
-  assert of.main(README_WFLW) == 0
+  assert of_command.main(README_WFLW) == 0
   builder = tfds_builders.builder_for("wflw", data_dir=str(tmp_path / "tfds"), config="png")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(tmp_path / "data" / "wflw")))

@@ -16,7 +16,7 @@ from star_jax.training import checkpointing
 from star_jax.commands import convert
 from star_jax.training import eval_lib
 from star_jax.core import outputs
-from star_jax.deploy import predict
+from star_jax.commands import predict
 from star_jax.errors import UsageError
 from star_jax.deploy.export import exporter
 

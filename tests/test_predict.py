@@ -13,6 +13,7 @@ from skimage import data as skdata
 from star_jax.training import checkpointing
 from star_jax.deploy import detection
 from star_jax.deploy import predict
+from star_jax.commands import predict as predict_command
 from star_jax.data import annotations as annotations_lib
 from star_jax.core.schemes import get_spec
 from star_jax.deploy.image_io import ImageError, load_image
@@ -142,8 +143,9 @@ def test_cli_reports_and_exit_status(tmp_path, astronaut, capsys):
   image = tmp_path / "astro.png"
   cv2.imwrite(str(image), astronaut[..., ::-1])
   out = tmp_path / "out"
-  code = predict.main(["--checkpoint", CHECKPOINT, str(image), str(tmp_path / "missing.jpg"),
-                       "--out", str(out), "--box", "178,85,270,172", "--batch_size", str(BATCH)])
+  code = predict_command.main(["--checkpoint", CHECKPOINT, str(image),
+                               str(tmp_path / "missing.jpg"), "--out", str(out), "--box",
+                               "178,85,270,172", "--batch_size", str(BATCH)])
   captured = capsys.readouterr()
   assert code == 1                                   # one input could not be read
   assert "missing.jpg" in captured.err + captured.out
@@ -173,7 +175,8 @@ def test_bad_flags_are_one_line_usage_errors(tmp_path, capsys, extra, flag):
   image = tmp_path / "x.png"
   image.write_bytes(b"")
   with pytest.raises(SystemExit) as exit_info:
-    predict.main(["--checkpoint", CHECKPOINT, str(image), "--out", str(tmp_path / "o")] + extra)
+    predict_command.main(["--checkpoint", CHECKPOINT, str(image), "--out", str(tmp_path / "o")]
+                         + extra)
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert flag in err and "Traceback" not in err
@@ -186,7 +189,7 @@ def test_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
   loaded = []
   monkeypatch.setattr(checkpointing, "load_model", lambda *a, **k: loaded.append(1))
   with pytest.raises(SystemExit) as exit_info:
-    predict.main(["--checkpoint", CHECKPOINT, str(blocker), "--out", str(blocker)])
+    predict_command.main(["--checkpoint", CHECKPOINT, str(blocker), "--out", str(blocker)])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith("error: --out") and str(blocker) in err and not loaded
@@ -196,7 +199,7 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
   image = tmp_path / "x.png"
   cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
   with pytest.raises(SystemExit) as exit_info:
-    predict.main(["--checkpoint", str(tmp_path / "nope.pkl"), str(image),
+    predict_command.main(["--checkpoint", str(tmp_path / "nope.pkl"), str(image),
                   "--out", str(tmp_path / "o")])
   assert exit_info.value.code == 1
   err = capsys.readouterr().err

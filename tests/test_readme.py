@@ -54,7 +54,7 @@ SKIPPED = {
     "gpu.sh": "needs a GPU",
     "pip install": ("installs into an environment; tests/test_light_install.py and "
                     "benchmarks/light_install.py check the inference-only install"),
-    "star_jax.deploy.released register": "needs the released file itself (the fixture standing in "
+    "star_jax.released register": "needs the released file itself (the fixture standing in "
                                   "for it is not the released architecture)",
 }
 SERVERS = ("tensorboard ", "python -m star_jax.web")
@@ -133,8 +133,8 @@ def sandbox(tmp_path_factory):
   for k, image in enumerate(sorted(os.listdir(os.path.join(faces.image_dir, "test")))[:2]):
     shutil.copy(os.path.join(faces.image_dir, "test", image), root / "folder" / f"{k}.jpg")
     shutil.copy(os.path.join(faces.image_dir, "test", image), root / "photos" / f"{k}.jpg")
-  from star_jax.deploy import clips
-  clips.main(["--out", str(root / "clip.mp4"), "--frames", "12", "--faces", "1"])
+  from star_jax.commands import clips as clips_command
+  clips_command.main(["--out", str(root / "clip.mp4"), "--frames", "12", "--faces", "1"])
   bin_dir = root / "bin"
   bin_dir.mkdir()
   wrapper = bin_dir / "python"
@@ -193,7 +193,7 @@ def _serve(command: str, root, env) -> None:
 def test_readme_lists_commands():
   commands = readme_commands(open(os.path.join(ROOT, "README.md")).read())
   assert any(c.startswith("python train.py") for c in commands)
-  assert any("star_jax.deploy.export" in c for c in commands)
+  assert any("star_jax.export" in c for c in commands)
 
 
 def test_every_readme_command_runs(sandbox):

@@ -33,6 +33,7 @@ from skimage import data as skdata
 from star_jax.training import checkpointing
 from star_jax.commands import cli
 from star_jax.deploy import released
+from star_jax.commands import released as released_command
 from star_jax.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,9 +267,9 @@ def test_no_network_is_one_line_saying_what_to_do(cache, monkeypatch, capsys, tm
   # The same through a command: `error: <that line>`, exit 1.
   image = tmp_path / "astro.png"
   cv2.imwrite(str(image), skdata.astronaut()[..., ::-1])
-  from star_jax.deploy import predict
+  from star_jax.commands import predict as predict_command
   with pytest.raises(SystemExit) as exit_info:
-    predict.main(["--checkpoint", "wflw", str(image), "--out", str(tmp_path / "out"),
+    predict_command.main(["--checkpoint", "wflw", str(image), "--out", str(tmp_path / "out"),
                   "--box", ASTRONAUT_FACE])
   assert exit_info.value.code == 1
   lines = capsys.readouterr().err.strip().splitlines()
@@ -350,7 +351,7 @@ def test_changed_file_is_refused_on_a_later_load(host, cache, monkeypatch):
 
 def test_register_a_hand_downloaded_file(cache, monkeypatch, capsys):
   monkeypatch.setenv(released.MIRROR_ENV, f"http://127.0.0.1:{_closed_port()}")
-  assert released.main(["register", "wflw", CHECKPOINT]) == 0
+  assert released_command.main(["register", "wflw", CHECKPOINT]) == 0
   assert str(cache / WFLW_FILE) in capsys.readouterr().out
   with open(cache / (WFLW_FILE + ".json")) as f:
     record = json.load(f)
@@ -360,13 +361,13 @@ def test_register_a_hand_downloaded_file(cache, monkeypatch, capsys):
 
   # A file of another scheme is refused, in one line, and nothing is installed.
   with pytest.raises(SystemExit) as exit_info:
-    released.main(["register", "cofw", CHECKPOINT])
+    released_command.main(["register", "cofw", CHECKPOINT])
   assert exit_info.value.code == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(f"error: {CHECKPOINT}: holds a 98-point model")
   assert not (cache / released.get("cofw").file_name).exists()
   with pytest.raises(SystemExit) as exit_info:
-    released.main(["register", "menpo", CHECKPOINT])
+    released_command.main(["register", "menpo", CHECKPOINT])
   assert exit_info.value.code == 2
 
 
@@ -404,12 +405,12 @@ def wflw_mirror(host, cache, monkeypatch):
 
 
 def test_name_in_predict_and_predictor(wflw_mirror, tmp_path, capsys):
-  from star_jax.deploy import predict
+  from star_jax.commands import predict as predict_command
   from star_jax.deploy.inference import Predictor
   image = tmp_path / "astro.png"
   cv2.imwrite(str(image), skdata.astronaut()[..., ::-1])
   out = tmp_path / "out"
-  assert predict.main(["--checkpoint", "wflw", str(image), "--out", str(out), "--box",
+  assert predict_command.main(["--checkpoint", "wflw", str(image), "--out", str(out), "--box",
                        ASTRONAUT_FACE, "--batch_size", "1"]) == 0
   with open(out / "astro.json") as f:
     landmarks = np.asarray(json.load(f)["faces"][0]["landmarks"])
@@ -423,7 +424,7 @@ def test_name_in_predict_and_predictor(wflw_mirror, tmp_path, capsys):
 def test_name_in_export_and_finetune(wflw_mirror, tmp_path):
   from configs import wflw as wflw_config
   from star_jax.training import finetune
-  from star_jax.deploy.export import cli as export_cli
+  from star_jax.commands import export as export_cli
   out = tmp_path / "wflw.onnx"
   assert export_cli.main(["--checkpoint", "wflw", "--format", "onnx", "--out", str(out)]) == 0
   with open(str(out) + ".json") as f:
@@ -454,7 +455,7 @@ def test_name_in_evaluation(wflw_mirror):
 
 def test_cli_error_contract_of_the_command(cache, capsys):
   assert cli.one_line(released.status("wflw")).startswith("wflw: not downloaded")
-  assert released.main(["list"]) == 0
+  assert released_command.main(["list"]) == 0
   assert len(capsys.readouterr().out.strip().splitlines()) == 3
 
 

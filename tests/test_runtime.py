@@ -23,6 +23,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
 
 from star_jax.deploy import predict
+from star_jax.commands import predict as predict_command
 from star_jax.training.checkpointing import load_model
 from star_jax.deploy.export import exporter
 from star_jax.deploy.image_io import load_image
@@ -101,7 +102,7 @@ def test_predict_cli_runs_an_exported_model(exported, tmp_path):
   _, paths = exported
   out = tmp_path / "out"
   image = os.path.join(IMAGES, sorted(os.listdir(IMAGES))[0])
-  code = predict.main(["--model", paths["onnx"], image, "--box", "10,10,200,220",
+  code = predict_command.main(["--model", paths["onnx"], image, "--box", "10,10,200,220",
                        "--out", str(out)])
   assert code == 0
   record = json.loads((out / (os.path.splitext(os.path.basename(image))[0] + ".json")

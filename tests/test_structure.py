@@ -32,12 +32,25 @@ def _modules() -> dict[str, str]:
   return found
 
 
+def _is_main_block(node: ast.AST) -> bool:
+  return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+          and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+          and any(isinstance(c, ast.Constant) and c.value == "__main__"
+                  for c in node.test.comparators))
+
+
 def _imports(path: str, module: str, known: set[str]) -> set[str]:
   """star_jax modules imported anywhere in the file (top level or inside functions)."""
   tree = ast.parse(open(path, encoding="utf-8").read(), path)
   package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
   out = set()
+  # A module's `if __name__ == "__main__":` block runs only when it is the program (then it is
+  # `__main__`, not this module): its imports are the command's, not the library's.
+  as_program = {id(n) for block in ast.walk(tree) if _is_main_block(block)
+                for n in ast.walk(block)}
   for node in ast.walk(tree):
+    if id(node) in as_program:
+      continue
     names = []
     if isinstance(node, ast.Import):
       names = [alias.name for alias in node.names]
@@ -121,3 +134,108 @@ def test_importing_the_library_changes_no_process_setting():
   assert proc.returncode == 0, proc.stderr[-3000:]
   changed = json.loads(proc.stdout.strip().splitlines()[-1])
   assert not changed, changed
+
+
+# The thin modules that keep the documented command names (`python -m star_jax.predict`...).
+COMMAND_NAMES = {"star_jax.predict", "star_jax.export", "star_jax.convert", "star_jax.web",
+                 "star_jax.clips", "star_jax.released", "star_jax.data.original_formats"}
+
+
+def _is_entry_point(module: str) -> bool:
+  return (module == "star_jax.commands" or module.startswith("star_jax.commands.")
+          or module in COMMAND_NAMES)
+
+
+def test_the_root_shows_its_parts():
+  root_modules = sorted(name[:-3] for name in os.listdir(PACKAGE)
+                        if name.endswith(".py") and name != "__init__.py")
+  assert len(root_modules) <= 8, root_modules
+  for name in os.listdir(PACKAGE):
+    init = os.path.join(PACKAGE, name, "__init__.py")
+    if os.path.isfile(init):
+      doc = ast.get_docstring(ast.parse(open(init, encoding="utf-8").read()))
+      assert doc, f"star_jax/{name}/__init__.py says nothing of what the package owns"
+  for module in COMMAND_NAMES:
+    tree = ast.parse(open(_modules()[module], encoding="utf-8").read())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert imported == [f"star_jax.commands.{module.rpartition('.')[2]}"], (module, imported)
+
+
+def _outside_main_block(tree: ast.AST):
+  skip = {id(n) for block in ast.walk(tree) if _is_main_block(block) for n in ast.walk(block)}
+  return (n for n in ast.walk(tree) if id(n) not in skip)
+
+
+def _process_changes(tree: ast.AST) -> list[str]:
+  """What a statement of the module does to the process: environment writes, stream
+  replacement, printing."""
+  found = []
+  for node in _outside_main_block(tree):
+    if isinstance(node, ast.Call):
+      func = node.func
+      if isinstance(func, ast.Name) and func.id == "print":
+        found.append(f"line {node.lineno}: print(")
+      elif (isinstance(func, ast.Attribute) and func.attr in ("update", "pop", "setdefault",
+                                                                "clear", "__setitem__")
+            and ast.unparse(func.value) == "os.environ"):
+        found.append(f"line {node.lineno}: os.environ.{func.attr}(")
+      elif isinstance(func, ast.Attribute) and ast.unparse(func) in ("os.putenv", "os.unsetenv"):
+        found.append(f"line {node.lineno}: {ast.unparse(func)}(")
+    targets = []
+    if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+      targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    elif isinstance(node, ast.Delete):
+      targets = node.targets
+    for target in targets:
+      text = ast.unparse(target)
+      if text.startswith("os.environ[") or text in ("sys.stderr", "sys.stdout", "sys.stdin"):
+        found.append(f"line {node.lineno}: {text} =")
+  return found
+
+
+def test_library_modules_parse_no_arguments_and_leave_the_process_alone():
+  """argparse and absl flags belong to star_jax/commands (and train.py, eval.py); so do
+  environment writes, replacing sys.stderr/stdout, and print (the library logs)."""
+  problems = []
+  for module, path in sorted(_modules().items()):
+    if _is_entry_point(module):
+      continue
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for node in _outside_main_block(tree):
+      names = []
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+      for name in names:
+        if name == "argparse" or name == "absl.flags" or name.startswith("absl.flags.") \
+            or name.startswith("ml_collections.config_flags"):
+          problems.append(f"{module}: imports {name}")
+    problems += [f"{module}: {p}" for p in _process_changes(tree)]
+  assert not problems, "\n".join(problems)
+
+
+def test_every_registry_is_the_one_helper():
+  from star_jax.core import losses
+  from star_jax.data import sources
+  from star_jax.deploy import detection
+  from star_jax.deploy.runtime import contract
+  from star_jax.models import registry as models_registry
+  from star_jax.registry import Registry
+  for registry in (models_registry.MODELS, losses._TERMS, detection.DETECTORS,
+                   sources.SOURCE_KINDS, contract.EXPORT_FORMATS):
+    assert isinstance(registry, Registry), registry
+  assert contract.FORMATS == ("onnx", "tflite", "savedmodel", "stablehlo")
+  assert contract.RUNTIME_FORMATS == ("onnx", "tflite")
+  assert sorted(detection.names()) == ["blazeface", "blazeface_full", "dlib_hog", "dlib_mmod",
+                                       "lbp"]
+  # No other module-level name -> entry table beside them (a dict of classes or functions
+  # whose name says it registers).
+  for module, path in _modules().items():
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for node in tree.body:
+      if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+        name = ast.unparse(target)
+        if any(word in name.upper() for word in ("REGISTRY", "_TERMS", "DETECTORS")):
+          assert "Registry(" in ast.unparse(node.value), (module, name)

@@ -13,6 +13,7 @@ from configs import base  # noqa: E402
 from star_jax.data import embedded  # noqa: E402
 from star_jax.foreign import original_formats  # noqa: E402
 from star_jax.data import tfds_builders as tb  # noqa: E402
+from star_jax.commands import tfds_builders as tb_command  # noqa: E402
 from star_jax.errors import DataError  # noqa: E402
 
 S = 256
@@ -156,7 +157,7 @@ def test_300w_test_subsets_follow_the_path_rule_below_the_dataset_root(tmp_path)
       lines.append(original_formats.format_row(rel, lm, None,
                                                five_points=original_formats.FIVE_POINTS["300w"]))
     (manual / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-  assert tb.main(["300w", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "data"),
+  assert tb_command.main(["300w", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "data"),
                   "--config", "png"]) == 0
   cfg = base.get_base_config("300w")
   cfg.data.tfds_data_dir = str(tmp_path / "data")
@@ -179,7 +180,7 @@ def test_unprepared_dataset_error_says_how_to_build(tmp_path):
 def test_manual_dir_without_test_tsv_is_a_one_line_error(tmp_path, capsys):
   (tmp_path / "manual").mkdir()
   with pytest.raises(SystemExit) as info:
-    tb.main(["wflw", "--manual_dir", str(tmp_path / "manual"), "--data_dir",
+    tb_command.main(["wflw", "--manual_dir", str(tmp_path / "manual"), "--data_dir",
              str(tmp_path / "data")])
   assert info.value.code == 1
   err = capsys.readouterr().err

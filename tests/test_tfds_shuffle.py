@@ -13,7 +13,8 @@ tfds = pytest.importorskip("tensorflow_datasets")
 import tensorflow as tf  # noqa: E402
 
 from configs import base  # noqa: E402
-from star_jax.data import sources, tfds_builders  # noqa: E402
+from star_jax.data import sources  # noqa: E402
+from star_jax.commands import tfds_builders as tfds_builders_command  # noqa: E402
 from tests import tiny_data  # noqa: E402
 
 
@@ -22,7 +23,7 @@ def wflw_tfds_jpeg(tmp_path_factory):
   root = tmp_path_factory.mktemp("tfds_shuffle")
   files = tiny_data.wflw(str(root / "manual"), counts=(12, 4, 4))
   data_dir = str(root / "data")
-  assert tfds_builders.main(["wflw", "--manual_dir", os.path.dirname(files.train_tsv),
+  assert tfds_builders_command.main(["wflw", "--manual_dir", os.path.dirname(files.train_tsv),
                              "--data_dir", data_dir, "--config", "jpeg"]) == 0
   return data_dir
 

@@ -12,7 +12,8 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from configs import base  # noqa: E402
 from star_jax.training import eval_lib, logging_utils, train_lib  # noqa: E402
-from star_jax.data import sources, tfds_builders  # noqa: E402
+from star_jax.data import sources  # noqa: E402
+from star_jax.commands import tfds_builders as tfds_builders_command  # noqa: E402
 from tests import tiny_data  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ def wflw_tfds(tmp_path_factory):
   root = tmp_path_factory.mktemp("tfds_wflw")
   files = tiny_data.wflw(str(root / "manual"), counts=(24, 8, 8))
   data_dir = str(root / "data")
-  assert tfds_builders.main(["wflw", "--manual_dir", os.path.dirname(files.train_tsv),
+  assert tfds_builders_command.main(["wflw", "--manual_dir", os.path.dirname(files.train_tsv),
                              "--data_dir", data_dir, "--config", "png"]) == 0
   return data_dir
 
@@ -66,7 +67,7 @@ def test_300w_from_tfds_carves_validation_and_reports_subsets(tmp_path):
   emb = tiny_data.wflw(str(tmp_path / "emb"), counts=(24, 8, 9))
   tiny_data.w300(manual, emb)
   data_dir = str(tmp_path / "data")
-  assert tfds_builders.main(["300w", "--manual_dir", manual, "--data_dir", data_dir]) == 0
+  assert tfds_builders_command.main(["300w", "--manual_dir", manual, "--data_dir", data_dir]) == 0
   config = _tiny(base.get_base_config("300w"), data_dir)
   config.data.val_fraction = 0.25
   source = sources.source_for(config)

@@ -90,7 +90,7 @@ def test_synthetic_model_warns_once_in_the_predictor(synthetic, capsys):
 def test_synthetic_model_warns_in_the_runtime_and_predict(synthetic_onnx, capsys, tmp_path):
   with open(contract.sidecar_path(synthetic_onnx)) as f:
     assert json.load(f)["trained_on"] == "embedded"
-  from star_jax.deploy import predict
+  from star_jax.commands import predict as predict_command
   from star_jax.deploy.runtime import RuntimePredictor
   predictor = RuntimePredictor(synthetic_onnx, batch_size=1)
   predictor.predict(np.zeros((96, 96, 3), np.uint8), [(20, 20, 70, 70)])
@@ -99,8 +99,8 @@ def test_synthetic_model_warns_in_the_runtime_and_predict(synthetic_onnx, capsys
   import cv2
   image = tmp_path / "grey.png"
   cv2.imwrite(str(image), np.full((96, 96, 3), 128, np.uint8))
-  assert predict.main(["--model", synthetic_onnx, str(image), "--out", str(tmp_path / "out"),
-                       "--box", "20,20,70,70"]) == 0
+  assert predict_command.main(["--model", synthetic_onnx, str(image), "--out",
+                               str(tmp_path / "out"), "--box", "20,20,70,70"]) == 0
   assert len(_warnings(capsys.readouterr().err)) == 1
 
 

@@ -17,6 +17,7 @@ import pytest
 from star_jax.deploy import clips
 from star_jax.deploy import detection
 from star_jax.deploy import predict
+from star_jax.commands import predict as predict_command
 from star_jax.deploy import tracking
 from star_jax.deploy import video
 from star_jax.deploy.detection import Box
@@ -186,8 +187,8 @@ def test_video_cli_writes_annotated_clip_and_jsonl(tmp_path):
   clip = clips.moving_face_clip(6, size=(320, 240), face_side=100, seed=5)
   source = video.write_clip(str(tmp_path / "walk.mp4"), clip.frames, 30.0, (320, 240))
   out = tmp_path / "out"
-  code = predict.main(["--checkpoint", CHECKPOINT, source, "--out", str(out), "--batch_size",
-                       "4", "--points", "68"])
+  code = predict_command.main(["--checkpoint", CHECKPOINT, source, "--out", str(out),
+                               "--batch_size", "4", "--points", "68"])
   assert code == 0
   with open(out / "walk.jsonl") as f:
     records = [json.loads(line) for line in f]
@@ -224,7 +225,7 @@ def test_predictor_track_api(two_faces):
 
 
 def test_missing_camera_is_reported(tmp_path, capsys):
-  code = predict.main(["--checkpoint", CHECKPOINT, "--camera", "97", "--out",
+  code = predict_command.main(["--checkpoint", CHECKPOINT, "--camera", "97", "--out",
                        str(tmp_path / "o")])
   assert code == 1
   err = capsys.readouterr().err

@@ -8,7 +8,8 @@
   page WASM threads, MIME types, and its one-line errors;
 - the page (when Chromium and the page's runtime from `make web` are installed; skipped with
   the reason otherwise): a photo and a face box given to the page give the landmarks of
-  `star_jax.deploy.predict.Predictor` (JAX, box rule 'official', same box) within 0.5 px, its crop is
+  `star_jax.deploy.predict.Predictor`
+  (JAX, box rule 'official', same box) within 0.5 px, its crop is
   OpenCV's, and the webcam path runs on Chromium's fake camera. A screenshot is saved in the
   test's tmp directory;
 - the annotated video (when Chromium is installed): the predictor's H.264 MP4 is one the

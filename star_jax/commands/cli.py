@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -77,11 +78,36 @@ def _describe_os_error(e: OSError) -> str:
   return str(e)
 
 
+class _CurrentStderr(logging.StreamHandler):
+  """A handler writing to whatever `sys.stderr` is when a message comes (it may be replaced)."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value) -> None:
+    del value
+
+
+def show_library_messages() -> None:
+  """The library's warnings and notices (`logging.getLogger("star_jax.*")`) as plain lines on
+  stderr, as a command's own output. Entry points only: handlers belong to the process."""
+  logger = logging.getLogger("star_jax")
+  if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not again through absl's handler
+
+
 def run(fn: Callable[[], int | None]) -> int:
   """Calls `fn()` under the error contract; returns its exit status (None counts as 0).
 
   Known errors are printed as one line and turned into their exit code with `sys.exit`.
   """
+  show_library_messages()
   if debug_enabled():
     return int(fn() or 0)
   try:
@@ -127,9 +153,12 @@ def _load_config_files() -> None:
     path = str(flag.config_filename).split(":")[0]
     try:
       value = flag.value
-      # A file that failed to load gives a stand-in that raises on first use.
-      failure = (object.__getattribute__(value, "_error")
-                 if type(value).__name__ == "_ErrorConfig" else None)
+      # A file that failed to load gives a stand-in that raises an OSError (from the failure)
+      # on any attribute access; a loaded config answers the default for an unknown attribute.
+      getattr(value, "star_jax_probe", None)
+      failure = None
+    except OSError as e:
+      failure = e.__cause__ or e
     except Exception as e:  # config files are user code: any failure is theirs
       failure = e
     if failure is None:

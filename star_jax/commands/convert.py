@@ -1,7 +1,8 @@
 """`python -m star_jax.convert OFFICIAL.pkl --out DIR [--ema]`: an official checkpoint as a
 star-jax inference checkpoint directory, which evaluation, prediction and export read.
 
-The official file is read as data by `star_jax.foreign.official` (through `checkpointing.load_model`,
+The official file is read as data by `star_jax.foreign.official` (through
+`checkpointing.load_model`,
 the loader every command shares); the directory holds the model description, the landmark
 scheme (a built-in dataset when the E2H edges match one) and the weights. --out is replaced as
 a whole, so it must be new, empty, or a folder this command wrote (`check_out_dir`).

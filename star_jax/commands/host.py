@@ -204,3 +204,12 @@ def configure_process(*, tensorflow: bool = False) -> None:
     sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
   if tensorflow:
     _quiet_tensorflow()
+
+
+def hide_xla_flags_from_tensorflow() -> None:
+  """Starts JAX (which reads XLA_FLAGS once, now), then removes XLA_FLAGS from the process:
+  TensorFlow's older XLA, started later by the SavedModel and TFLite exports, aborts the process
+  on options only jaxlib's XLA knows (`tune_xla_cpu` sets some). Export entry points only."""
+  import jax
+  jax.devices()
+  os.environ.pop("XLA_FLAGS", None)

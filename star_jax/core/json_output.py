@@ -7,16 +7,18 @@ becomes `null`, and the writer is told where, so that it can report it in one wa
 
 from __future__ import annotations
 
+import logging
 import json
 import math
-import sys
 from typing import Any, Callable
 
 import numpy as np
 
+_log = logging.getLogger(__name__)
+
 
 def _stderr(message: str) -> None:
-  print(message, file=sys.stderr)
+  _log.warning(message)
 
 
 def finite(value: Any, path: str = "") -> tuple[Any, list[str]]:

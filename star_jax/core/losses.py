@@ -35,7 +35,6 @@ benchmarks/RESULTS.md, issue 24).
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -45,6 +44,7 @@ from jax import lax
 from star_jax.core import decoder
 from star_jax.core.decoder import MIN_MASS
 from star_jax.errors import UsageError
+from star_jax.registry import Registry
 
 # Official SmoothL1Loss threshold ("scale"); Huber with this beta on the projected error.
 SMOOTH_L1_BETA = 0.01
@@ -498,7 +498,8 @@ class _Term(NamedTuple):
   needs_aam: bool
 
 
-_TERMS: dict[str, _Term] = {}
+# `star_jax.loss_terms.<name>` is imported the first time an unknown name is asked for.
+_TERMS: Registry[_Term] = Registry("loss term", lazy_package="star_jax.loss_terms")
 
 
 def register_term(name: str, *, needs_aam: bool = False) -> Callable[[LossTerm], LossTerm]:
@@ -508,29 +509,26 @@ def register_term(name: str, *, needs_aam: bool = False) -> Callable[[LossTerm],
   AAM heads (as the official trainer drops its AWing terms when use_AAM is off).
   """
   def add(fn: LossTerm) -> LossTerm:
-    if name in _TERMS and _TERMS[name].fn is not fn:
+    current = dict(_TERMS.items()).get(name)
+    if current is not None and current.fn is not fn:
       raise ValueError(f"loss term {name!r} is already registered")
-    _TERMS[name] = _Term(fn, needs_aam)
+    if current is None:
+      _TERMS.register(name, _Term(fn, needs_aam))
     return fn
   return add
 
 
 def term_names() -> list[str]:
-  return sorted(_TERMS)
+  return _TERMS.names()
 
 
 def get_term(name: str) -> _Term:
   """The registered term `name`, importing `star_jax.loss_terms.<name>` on first use."""
-  if name not in _TERMS and name.isidentifier():
-    try:
-      importlib.import_module(f"star_jax.loss_terms.{name}")
-    except ModuleNotFoundError as e:
-      if e.name not in (f"star_jax.loss_terms.{name}",):
-        raise
-  if name not in _TERMS:
+  term = _TERMS.lookup(name)
+  if term is None:
     raise UsageError(f"config.loss.terms.{name}: no such loss term; known: "
                      f"{', '.join(term_names())}")
-  return _TERMS[name]
+  return term
 
 
 def _options(options: Mapping[str, Any], allowed: Sequence[str], term: str) -> dict[str, Any]:

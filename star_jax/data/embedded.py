@@ -41,13 +41,13 @@ CLI: `python -m star_jax.data.embedded --out DIR [--preview grid.png]`.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Sequence
@@ -55,10 +55,11 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from star_jax.commands import cli
 from star_jax.data.annotations import DataFiles
 from star_jax.foreign.original_formats import format_row
 from star_jax.core.schemes import WFLW
+
+_log = logging.getLogger(__name__)
 
 # Bump whenever the drawing, the layout or the file format changes: cached copies regenerate.
 GENERATOR_VERSION = "1"
@@ -594,7 +595,7 @@ def generate(root: str, *, counts: Sequence[int] = DEFAULT_COUNTS, seed: int = D
     with open(tsv, "rb") as f:
       hashes[split] = hashlib.sha256(f.read()).hexdigest()
     if verbose:
-      print(f"{split}: {count} images ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+      _log.info(f"{split}: {count} images ({time.perf_counter() - start:.1f} s)")
   stamp = dict(_stamp(seed, counts), tsv_sha256=hashes)
   with open(os.path.join(root, "STAMP.json"), "w") as f:
     json.dump(stamp, f, indent=1, sort_keys=True)
@@ -699,29 +700,7 @@ def write_preview(files: DataFiles, path: str, *, split: str = "train", count: i
   cv2.imwrite(path, grid[..., ::-1])
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.ArgumentParser(
-      prog="python -m star_jax.data.embedded",
-      description="Generates the embedded synthetic WFLW-style dataset (cached).")
-  parser.add_argument("--out", default=None,
-                      help="dataset folder (default: $STAR_JAX_CACHE/embedded or "
-                           "~/.cache/star_jax/embedded)")
-  parser.add_argument("--counts", type=int, nargs=3, default=list(DEFAULT_COUNTS),
-                      metavar=("TRAIN", "VAL", "TEST"))
-  parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-  parser.add_argument("--preview", default=None, metavar="PNG",
-                      help="also write a grid of annotated training samples here")
-  parser.add_argument("--preview-count", type=int, default=16)
-  args = parser.parse_args(argv)
-  start = time.perf_counter()
-  files = ensure_embedded_dataset(args.out, counts=tuple(args.counts), seed=args.seed)
-  print(f"embedded dataset ready in {time.perf_counter() - start:.1f} s")
-  for field in dataclasses.fields(files):
-    print(f"  {field.name}: {getattr(files, field.name)}")
-  if args.preview:
-    write_preview(files, args.preview, count=args.preview_count)
-    print(f"  preview: {args.preview}")
-
-
 if __name__ == "__main__":
-  main()
+  # `python -m star_jax.data.embedded`: the command is star_jax.commands.embedded.
+  from star_jax.commands import embedded as _command
+  raise SystemExit(_command.main())

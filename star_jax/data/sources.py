@@ -31,6 +31,7 @@ import tensorflow as tf
 from star_jax.data import images as image_io
 from star_jax.data.annotations import Annotations, DataFiles, read_tsv
 from star_jax.core.schemes import DatasetSpec, get_spec
+from star_jax.registry import Registry
 from star_jax.errors import DataError, UsageError
 from star_jax.deploy.image_io import ImageError, load_image
 
@@ -385,16 +386,19 @@ class TfdsSource(Source):
 _INFINITE = np.iinfo(np.int64).max // 4
 
 
+SOURCE_KINDS: Registry[type] = Registry("data source")
+SOURCE_KINDS.register("tsv", TsvSource)
+SOURCE_KINDS.register("embedded", EmbeddedSource)
+SOURCE_KINDS.register("tfds", TfdsSource)
+
+
 def source_for(config) -> Source:
   """The source `config.data.source` names ('tsv', 'embedded' or 'tfds')."""
   kind = str(config.data.source)
-  if kind == "tsv":
-    return TsvSource(config)
-  if kind == "embedded":
-    return EmbeddedSource(config)
-  if kind == "tfds":
-    return TfdsSource(config)
-  raise UsageError(f"config.data.source={kind!r}: use one of {', '.join(SOURCES)}")
+  source = SOURCE_KINDS.lookup(kind)
+  if source is None:
+    raise UsageError(f"config.data.source={kind!r}: use one of {', '.join(SOURCES)}")
+  return source(config)
 
 
 def check_images(source: Source, split: str, *, progress: bool = True,

@@ -27,7 +27,8 @@ Manual download. Put the images and the official-format TSVs (as written by
 
 or `tfds.builder("star_wflw", data_dir=...).download_and_prepare(download_config=
 tfds.download.DownloadConfig(manual_dir=DIR))`. The 300W test subsets follow the path rule of
-`star_jax.core.schemes.W300.path_subsets` (common: 'lfpw' or 'helen' in the path, challenge: 'ibug'),
+`star_jax.core.schemes.W300.path_subsets` (common: 'lfpw' or 'helen' in the path, challenge:
+'ibug'),
 matched on the paths as the TSV writes them, below the image folder.
 
 What one example stores. Decoding whole photos (WFLW: about 1000x800 JPEGs, the face a third of
@@ -65,8 +66,9 @@ from __future__ import annotations
 if __name__ == "__main__":
   # `python -m` would define (and register) the builders in a module named __main__, where TFDS
   # cannot locate their resources: run the module imported under its real name instead.
-  from star_jax.data import tfds_builders as _builders
-  raise SystemExit(_builders.main())
+  # The command (its arguments) is star_jax.commands.tfds_builders.
+  from star_jax.commands import tfds_builders as _command
+  raise SystemExit(_command.main())
 
 import math
 import os
@@ -80,7 +82,6 @@ import tensorflow_datasets as tfds
 from star_jax.data.annotations import read_tsv
 from star_jax.data.images import read_image
 from star_jax.data.transforms import OFFICIAL_AUGMENT
-from star_jax.commands import cli
 from star_jax.core import metrics
 from star_jax.core.schemes import DatasetSpec, get_spec
 from star_jax.errors import DataError, UsageError
@@ -304,34 +305,3 @@ def load_records(builder: tfds.core.DatasetBuilder, split: str, *,
             "path": example["image_path"]}
 
   return ds.map(to_record, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-  parser = cli.ArgumentParser(prog="python -m star_jax.data.tfds_builders",
-                                   description="Builds a star-jax TFDS dataset from a manual dir "
-                                               "(train.tsv, test.tsv, optional val.tsv, images/).")
-  parser.add_argument("dataset", choices=sorted(BUILDERS))
-  parser.add_argument("--manual_dir", "--manual-dir", required=True,
-                      help="folder with train.tsv, test.tsv (val.tsv) and images/")
-  parser.add_argument("--data_dir", "--data-dir", default=None,
-                      help="TFDS data_dir (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets); "
-                           "training reads it as --config.data.tfds_data_dir")
-  parser.add_argument("--config", default="jpeg", choices=[c.name for c in _CONFIGS])
-  args = parser.parse_args(argv)
-  if not os.path.isdir(args.manual_dir):
-    raise UsageError(f"--manual_dir {args.manual_dir}: no such directory")
-  for required in ("train.tsv", "test.tsv"):
-    if not os.path.isfile(os.path.join(args.manual_dir, required)):
-      raise DataError(f"{os.path.join(args.manual_dir, required)} is missing; the manual dir "
-                      "needs train.tsv and test.tsv (val.tsv optional) and the images under "
-                      "images/ (README, 'TFDS')")
-  builder = builder_for(args.dataset, data_dir=args.data_dir, config=args.config)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-  for name, info in builder.info.splits.items():
-    print(f"{builder.name}/{args.config} {name}: {info.num_examples} examples")
-  print(f"written to {builder.data_dir}")
-  return 0
-
-
-main = cli.main_wrapper(_main)

@@ -1,7 +1,8 @@
 """Landmarks on whole images and video frames: the `Predictor` and the `Face` it returns.
 
 The pipeline every front end shares (`python -m star_jax.predict`, the JAX-free
-`star_jax.deploy.runtime`, the tracker): faces from a detector (`star_jax.deploy.detection`) or given boxes,
+`star_jax.deploy.runtime`, the tracker): faces from a detector (`star_jax.deploy.detection`) or
+given boxes,
 each box turned into the crop the model was trained on by its rule, crops batched through the
 network, landmarks mapped back to the image. The network is the only part that differs between
 a checkpoint (`Predictor`, JAX) and an exported model (`runtime.RuntimePredictor`): a subclass
@@ -10,8 +11,8 @@ replaces `_network` and how the model is loaded.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
-import sys
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -25,6 +26,8 @@ from star_jax.data import transforms
 from star_jax.deploy.detection import Box, CropRule
 from star_jax.errors import UsageError
 from star_jax.deploy.image_io import as_rgb_image
+
+_log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip")
 
@@ -69,7 +72,8 @@ class Predictor:
     weights: 'default', 'ema' or 'raw' (see `checkpointing.load_model`).
     batch_size: faces per network call; calls are padded (to powers of two up to it) so few
       compilations serve all.
-    detector: a name of `star_jax.deploy.detection` ('default', 'blazeface', 'lbp', ...) or a callable
+    detector: a name of `star_jax.deploy.detection` ('default', 'blazeface', 'lbp', ...) or a
+    callable
       `image_rgb -> list[Box]` (whose boxes are then read with `detector_rule`).
     detector_rule: the box -> crop rule for a callable detector (default: the LBP rule).
     tta: 'none' or 'flip' (test-time flip augmentation, see `predict_crops`).
@@ -160,7 +164,7 @@ class Predictor:
     self._told_training_data = True
     warning = datasets.synthetic_warning(self.trained_on, self.model_label)
     if warning:
-      print(warning, file=sys.stderr, flush=True)
+      _log.warning(warning)
 
   def crops_at(self, image_rgb: np.ndarray, crops: Sequence[tuple[float, np.ndarray]]
                ) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -9,7 +9,8 @@ handles Drive's confirmation page for large files), with a progress bar, into
     $STAR_JAX_CACHE/released/<official file name>      (default ~/.cache/star_jax/released/)
 
 written under a temporary name and renamed only once it passed the checks: it must be read by the
-safe reader (`star_jax.foreign.official`, data only, nothing in it runs), hold the number of landmarks of
+safe reader (`star_jax.foreign.official`, data only, nothing in it runs), hold the number of
+landmarks of
 its name (the official links have been crossed before: its history has a commit "Swap model
 download links") and the released architecture (`StackedHGNetV1` of conf/alignment.py: 4 stacks,
 4 levels, 256 channels, AAM heads with the dataset's edges). Its sha256 and where it came from go
@@ -30,10 +31,9 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from star_jax.errors import CheckpointError, UsageError
 
@@ -137,7 +137,7 @@ def manual_hint(release: Release) -> str:
   """How to install the file without this machine downloading it (for error messages)."""
   return (f"download {release.file_name} from {_page_url(release)} (or the Baidu mirror "
           f"{release.baidu_url}) and put it at {cached_path(release)}, or run `python -m "
-          f"star_jax.deploy.released register {release.name} FILE`")
+          f"star_jax.released register {release.name} FILE`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,38 +343,3 @@ def status(name: str) -> str:
   record = read_record(path) or {}
   return (f"{release.name}: {path} (sha256 {record.get('sha256', 'not recorded')}, from "
           f"{record.get('source', 'unknown')})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: python -m star_jax.released {list,download,register}.
-
-def _main(argv: Sequence[str] | None) -> int:
-  from star_jax.commands import cli
-  parser = cli.ArgumentParser(
-      prog="python -m star_jax.released",
-      description="The released STAR models (wflw, 300w, cofw): download, register, list.")
-  commands = parser.add_subparsers(dest="command", required=True)
-  commands.add_parser("list", help="where each released model is (or would be) cached")
-  fetch = commands.add_parser("download", help="download (and check) a released model")
-  fetch.add_argument("name", choices=names())
-  add = commands.add_parser("register", help="check a file downloaded by hand and cache it")
-  add.add_argument("name", choices=names())
-  add.add_argument("file", help="the downloaded .pkl")
-  args = parser.parse_args(argv)
-  if args.command == "list":
-    for name in names():
-      print(status(name))
-  elif args.command == "download":
-    print(ensure(args.name))
-  else:
-    print(f"registered {register(args.name, args.file)}")
-  return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  from star_jax.commands import cli
-  return cli.run(lambda: _main(argv))
-
-
-if __name__ == "__main__":
-  sys.exit(main())

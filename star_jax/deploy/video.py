@@ -16,7 +16,8 @@ pyproject.toml); without PyAV it falls back, with one warning line, to OpenCV's 
 
 where `box` is the square the network read (the crop), `box_source` says whether that crop
 came from a detection ('detector') or from the face's landmarks in the previous frame
-('track'), and `id` is stable while the face is tracked (see `star_jax.deploy.tracking`). `time_s` is
+('track'), and `id` is stable while the face is tracked (see `star_jax.deploy.tracking`). `time_s`
+is
 the frame's timestamp (index / fps for files, seconds since the start for cameras).
 
 Imports neither JAX nor TensorFlow.
@@ -24,6 +25,7 @@ Imports neither JAX nor TensorFlow.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import fractions
 import json
@@ -40,6 +42,8 @@ import numpy as np
 from star_jax.core import json_output
 from star_jax.training import plots
 from star_jax.errors import DataError
+
+_log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv",
                   ".flv", ".3gp", ".ts", ".mts", ".ogv")
@@ -236,7 +240,7 @@ class _OpenCVEncoder:
 
 
 def open_encoder(path: str, fps: float, size: tuple[int, int], *,
-                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)):
+                 log: Callable[[str], None] = _log.warning):
   """An encoder (`write(rgb)`, `close()`, `codec`) of an MP4 that browsers play: H.264 when
   PyAV is installed, else `mp4v` after one warning line (once per process)."""
   global _warned_no_h264
@@ -307,7 +311,7 @@ class OutputWriter:
         clean, nonfinite = json_output.finite(record)
         if nonfinite and not self._warned_nonfinite:  # once per video, not once per frame
           self._warned_nonfinite = True
-          print(json_output.nonfinite_warning(self.jsonl_path, nonfinite), file=sys.stderr)
+          _log.warning(json_output.nonfinite_warning(self.jsonl_path, nonfinite))
         self._jsonl.write(json.dumps(clean, separators=(",", ":"), allow_nan=False) + "\n")
         if self._video is not None:
           self._video.write(canvas_fn())

@@ -21,7 +21,7 @@ whose runtime is not installed.
 
 from __future__ import annotations
 
-import argparse
+import logging
 import functools
 import http.server
 import json
@@ -32,15 +32,17 @@ import sys
 import tempfile
 import threading
 import urllib.parse
-from typing import Mapping, Sequence
+from typing import Mapping
 
-from star_jax.commands import cli
 from star_jax.core import schemes as datasets
-from star_jax.deploy.detection.boxes import Box
-from star_jax.errors import CheckpointError, DataError, UsageError
+from star_jax.errors import CheckpointError, UsageError
 from star_jax.deploy.runtime import contract
 
-WEB_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
+_log = logging.getLogger(__name__)
+
+# The page lives in the source tree's web/, two folders above star_jax/deploy/.
+WEB_ROOT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "web")
 # What `make web` (npm ci in web/) installs and the page imports.
 RUNTIME_DIR = os.path.join("node_modules", "onnxruntime-web", "dist")
 RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
@@ -56,8 +58,8 @@ ISOLATION_HEADERS = {
 def check_page(root: str = WEB_ROOT) -> None:
   """Raises UsageError unless the page and the runtime it imports are in `root`."""
   if not os.path.isfile(os.path.join(root, "index.html")):
-    raise UsageError(f"{root}: the page (web/index.html) is not there; run star_jax.deploy.web from a "
-                     "source checkout of star-jax")
+    raise UsageError(f"{root}: the page (web/index.html) is not there; run python -m "
+                     "star_jax.web from a source checkout of star-jax")
   missing = [name for name in RUNTIME_FILES
              if not os.path.isfile(os.path.join(root, RUNTIME_DIR, name))]
   if missing:
@@ -66,7 +68,8 @@ def check_page(root: str = WEB_ROOT) -> None:
 
 
 def released_onnx(name: str) -> str:
-  """An ONNX export of the released model `name` (`star_jax.deploy.released`), made once in the cache
+  """An ONNX export of the released model `name` (`star_jax.deploy.released`), made once in the
+  cache
   beside its checkpoint and made again when the checkpoint's sha256 changes."""
   from star_jax.training import checkpointing
   from star_jax.deploy import released
@@ -83,7 +86,7 @@ def released_onnx(name: str) -> str:
           return out
     except (OSError, ValueError, KeyError, TypeError):
       pass  # unreadable or foreign: made again below
-  print(f"exporting the released {release.name} model to {out} (once)", file=sys.stderr)
+  _log.warning(f"exporting the released {release.name} model to {out} (once)")
   staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".export.")
   try:
     staged = os.path.join(staging, os.path.basename(out))
@@ -238,7 +241,7 @@ class PageServer:
     check_page(root)
     warning = datasets.synthetic_warning(self.info.trained_on, resolved)
     if warning:
-      print(warning, file=sys.stderr, flush=True)
+      _log.warning(warning)
     all_routes = {MODEL_URL: os.path.abspath(model),
                   MODEL_URL + ".json": os.path.abspath(contract.sidecar_path(model))}
     all_routes.update({posixpath.normpath(k): os.path.abspath(v)
@@ -279,79 +282,3 @@ def serve(model: str, *, port: int = 0, routes: Mapping[str, str] | None = None,
           quiet: bool = True) -> PageServer:
   """Starts the page server in a thread; `.url` is its address, `.close()` stops it."""
   return PageServer(model, port=port, routes=routes, quiet=quiet).start()
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = cli.ArgumentParser(
-      prog="python -m star_jax.web",
-      description="Serve the in-browser landmark demo (web/, onnxruntime-web) with an exported "
-                  "ONNX model on http://127.0.0.1:PORT/. Install the page's runtime first: "
-                  "make web.")
-  parser.add_argument("--model", required=True,
-                      help="a released model (wflw, 300w, cofw: exported once into the cache) or "
-                           "an ONNX export (python -m star_jax.export --format onnx); its "
-                           "sidecar MODEL.json must lie beside it")
-  parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                      help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)")
-  parser.add_argument("--image", default=None,
-                      help="a photo to open with the page (served as /image.EXT)")
-  parser.add_argument("--box", default=None, metavar="X1,Y1,X2,Y2",
-                      help="with --image: the face box (image pixels) to run on at once")
-  parser.add_argument("--verbose", action="store_true", help="log every request")
-  args = parser.parse_args(argv)
-  if not 0 <= args.port <= 65535:
-    raise UsageError(f"--port {args.port}: must be between 0 and 65535")
-  if args.box is not None:
-    if args.image is None:
-      raise UsageError("--box needs --image (on the page itself, drag the box)")
-    args.box = parse_box(args.box)
-  if args.image is not None and not os.path.isfile(args.image):
-    raise DataError(f"--image {args.image}: no such file")
-  return args
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-  """'x1,y1,x2,y2' -> finite floats with x1 < x2 and y1 < y2; UsageError naming --box."""
-  try:
-    box = Box.parse(text)
-  except ValueError as e:
-    raise UsageError(f"--box {text}: {e}") from None
-  return (box.x1, box.y1, box.x2, box.y2)
-
-
-def page_url(base: str, image_route: str | None = None,
-             box: Sequence[float] | None = None) -> str:
-  """The page's address, opening `image_route` (and running on `box`) when given."""
-  query = {}
-  if image_route:
-    query["image"] = image_route
-  if box is not None:
-    query["box"] = ",".join(f"{v:g}" for v in box)
-  return base + ("?" + urllib.parse.urlencode(query, safe="/,") if query else "")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  return cli.run(lambda: _main(argv))
-
-
-def _main(argv: Sequence[str] | None) -> int:
-  args = _parse_args(argv)
-  routes, image_route = {}, None
-  if args.image:
-    image_route = "/image" + os.path.splitext(args.image)[1].lower()
-    routes[image_route] = args.image
-  server = PageServer(args.model, port=args.port, routes=routes, quiet=not args.verbose)
-  url = page_url(server.url, image_route, args.box)
-  print(f"serving the star-jax page at {url} with {server.model} "
-        f"({contract.describe(server.info.record)}); Ctrl-C stops", flush=True)
-  try:
-    server.httpd.serve_forever()
-  except KeyboardInterrupt:
-    print("stopped", file=sys.stderr)
-  finally:
-    server.httpd.server_close()
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

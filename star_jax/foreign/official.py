@@ -24,7 +24,8 @@ is read from the state dict itself. Conversion turns OIHW kernels into HWIO, Bat
 statistics into the `batch_stats` collection, and permutes the first convolution's three image
 input channels (BGR -> RGB) so that RGB input here equals the official model on BGR input.
 
-`python -m star_jax.convert` (star_jax/commands/convert.py) writes the result as a star-jax checkpoint.
+`python -m star_jax.convert` (star_jax/commands/convert.py) writes the result as a star-jax
+checkpoint.
 """
 
 from __future__ import annotations

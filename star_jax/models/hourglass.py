@@ -5,7 +5,8 @@ recursive hourglass, the per-stack heads (heatmaps, point maps, edge maps), the 
 edge-to-point transform, the fusion of the three maps, soft-argmax landmarks per stack and the
 merge of each stack's outputs into the next one.
 
-Layout is NHWC throughout. The network reads RGB images in [-1, 1]; `star_jax.commands.convert` reorders
+Layout is NHWC throughout. The network reads RGB images in [-1, 1]; `star_jax.commands.convert`
+reorders
 the first convolution of official (BGR) checkpoints so the two agree.
 
 Faithful details (see docs/official-semantics.md, "Architecture"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging as py_logging
 import os
 import sys
 from typing import Any, Callable, Iterable, Sequence
@@ -34,6 +35,8 @@ from star_jax.training.checkpointing import LoadedModel
 from star_jax.data import transforms
 from star_jax.core.schemes import DatasetSpec, get_spec
 from star_jax.errors import DataError, UsageError
+
+_log = py_logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip")
 
@@ -285,7 +288,7 @@ def evaluate(config: Any, checkpoint: str | LoadedModel, output_dir: str | None 
   source = sources.source_for(config)
   out = predict_split(config, loaded, split=split, batch_size=batch_size, progress=progress,
                       tta=tta, source=source, report_unreadable=check_images,
-                      log=lambda line: print(f"unreadable: {line}", file=sys.stderr))
+                      log=lambda line: _log.warning(f"unreadable: {line}"))
   image_paths = out["image_paths"]
   metrics, nmes, masks = compute_metrics(
       out["landmarks"], out["landmarks_gt"], spec, image_paths=image_paths, tags=out["tags"],
@@ -296,8 +299,8 @@ def evaluate(config: Any, checkpoint: str | LoadedModel, output_dir: str | None 
                       out["index"])
   if output_dir:
     write_outputs(output_dir, result, masks)
-  if verbose:
-    print(format_table(metrics))
+  if verbose:  # eval.py prints the same on stdout itself
+    _log.info(format_table(metrics))
     if output_dir:
-      print(f"wrote {os.path.join(output_dir, 'metrics.json')}, predictions.npz, ced.png")
+      _log.info(f"wrote {os.path.join(output_dir, 'metrics.json')}, predictions.npz, ced.png")
   return result

@@ -152,7 +152,8 @@ def _has_accelerator_plugin() -> bool:
 
 def sync_processes(name: str, timeout_s: float = 3600.0) -> None:
   """Waits until every process reaches this point (no-op with one process); see
-  `star_jax.core.jax_compat.wait_at_barrier` for why processes meet before their first collective."""
+  `star_jax.core.jax_compat.wait_at_barrier` for why processes meet before their first
+  collective."""
   if jax.process_count() == 1:
     return
   jax_compat.wait_at_barrier(name, timeout_s)

@@ -521,7 +521,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   DataError for problems with the command (before any work).
   """
   from star_jax.training import finetune
-  from star_jax.training import logging_utils  # CLU's writers import TensorFlow: only the loop needs them
+  # CLU's writers import TensorFlow: only the loop needs them.
+  from star_jax.training import logging_utils
   check_config(config)
   workdir = os.path.abspath(workdir)
   is_primary = jax.process_index() == 0

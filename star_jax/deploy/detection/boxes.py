@@ -4,7 +4,8 @@ The crop is `(scale, center)` in the official convention: it spans `scale * 200`
 `center` (see `star_jax.data.transforms.crop_matrix`). The models are trained on crops centred
 on the landmark bounding box with `scale = max(w, h) / 200 * 1.05` of that box
 (`crop_from_landmarks`). A detector's box sits elsewhere on the face, so each detector carries
-a `CropRule`, fitted on annotated real faces (`star_jax.deploy.detection.calibration`), that maps its
+a `CropRule`, fitted on annotated real faces (`star_jax.deploy.detection.calibration`), that maps
+its
 boxes onto that crop:
 
   center = (cx + dx * w, cy + dy * h),   scale = size_factor * max(w, h) / 200

@@ -20,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from star_jax.deploy.detection.boxes import Box, CropRule, TRAINING_MARGIN, apply_rule, crop_from_landmarks
+from star_jax.deploy.detection.boxes import (Box, CropRule, TRAINING_MARGIN, apply_rule,
+                                             crop_from_landmarks)
 
 
 def finds(box: Box, target: Box, *, min_ratio: float = 0.5, max_ratio: float = 2.0) -> bool:

@@ -6,7 +6,8 @@
 
 Every export follows one contract (`star_jax.deploy.runtime.contract`): input `image` float32
 `[B, S, S, 3]` RGB 0-255, first output `landmarks` float32 `[B, N, 2]` in crop pixels, and a
-sidecar `PATH.json`. `star_jax.deploy.runtime` runs the ONNX and TFLite exports without JAX. Routes and
+sidecar `PATH.json`. `star_jax.deploy.runtime` runs the ONNX and TFLite exports without JAX. Routes
+and
 their measurements: docs/export.md.
 
     from star_jax.deploy.export import export

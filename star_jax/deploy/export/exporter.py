@@ -35,9 +35,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8", "int8-dynamic")
 # What `--dtype` means per format: the compute dtype of the traced JAX model, or the storage
 # dtype of the weights (computation stays float32: CPUs run float16 no faster, see docs).
-COMPUTE_DTYPE_FORMATS = ("savedmodel", "stablehlo")
-WEIGHT_DTYPE_FORMATS = ("onnx", "tflite")
-BATCH_FORMATS = ("onnx", "tflite")
+WEIGHT_DTYPE_FORMATS = tuple(f for f in contract.FORMATS if contract.EXPORT_FORMATS[f].weight_dtype)
+COMPUTE_DTYPE_FORMATS = tuple(f for f in contract.FORMATS if f not in WEIGHT_DTYPE_FORMATS)
+BATCH_FORMATS = tuple(f for f in contract.FORMATS if contract.EXPORT_FORMATS[f].fixed_batch)
 DEFAULT_TFLITE_BATCH = 1
 
 

@@ -20,7 +20,6 @@ computations at inference, so no gradient rule is exported (`with_gradient=False
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -34,18 +33,6 @@ from star_jax.deploy.runtime import contract
 
 # Platforms the StableHLO module is lowered for (one module, dispatched at load time).
 STABLEHLO_PLATFORMS = ("cpu", "cuda", "tpu")
-
-
-@contextlib.contextmanager
-def without_xla_flags():
-  """Hides XLA_FLAGS from TensorFlow's XLA, which aborts the process on options of jaxlib's
-  newer XLA (`star_jax.commands.host.configure_process` sets some; JAX read them when it started)."""
-  saved = os.environ.pop("XLA_FLAGS", None)
-  try:
-    yield
-  finally:
-    if saved is not None:
-      os.environ["XLA_FLAGS"] = saved
 
 
 def contract_function(model: Any, variables: Any, image_size: int, *, with_heatmaps: bool
@@ -112,8 +99,7 @@ def export_savedmodel(fn: Callable, image_size: int, out_path: str, *, with_heat
   tmp = out_path.rstrip(os.sep) + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    with without_xla_flags():
-      tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
+    tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -128,7 +114,7 @@ def export_tflite(fn: Callable, image_size: int, out_path: str, *, batch: int,
                   with_heatmaps: bool, quantize: str | None, weight_dtype: str) -> dict:
   import tensorflow as tf
   module, serve = _tf_module(fn, image_size, batch, with_heatmaps, polymorphic=False)
-  with tempfile.TemporaryDirectory(prefix="star_jax_tflite_") as tmp, without_xla_flags():
+  with tempfile.TemporaryDirectory(prefix="star_jax_tflite_") as tmp:
     saved = os.path.join(tmp, "saved_model")
     tf.saved_model.save(module, saved, signatures={"serving_default": serve})
     converter = tf.lite.TFLiteConverter.from_saved_model(saved)

@@ -34,11 +34,9 @@ def exported_landmarks(path: str, images: np.ndarray, *, threads: int | None = N
     return backends.load_model(path, threads=threads)(images)
   if fmt == "savedmodel":
     import tensorflow as tf
-    from star_jax.deploy.export.jax_formats import without_xla_flags
-    with without_xla_flags():
-      serve = tf.saved_model.load(path).signatures["serving_default"]
-      out = serve(**{contract.INPUT_NAME: tf.constant(images)})[contract.LANDMARKS_NAME]
-      return out.numpy()
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    out = serve(**{contract.INPUT_NAME: tf.constant(images)})[contract.LANDMARKS_NAME]
+    return out.numpy()
   if fmt == "stablehlo":
     from jax import export
     with open(path, "rb") as f:

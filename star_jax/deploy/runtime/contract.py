@@ -28,14 +28,33 @@ import os
 from typing import Any
 
 from star_jax.errors import CheckpointError
+from star_jax.registry import Registry
 
 SIDECAR_VERSION = 1
 INPUT_NAME = "image"
 LANDMARKS_NAME = "landmarks"
 HEATMAPS_NAME = "heatmaps"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFormat:
+  """What one export format is: who runs it and what its options mean."""
+
+  name: str
+  runtime: bool       # the runtime (onnxruntime, LiteRT) runs it; else TensorFlow/JAX is needed
+  weight_dtype: bool  # --dtype is the stored weights' dtype (else the traced compute dtype)
+  fixed_batch: bool   # --batch is honoured (else the batch dimension stays symbolic)
+
+
+EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format")
+for _format in (ExportFormat("onnx", runtime=True, weight_dtype=True, fixed_batch=True),
+                ExportFormat("tflite", runtime=True, weight_dtype=True, fixed_batch=True),
+                ExportFormat("savedmodel", runtime=False, weight_dtype=False, fixed_batch=False),
+                ExportFormat("stablehlo", runtime=False, weight_dtype=False, fixed_batch=False)):
+  EXPORT_FORMATS.register(_format.name, _format)
+# In the order --format lists them.
 FORMATS = ("onnx", "tflite", "savedmodel", "stablehlo")
-# What the runtime (onnxruntime, LiteRT) can run; SavedModel and StableHLO need TensorFlow/JAX.
-RUNTIME_FORMATS = ("onnx", "tflite")
+RUNTIME_FORMATS = tuple(f for f in FORMATS if EXPORT_FORMATS[f].runtime)
 
 
 def sidecar_path(model_path: str) -> str:

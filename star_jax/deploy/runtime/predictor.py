@@ -1,6 +1,7 @@
 """Landmarks on images and videos with an exported model, without JAX or TensorFlow.
 
-`RuntimePredictor` is `star_jax.deploy.inference.Predictor` with another network: an exported `.onnx` or
+`RuntimePredictor` is `star_jax.deploy.inference.Predictor` with another network: an exported
+`.onnx` or
 `.tflite` model (`star_jax.deploy.runtime.backends`) instead of the JAX one. Detection, the crop
 (`transforms.crop_matrix`, `transforms.warp`), batching, test-time flip, tracking and the map
 back to the image are the predictor's own code, so the two agree by construction. The exported
@@ -28,7 +29,8 @@ from star_jax.deploy.runtime import backends
 
 
 class RuntimePredictor(inference.Predictor):
-  """`star_jax.deploy.inference.Predictor` (what `star_jax.deploy.predict` uses) on an exported model.
+  """`star_jax.deploy.inference.Predictor` (what `star_jax.deploy.predict` uses) on an exported
+  model.
 
   Args:
     model: path of the exported model (its sidecar JSON beside it), or a loaded

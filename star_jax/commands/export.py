@@ -60,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
   args = _parse_args(argv)
   cli.require_training_install("python -m star_jax.export")
+  from star_jax.commands import host
+  host.hide_xla_flags_from_tensorflow()
   from star_jax.deploy.export import exporter
   exporter.check_options(args.format, dtype=args.dtype, quantize=args.quantize,
                          batch=args.batch)
