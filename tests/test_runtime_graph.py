@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
 
 from star_jax.core import schemes as datasets
-from star_jax.deploy import predict
+from star_jax.commands import predict
 from star_jax.training.checkpointing import load_model
 from star_jax.errors import CheckpointError
 from star_jax.deploy.export import exporter

@@ -17,9 +17,10 @@ bilinear interpolation (align_corners=False: output pixel (r, c) is the mean of 
   float32 canvas, reduced with INTER_AREA, /255, then the x4 bilinear downsample. Here only a
   uint8 canvas around the curve's bounding box is drawn, aligned to 16 canvas pixels (one
   output pixel), and the drawn pixels each output pixel averages are counted (exact: see
-  `_draw_edge`); the result equals the official maps within 1e-6. If the spline fit fails (fewer than 4 distinct points, repeated
-  consecutive points), the raw points are drawn as the official does - counted per edge in
-  `curve_fit_fallbacks()` and logged once per edge, rather than silently.
+  `_draw_edge`); the result equals the official maps within 1e-6. If the spline fit fails
+  (fewer than 4 distinct points, repeated consecutive points), the raw points are drawn as the
+  official does - counted per edge in `curve_fit_fallbacks()` and logged once per edge, rather
+  than silently.
 """
 
 from __future__ import annotations
