@@ -86,6 +86,11 @@ def test_sidecar_describes_the_model(models, export_dir):
   assert record["input"]["shape"] == [None, 256, 256, 3]
   assert [o["name"] for o in record["outputs"]] == ["landmarks", "heatmaps"]
   assert len(record["edges"]) == 9 and record["crop"]["face_box_unit"] == 200
+  # The fixture's architecture, as the model class describes it.
+  assert {k: record["model"][k] for k in ("architecture", "num_stacks", "num_levels",
+                                         "channels", "use_aam")} == {
+      "architecture": "stacked_hourglass", "num_stacks": 4, "num_levels": 4, "channels": 32,
+      "use_aam": True}
   info = contract.read_sidecar(result.path)
   assert (info.format, info.input_size, info.batch) == ("onnx", 256, None)
 

@@ -66,7 +66,8 @@ def test_merge_loads_matching_and_reinitialises_scheme_dependent_variables():
                         "heatmap_head0": {"kernel": np.ones((2, 29))},
                         "features0": {"kernel": np.ones((5,))}},
              "batch_stats": {"stem_bn": {"mean": np.ones(2)}}}
-  merged, report = finetune.merge_variables(fresh, trained, reinit_scheme=True)
+  merged, report = finetune.merge_variables(
+      fresh, trained, reinitialise=models.StackedHourglass.is_scheme_dependent)
   assert merged["params"]["stem_conv"]["kernel"].sum() == 9
   assert merged["batch_stats"]["stem_bn"]["mean"].sum() == 2
   # Same shape, but another scheme: the head keeps its fresh values.

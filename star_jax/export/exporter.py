@@ -100,9 +100,14 @@ def check_options(fmt: str, *, dtype: str, quantize: str | None, batch: int | No
 
 
 def inference_model(model: Any, dtype: str = "float32") -> Any:
-  """The module to export: full-precision convolutions, no cross-device BatchNorm."""
+  """The module to export: full-precision convolutions, no cross-device BatchNorm (for the
+  fields the network has: a backbone need not have a dtype, precision or BatchNorm axis)."""
   import jax.numpy as jnp
-  return model.clone(dtype=jnp.dtype(dtype), precision="highest", bn_axis_name=None)
+  wanted = {"dtype": jnp.dtype(dtype), "precision": "highest", "bn_axis_name": None}
+  fields = {f.name for f in dataclasses.fields(model)}
+  if dtype != "float32" and "dtype" not in fields:
+    raise UsageError(f"--dtype {dtype}: {type(model).__name__} has no compute dtype to set")
+  return model.clone(**{k: v for k, v in wanted.items() if k in fields})
 
 
 def load_checkpoint(checkpoint: Any, weights: str = "default") -> Any:
@@ -114,6 +119,14 @@ def load_checkpoint(checkpoint: Any, weights: str = "default") -> Any:
   return checkpointing.load_model(checkpoint, weights=weights)
 
 
+def _architecture_record(model: Any) -> dict:
+  """`{"architecture": registry name, <architecture field>: value, ...}` (the model class's own
+  `architecture_defaults` fields)."""
+  from star_jax import models
+  summary = models.architecture(model)
+  return {"architecture": summary.pop("name"), **summary}
+
+
 def _sidecar_record(loaded: Any, fmt: str, out: str, *, batch: int | None, dtype: str,
                     quantize: str | None, heatmaps: bool, details: dict) -> dict:
   model = loaded.model
@@ -121,7 +134,7 @@ def _sidecar_record(loaded: Any, fmt: str, out: str, *, batch: int | None, dtype
   spec = loaded.spec
   source = loaded.source
   sha = checkpoint_sha256(_checkpoint_root(source)) if source and os.path.exists(source) else None
-  from star_jax.models.hourglass import count_parameters
+  from star_jax import models
   outputs = [{"name": contract.LANDMARKS_NAME, "shape": [batch, model.num_points, 2],
               "dtype": "float32", "units": "crop pixels, (x, y)",
               "convention": f"p = ((l + 1) * {size} - 1) / 2 for the final stack's soft-argmax "
@@ -150,10 +163,8 @@ def _sidecar_record(loaded: Any, fmt: str, out: str, *, batch: int | None, dtype
       "scheme": spec.to_dict(),
       "edges": [{"name": e.name, "closed": e.closed, "points": list(e.points)}
                 for e in spec.edges],
-      "model": {"architecture": "StackedHourglass", "num_stacks": model.num_stacks,
-                "num_levels": model.num_levels, "channels": model.channels,
-                "use_aam": model.use_aam,
-                "parameters": count_parameters(loaded.variables["params"])},
+      "model": {**_architecture_record(model),
+                "parameters": models.count_parameters(loaded.variables["params"])},
       "input": {"name": contract.INPUT_NAME, "shape": [batch, size, size, 3], "dtype": "float32",
                 "layout": "NHWC", "channels": "RGB", "range": [0, 255],
                 "normalization": "x / 255 * 2 - 1, inside the model"},

@@ -106,6 +106,18 @@ def describe(model, *, trained_on: str | None = None) -> dict[str, Any]:
   return description
 
 
+def architecture(model) -> dict[str, Any]:
+  """`{"name": registry name, <field>: value, ...}` for the fields the class says describe its
+  architecture (`architecture_defaults`, the backbone contract), as JSON values: the short
+  summary an export's sidecar carries (the full description is `describe`)."""
+  fields = describe(model)["fields"]
+  summary = {"name": type(model).registry_name}
+  for field in getattr(type(model), "architecture_defaults", {}):
+    if field in fields:
+      summary[field] = fields[field]
+  return summary
+
+
 def training_data(config: Any) -> str | None:
   """What a run's model learns from: `embedded` (`datasets.SYNTHETIC_DATASET`, the synthetic
   faces) when `config.data.source` is the embedded dataset, else `config.dataset`."""
@@ -270,6 +282,7 @@ def check_variables(model, variables: Mapping[str, Any], where: str, *,
                               "(NaN or infinity); refusing weights that cannot predict")
 
 
-__all__ = ["DEFAULT_MODEL", "SIZE_LIMITS", "ModelOutput", "StackedHourglass", "check_variables",
+__all__ = ["DEFAULT_MODEL", "SIZE_LIMITS", "ModelOutput", "StackedHourglass", "architecture",
+           "check_variables",
            "count_parameters", "create_model", "describe", "from_description", "init_variables",
            "model_class", "parameter_shapes", "trained_on", "training_data"]
