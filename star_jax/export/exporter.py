@@ -1,7 +1,10 @@
 """`export(...)`: one checkpoint -> one exported model file plus its sidecar JSON.
 
 Routes (chosen by measurement, see docs/export.md):
-  onnx        written node by node from the variables (`star_jax.export.onnx_graph`);
+  onnx        written node by node from the variables by the network's hand-written graph
+              (the class's `onnx_graph`, e.g. `star_jax.export.onnx_graph` for the
+              hourglass); a network without one (`onnx_graph = None`) is refused with a
+              UsageError: use one of the traced formats below, which take any network;
               int8: ONNX Runtime's quantiser (`star_jax.export.quantize`)
   tflite      jax2tf (native StableHLO) at a fixed batch -> TFLite converter
   savedmodel  jax2tf (native StableHLO), batch polymorphic
@@ -117,6 +120,20 @@ def load_checkpoint(checkpoint: Any, weights: str = "default") -> Any:
   if isinstance(checkpoint, checkpointing.LoadedModel):
     return checkpoint
   return checkpointing.load_model(checkpoint, weights=weights)
+
+
+def onnx_graph_module(loaded: Any) -> Any:
+  """The module that writes the ONNX graph of `loaded.model` (its class's `onnx_graph`, a
+  module path with `build_model`, `OPSET` and `IR_VERSION`), or UsageError when it has none."""
+  import importlib
+  cls = type(loaded.model)
+  name = getattr(cls, "onnx_graph", None)
+  if not name:
+    traced = ", ".join(f for f in contract.FORMATS if f != "onnx")
+    raise UsageError(f"{loaded.source}: --format onnx: model "
+                     f"{getattr(cls, 'registry_name', cls.__name__)!r} has no ONNX graph "
+                     f"writer; export it as {traced}")
+  return importlib.import_module(name)
 
 
 def _architecture_record(model: Any) -> dict:
@@ -251,7 +268,7 @@ def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
     batch = None
 
   if fmt == "onnx":
-    from star_jax.export import onnx_graph
+    onnx_graph = onnx_graph_module(loaded)
     proto = onnx_graph.build_model(inference_model(loaded.model), loaded.variables, size,
                                    with_heatmaps=heatmaps, weight_dtype=dtype, batch=batch,
                                    doc="star-jax landmark model; contract in the sidecar JSON")
