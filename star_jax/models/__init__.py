@@ -233,8 +233,7 @@ def _path_name(path: tuple) -> str:
 def _expected_variables(description_json: str, where: str) -> dict[tuple, jax.ShapeDtypeStruct]:
   """Path -> shape and dtype of every variable of the described network (traced, not built)."""
   model = from_description(json.loads(description_json), where)  # sizes bounded first
-  size = 4 * 2 ** int(getattr(model, "num_levels", 4))
-  shapes = parameter_shapes(model, size)
+  shapes = parameter_shapes(model)  # at the model's smallest input (`min_image_size`)
   return {path: leaf for path, leaf in flax.traverse_util.flatten_dict(dict(shapes)).items()}
 
 
