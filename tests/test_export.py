@@ -86,6 +86,11 @@ def test_sidecar_describes_the_model(models, export_dir):
   assert record["input"]["shape"] == [None, 256, 256, 3]
   assert [o["name"] for o in record["outputs"]] == ["landmarks", "heatmaps"]
   assert len(record["edges"]) == 9 and record["crop"]["face_box_unit"] == 200
+  # The fixture's architecture, as the model class describes it.
+  assert {k: record["model"][k] for k in ("architecture", "num_stacks", "num_levels",
+                                         "channels", "use_aam")} == {
+      "architecture": "stacked_hourglass", "num_stacks": 4, "num_levels": 4, "channels": 32,
+      "use_aam": True}
   info = contract.read_sidecar(result.path)
   assert (info.format, info.input_size, info.batch) == ("onnx", 256, None)
 
@@ -221,3 +226,31 @@ def test_export_never_replaces_a_folder_that_is_not_its_own(tmp_path):
   assert run.returncode == 2 and "Traceback" not in run.stderr
   assert run.stderr.count("\n") == 1 and "not a SavedModel" in run.stderr
   assert notes.read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_hrnet_exports_in_the_traced_formats_and_refuses_onnx(tmp_path):
+  """HRNet has no hand-written ONNX graph: StableHLO, SavedModel and TFLite trace it."""
+  from star_jax.training import checkpointing
+  from star_jax.core import schemes as datasets
+  from star_jax import models
+  from star_jax.errors import UsageError
+  from star_jax.models import hrnet
+  spec = datasets.get_spec("wflw")
+  model = hrnet.HRNetW18(num_points=spec.num_points)
+  path = checkpointing.save_for_inference(str(tmp_path / "hrnet"), model,
+                                          models.init_variables(model, 0, 64), spec=spec,
+                                          image_size=64)
+  loaded = load_model(path)
+  crops = parity.random_crops(2, 64, seed=1)
+  ref64 = parity.jax_landmarks(loaded.model, loaded.variables, crops, 64, float64=True)
+  for fmt in ("stablehlo", "savedmodel", "tflite"):
+    out = str(tmp_path / ("hr_savedmodel" if fmt == "savedmodel" else f"hr.{fmt}"))
+    result = exporter.export(loaded, fmt, out, batch=2 if fmt == "tflite" else None)
+    d = parity.difference(parity.exported_landmarks(result.path, crops), ref64)
+    assert d["mean_px"] < MEAN_PX and d["max_px"] < MAX_PX, (fmt, d)
+    assert result.record["model"]["architecture"] == "hrnet_w18"
+    assert result.record["model"]["width"] == 18
+  with pytest.raises(UsageError, match="'hrnet_w18' has no ONNX graph writer") as info:
+    exporter.export(loaded, "onnx", str(tmp_path / "hr.onnx"))
+  assert "\n" not in str(info.value)

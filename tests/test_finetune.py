@@ -69,7 +69,8 @@ def test_merge_loads_matching_and_reinitialises_scheme_dependent_variables():
                         "heatmap_head0": {"kernel": np.ones((2, 29))},
                         "features0": {"kernel": np.ones((5,))}},
              "batch_stats": {"stem_bn": {"mean": np.ones(2)}}}
-  merged, report = finetune.merge_variables(fresh, trained, reinit_scheme=True)
+  merged, report = finetune.merge_variables(
+      fresh, trained, reinitialise=models.StackedHourglass.is_scheme_dependent)
   assert merged["params"]["stem_conv"]["kernel"].sum() == 9
   assert merged["batch_stats"]["stem_bn"]["mean"].sum() == 2
   # Same shape, but another scheme: the head keeps its fresh values.
@@ -160,3 +161,79 @@ def test_scheme_file_errors_name_the_file(tmp_path):
   path.write_text("not json")
   with pytest.raises(UsageError, match="not a JSON scheme file"):
     datasets.get_spec(str(path))
+
+
+# The top-level modules of a 2-stack AAM hourglass whose channels are landmarks: the three
+# heads of each stack and the merge convolutions that read them (no merge after the last).
+SCHEME_DEPENDENT_2_STACKS = {
+    "heatmap_head0", "heatmap_head1", "pointmap_head0", "pointmap_head1", "edgemap_head0",
+    "edgemap_head1", "merge_heatmaps0", "merge_pointmaps0", "merge_edgemaps0"}
+
+
+@pytest.fixture(scope="module")
+def ema_and_raw(tmp_path_factory):
+  """A 2-stack inference checkpoint whose EMA and raw weights differ everywhere."""
+  spec = datasets.get_spec("wflw")
+  model = models.StackedHourglass(num_stacks=2, num_levels=1, channels=8,
+                                  num_points=spec.num_points,
+                                  edge_points=tuple(e.points for e in spec.edges))
+  ema = models.init_variables(model, 1, 16)
+  raw = models.init_variables(model, 2, 16)
+  path = checkpointing.save_for_inference(str(tmp_path_factory.mktemp("ckpt") / "two"), model,
+                                          ema, spec=spec, image_size=16, raw_variables=raw)
+  return path, spec, ema, raw
+
+
+def _moved_edges(spec):
+  """`spec` with its first edge given another point: every shape stays, the scheme differs."""
+  data = spec.to_dict()
+  data["name"] = "wflw_moved_edge"
+  first = data["edges"][0]["points"]
+  data["edges"][0]["points"] = [p for p in range(spec.num_points) if p not in first][:1] + first[1:]
+  return datasets.scheme_from_dict(data)
+
+
+def _finetune_start(path, spec, weights, seed=7):
+  config = base.get_base_config("wflw")
+  config.init_from, config.init_weights = path, weights
+  config = finetune.resolve_model_config(config)
+  model = models.create_model(config.model, spec)
+  fresh = models.init_variables(model, seed, 16)
+  return fresh, finetune.load_initial_variables(config, model, spec, fresh)
+
+
+def _flat(tree):
+  import flax.traverse_util
+  return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def test_init_weights_raw_loads_the_raw_weights_on_the_same_scheme(ema_and_raw):
+  path, spec, ema, raw = ema_and_raw
+  for weights, expected, other in (("raw", raw, ema), ("ema", ema, raw)):
+    _, merged = _finetune_start(path, spec, weights)
+    got, want, not_wanted = _flat(merged), _flat(expected), _flat(other)
+    assert set(got) == set(want)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"{weights} {key}")
+    # Every parameter tensor (BatchNorm scale and bias start equal in both) tells them apart.
+    assert any(not np.array_equal(got[k], not_wanted[k]) for k in got if k[0] == "params")
+
+
+def test_another_scheme_reinitialises_every_scheme_dependent_module_and_loads_the_rest(
+    ema_and_raw):
+  path, spec, _, raw = ema_and_raw
+  moved = _moved_edges(spec)
+  assert moved.num_points == spec.num_points and len(moved.edges) == len(spec.edges)
+  fresh, merged = _finetune_start(path, moved, "raw")
+  got, initial, trained = _flat(merged), _flat(fresh), _flat(raw)
+  assert set(got) == set(trained)  # same shapes everywhere: only the scheme differs
+  modules = {key[1] for key in got}
+  assert SCHEME_DEPENDENT_2_STACKS <= modules
+  for key in got:
+    expected = initial if key[1] in SCHEME_DEPENDENT_2_STACKS else trained
+    np.testing.assert_array_equal(got[key], expected[key], err_msg=str(key))
+  # The fresh and trained kernels of the scheme-dependent modules are different draws, so the
+  # equality above is not a coincidence.
+  for module in SCHEME_DEPENDENT_2_STACKS:
+    key = ("params", module, "kernel")
+    assert not np.array_equal(initial[key], trained[key]), module

@@ -106,6 +106,18 @@ def describe(model, *, trained_on: str | None = None) -> dict[str, Any]:
   return description
 
 
+def architecture(model) -> dict[str, Any]:
+  """`{"name": registry name, <field>: value, ...}` for the fields the class says describe its
+  architecture (`architecture_defaults`, the backbone contract), as JSON values: the short
+  summary an export's sidecar carries (the full description is `describe`)."""
+  fields = describe(model)["fields"]
+  summary = {"name": type(model).registry_name}
+  for field in getattr(type(model), "architecture_defaults", {}):
+    if field in fields:
+      summary[field] = fields[field]
+  return summary
+
+
 def training_data(config: Any) -> str | None:
   """What a run's model learns from: `embedded` (`datasets.SYNTHETIC_DATASET`, the synthetic
   faces) when `config.data.source` is the embedded dataset, else `config.dataset`."""
@@ -221,8 +233,7 @@ def _path_name(path: tuple) -> str:
 def _expected_variables(description_json: str, where: str) -> dict[tuple, jax.ShapeDtypeStruct]:
   """Path -> shape and dtype of every variable of the described network (traced, not built)."""
   model = from_description(json.loads(description_json), where)  # sizes bounded first
-  size = 4 * 2 ** int(getattr(model, "num_levels", 4))
-  shapes = parameter_shapes(model, size)
+  shapes = parameter_shapes(model)  # at the model's smallest input (`min_image_size`)
   return {path: leaf for path, leaf in flax.traverse_util.flatten_dict(dict(shapes)).items()}
 
 
@@ -270,6 +281,7 @@ def check_variables(model, variables: Mapping[str, Any], where: str, *,
                               "(NaN or infinity); refusing weights that cannot predict")
 
 
-__all__ = ["DEFAULT_MODEL", "SIZE_LIMITS", "ModelOutput", "StackedHourglass", "check_variables",
+__all__ = ["DEFAULT_MODEL", "SIZE_LIMITS", "ModelOutput", "StackedHourglass", "architecture",
+           "check_variables",
            "count_parameters", "create_model", "describe", "from_description", "init_variables",
            "model_class", "parameter_shapes", "trained_on", "training_data"]

@@ -334,6 +334,7 @@ class StackedHourglass(nn.Module):
 
   # The backbone contract (star_jax.models.base).
   architecture_defaults = {"num_stacks": 4, "num_levels": 4, "channels": 256, "use_aam": True}
+  onnx_graph = "star_jax.deploy.export.onnx_graph"
 
   @classmethod
   def is_scheme_dependent(cls, module: str) -> bool:

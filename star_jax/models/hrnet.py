@@ -180,6 +180,7 @@ class HRNetW18(nn.Module):
 
   # The backbone contract (star_jax.models.base).
   architecture_defaults = {"width": 18}
+  onnx_graph = None  # no hand-written graph: the traced export formats only
 
   @classmethod
   def from_config(cls, model_config: Any, spec: Any, *, bn_axis_name: str | None = None

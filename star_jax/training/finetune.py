@@ -1,18 +1,23 @@
 """Starting a run from trained weights (`config.init_from`) and freezing parts of the network.
 
-- `resolve_model_config`: the architecture fields (`num_stacks`, `num_levels`, `channels`,
-  `use_aam`, the model name) come from the `init_from` checkpoint unless the config sets them;
-  a set value that differs from the checkpoint's is a one-line error naming the fields. Without
-  `init_from` unset fields take the official architecture (4 stacks, 4 levels, 256 channels,
-  AAM).
+Everything network-specific is asked of the network class (the backbone contract of
+`star_jax.models.base`), so any registered backbone fine-tunes and freezes the same way:
+
+- `resolve_model_config`: the architecture fields (the class's `architecture_defaults`, e.g.
+  the hourglass's `num_stacks`, `num_levels`, `channels`, `use_aam`, and the model name) come
+  from the `init_from` checkpoint unless the config sets them; a set value that differs from
+  the checkpoint's is a one-line error naming the fields. Without `init_from` unset fields take
+  the class's defaults.
 - `load_initial_variables`: every variable whose path and shape match the checkpoint's is
   loaded. When the run's landmark scheme differs from the checkpoint's (other points or edges),
-  the variables that depend on it (the heatmap, point-map and edge-map heads and the merge
-  convolutions that read them) keep their fresh initialisation even where shapes happen to
-  agree, since their channels would mean other points. A table of what was loaded and what was
-  re-initialised is logged.
-- `frozen_mask`: `config.freeze = "stem,stack0"` keeps those parameters fixed (their BatchNorm
-  statistics still follow the data, as in torch's train mode).
+  the top-level modules the class calls scheme-dependent (`is_scheme_dependent`: for the
+  hourglass the heatmap, point-map and edge-map heads and the merge convolutions that read
+  them) keep their fresh initialisation even where shapes happen to agree, since their
+  channels would mean other points. A table of what was loaded and what was re-initialised is
+  logged.
+- `frozen_mask`: `config.freeze = "stem,stack0"` keeps the parameters of those groups
+  (`freeze_groups` / `freeze_group` of the model) fixed; their BatchNorm statistics still
+  follow the data, as in torch's train mode.
 """
 
 from __future__ import annotations
@@ -29,17 +34,10 @@ import numpy as np
 
 from star_jax.training import checkpointing
 from star_jax.core import schemes as datasets
+from star_jax import models
 from star_jax.errors import UsageError
 
 PyTree = Any
-
-# Architecture fields a checkpoint decides unless the config sets them, with the defaults used
-# when neither does (the official StackedHGNetV1).
-ARCHITECTURE_DEFAULTS = {"num_stacks": 4, "num_levels": 4, "channels": 256, "use_aam": True}
-# Top-level modules whose weights depend on the landmark scheme (their index is the stack).
-SCHEME_MODULES = re.compile(r"^(heatmap_head|pointmap_head|edgemap_head|merge_heatmaps|"
-                            r"merge_pointmaps|merge_edgemaps)\d+$")
-_STACK_INDEX = re.compile(r"^[a-z_]*?(\d+)$")
 
 
 @functools.lru_cache(maxsize=2)
@@ -60,9 +58,18 @@ def resolve_model_config(config):
   """A copy of `config` whose architecture fields are all set (see the module docstring)."""
   config = config.copy_and_resolve_references()
   loaded = init_checkpoint(config) if config.init_from else None
+  name = str(config.model.get("name", None) or models.DEFAULT_MODEL)
+  if loaded is not None:
+    theirs = getattr(type(loaded.model), "registry_name", "")
+    if name != theirs:
+      raise UsageError(f"config.init_from={config.init_from}: the config's architecture differs "
+                       f"from the checkpoint's: model.name={name!r} (checkpoint: {theirs!r}); "
+                       "drop this override to take the checkpoint's")
+  cls = models.model_class(name)
   conflicts = []
   with config.unlocked():
-    for field, default in ARCHITECTURE_DEFAULTS.items():
+    config.model.name = name
+    for field, default in cls.architecture_defaults.items():
       value = config.model.get(field, None)
       if loaded is None:
         config.model[field] = default if value is None else value
@@ -72,10 +79,6 @@ def resolve_model_config(config):
         config.model[field] = theirs
       elif value != theirs:
         conflicts.append(f"model.{field}={value} (checkpoint: {theirs})")
-    if loaded is not None:
-      name = getattr(type(loaded.model), "registry_name", "")
-      if config.model.name != name:
-        conflicts.append(f"model.name={config.model.name!r} (checkpoint: {name!r})")
   if conflicts:
     raise UsageError(f"config.init_from={config.init_from}: the config's architecture differs "
                      f"from the checkpoint's: {', '.join(conflicts)}; drop these overrides to "
@@ -88,9 +91,12 @@ def _same_scheme(a: datasets.DatasetSpec, b: datasets.DatasetSpec) -> bool:
           and [tuple(e.points) for e in a.edges] == [tuple(e.points) for e in b.edges])
 
 
-def merge_variables(fresh: PyTree, trained: PyTree, *, reinit_scheme: bool
+def merge_variables(fresh: PyTree, trained: PyTree, *,
+                    reinitialise: Callable[[str], bool] | None = None
                     ) -> tuple[PyTree, dict[str, list[str]]]:
-  """`fresh` with every leaf of `trained` whose path and shape match put in.
+  """`fresh` with every leaf of `trained` whose path and shape match put in, except in the
+  top-level modules for which `reinitialise(module)` is true (another landmark scheme: the
+  model class's `is_scheme_dependent`), which keep their fresh values.
 
   Returns the merged variables and a report {'loaded', 'shape', 'scheme', 'missing'} of
   top-level module names (per collection).
@@ -104,7 +110,7 @@ def merge_variables(fresh: PyTree, trained: PyTree, *, reinit_scheme: bool
     for path, value in flat.items():
       module = path[0]
       other = theirs.get(path)
-      if reinit_scheme and SCHEME_MODULES.match(module):
+      if reinitialise is not None and reinitialise(module):
         reason = "scheme"
       elif other is None:
         reason = "missing"
@@ -138,9 +144,9 @@ def _compact(names: list[str]) -> str:
 def load_initial_variables(config, model, spec: datasets.DatasetSpec, fresh: PyTree) -> PyTree:
   """The run's initial variables: `fresh` overwritten by the matching checkpoint variables."""
   loaded = init_checkpoint(config)
-  reinit = not _same_scheme(loaded.spec, spec)
+  reinit = None if _same_scheme(loaded.spec, spec) else type(model).is_scheme_dependent
   merged, report = merge_variables(fresh, jax.tree.map(np.asarray, loaded.variables),
-                                   reinit_scheme=reinit)
+                                   reinitialise=reinit)
   if not report.get("loaded"):
     raise UsageError(f"config.init_from={config.init_from}: no variable of the checkpoint fits "
                      "this network")
@@ -159,26 +165,18 @@ def frozen_mask(config, model) -> Callable[[PyTree], PyTree] | None:
   text = str(config.get("freeze", "") or "").strip()
   if not text:
     return None
-  stem, stacks = False, set()
+  groups = tuple(model.freeze_groups())
+  chosen = set()
   for part in (p.strip() for p in text.split(",") if p.strip()):
-    if part == "stem":
-      stem = True
-    elif re.fullmatch(r"stack\d+", part) and int(part[5:]) < model.num_stacks:
-      stacks.add(int(part[5:]))
-    else:
-      raise UsageError(f"config.freeze: {part!r} is not 'stem' or 'stack<k>' with k < "
-                       f"{model.num_stacks}")
-
-  def frozen(module: str) -> bool:
-    if module.startswith("stem_"):
-      return stem
-    match = _STACK_INDEX.match(module)
-    return bool(match) and int(match.group(1)) in stacks
+    if part not in groups:
+      raise UsageError(f"config.freeze: {part!r} is not a part of {type(model).__name__}; "
+                       f"choose from {', '.join(groups)}")
+    chosen.add(part)
 
   def mask(params: Mapping[str, Any]) -> PyTree:
     out = {}
     for module, subtree in params.items():
-      flag = frozen(module)
+      flag = model.freeze_group(module) in chosen
       out[module] = jax.tree.map(lambda _, f=flag: f, subtree)
     return out
 

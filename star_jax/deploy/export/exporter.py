@@ -1,7 +1,10 @@
 """`export(...)`: one checkpoint -> one exported model file plus its sidecar JSON.
 
 Routes (chosen by measurement, see docs/export.md):
-  onnx        written node by node from the variables (`star_jax.deploy.export.onnx_graph`);
+  onnx        written node by node from the variables by the network's hand-written graph
+              (the class's `onnx_graph`, e.g. `star_jax.deploy.export.onnx_graph` for the
+              hourglass); a network without one (`onnx_graph = None`) is refused with a
+              UsageError: use one of the traced formats below, which take any network;
               int8: ONNX Runtime's quantiser (`star_jax.deploy.export.quantize`)
   tflite      jax2tf (native StableHLO) at a fixed batch -> TFLite converter
   savedmodel  jax2tf (native StableHLO), batch polymorphic
@@ -100,9 +103,14 @@ def check_options(fmt: str, *, dtype: str, quantize: str | None, batch: int | No
 
 
 def inference_model(model: Any, dtype: str = "float32") -> Any:
-  """The module to export: full-precision convolutions, no cross-device BatchNorm."""
+  """The module to export: full-precision convolutions, no cross-device BatchNorm (for the
+  fields the network has: a backbone need not have a dtype, precision or BatchNorm axis)."""
   import jax.numpy as jnp
-  return model.clone(dtype=jnp.dtype(dtype), precision="highest", bn_axis_name=None)
+  wanted = {"dtype": jnp.dtype(dtype), "precision": "highest", "bn_axis_name": None}
+  fields = {f.name for f in dataclasses.fields(model)}
+  if dtype != "float32" and "dtype" not in fields:
+    raise UsageError(f"--dtype {dtype}: {type(model).__name__} has no compute dtype to set")
+  return model.clone(**{k: v for k, v in wanted.items() if k in fields})
 
 
 def load_checkpoint(checkpoint: Any, weights: str = "default") -> Any:
@@ -114,6 +122,28 @@ def load_checkpoint(checkpoint: Any, weights: str = "default") -> Any:
   return checkpointing.load_model(checkpoint, weights=weights)
 
 
+def onnx_graph_module(loaded: Any) -> Any:
+  """The module that writes the ONNX graph of `loaded.model` (its class's `onnx_graph`, a
+  module path with `build_model`, `OPSET` and `IR_VERSION`), or UsageError when it has none."""
+  import importlib
+  cls = type(loaded.model)
+  name = getattr(cls, "onnx_graph", None)
+  if not name:
+    traced = ", ".join(f for f in contract.FORMATS if f != "onnx")
+    raise UsageError(f"{loaded.source}: --format onnx: model "
+                     f"{getattr(cls, 'registry_name', cls.__name__)!r} has no ONNX graph "
+                     f"writer; export it as {traced}")
+  return importlib.import_module(name)
+
+
+def _architecture_record(model: Any) -> dict:
+  """`{"architecture": registry name, <architecture field>: value, ...}` (the model class's own
+  `architecture_defaults` fields)."""
+  from star_jax import models
+  summary = models.architecture(model)
+  return {"architecture": summary.pop("name"), **summary}
+
+
 def _sidecar_record(loaded: Any, fmt: str, out: str, *, batch: int | None, dtype: str,
                     quantize: str | None, heatmaps: bool, details: dict) -> dict:
   model = loaded.model
@@ -121,7 +151,7 @@ def _sidecar_record(loaded: Any, fmt: str, out: str, *, batch: int | None, dtype
   spec = loaded.spec
   source = loaded.source
   sha = checkpoint_sha256(_checkpoint_root(source)) if source and os.path.exists(source) else None
-  from star_jax.models.hourglass import count_parameters
+  from star_jax import models
   outputs = [{"name": contract.LANDMARKS_NAME, "shape": [batch, model.num_points, 2],
               "dtype": "float32", "units": "crop pixels, (x, y)",
               "convention": f"p = ((l + 1) * {size} - 1) / 2 for the final stack's soft-argmax "
@@ -150,10 +180,8 @@ def _sidecar_record(loaded: Any, fmt: str, out: str, *, batch: int | None, dtype
       "scheme": spec.to_dict(),
       "edges": [{"name": e.name, "closed": e.closed, "points": list(e.points)}
                 for e in spec.edges],
-      "model": {"architecture": "StackedHourglass", "num_stacks": model.num_stacks,
-                "num_levels": model.num_levels, "channels": model.channels,
-                "use_aam": model.use_aam,
-                "parameters": count_parameters(loaded.variables["params"])},
+      "model": {**_architecture_record(model),
+                "parameters": models.count_parameters(loaded.variables["params"])},
       "input": {"name": contract.INPUT_NAME, "shape": [batch, size, size, 3], "dtype": "float32",
                 "layout": "NHWC", "channels": "RGB", "range": [0, 255],
                 "normalization": "x / 255 * 2 - 1, inside the model"},
@@ -240,7 +268,7 @@ def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
     batch = None
 
   if fmt == "onnx":
-    from star_jax.deploy.export import onnx_graph
+    onnx_graph = onnx_graph_module(loaded)
     proto = onnx_graph.build_model(inference_model(loaded.model), loaded.variables, size,
                                    with_heatmaps=heatmaps, weight_dtype=dtype, batch=batch,
                                    doc="star-jax landmark model; contract in the sidecar JSON")
