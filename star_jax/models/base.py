@@ -13,9 +13,9 @@ returning `ModelOutput`, it answers (class attributes and methods; see `Backbone
   top-level module belongs to.
 - `min_image_size`: the smallest square input it accepts (sizes must be multiples of it).
 - `onnx_graph`: the module path of a hand-written ONNX graph writer (`build_model`, `OPSET`,
-  `IR_VERSION`, as `star_jax.deploy.export.onnx_graph` for the hourglass), or None: ONNX export is then
-  refused with a UsageError, while the traced formats (TFLite, SavedModel, StableHLO) take any
-  backbone.
+  `IR_VERSION`, as `star_jax.deploy.export.onnx_graph` for the hourglass), or None: ONNX
+  export is then refused with a UsageError, while the traced formats (TFLite, SavedModel,
+  StableHLO) take any backbone.
 
 The helpers below work on any backbone: parameter counts, shapes without allocation, and fresh
 variables drawn on the host with torch's default initialisation.
