@@ -3,9 +3,9 @@
 Routes (chosen by measurement, see docs/export.md):
   onnx        written node by node from the variables by the network's hand-written graph
               (the class's `onnx_graph`, e.g. `star_jax.deploy.export.onnx_graph` for the
-              hourglass); a network without one (`onnx_graph = None`) is refused with a
-              UsageError: use one of the traced formats below, which take any network;
-              int8: ONNX Runtime's quantiser (`star_jax.deploy.export.quantize`)
+              hourglass); a network without one (`onnx_graph = None`) is traced from its
+              JAX program (`star_jax.deploy.export.onnx_traced`, at a fixed batch, 1 unless
+              given); int8: ONNX Runtime's quantiser (`star_jax.deploy.export.quantize`)
   tflite      jax2tf (native StableHLO) at a fixed batch -> TFLite converter
   savedmodel  jax2tf (native StableHLO), batch polymorphic
   stablehlo   jax.export, batch polymorphic
@@ -123,16 +123,11 @@ def load_checkpoint(checkpoint: Any, weights: str = "default") -> Any:
 
 
 def onnx_graph_module(loaded: Any) -> Any:
-  """The module that writes the ONNX graph of `loaded.model` (its class's `onnx_graph`, a
-  module path with `build_model`, `OPSET` and `IR_VERSION`), or UsageError when it has none."""
+  """The module that writes the ONNX graph of `loaded.model`: its class's hand-written writer
+  (`onnx_graph`, a module path with `build_model`, `OPSET` and `IR_VERSION`), or, for a network
+  without one, the traced route (`star_jax.deploy.export.onnx_traced`, fixed batch)."""
   import importlib
-  cls = type(loaded.model)
-  name = getattr(cls, "onnx_graph", None)
-  if not name:
-    traced = ", ".join(f for f in contract.FORMATS if f != "onnx")
-    raise UsageError(f"{loaded.source}: --format onnx: model "
-                     f"{getattr(cls, 'registry_name', cls.__name__)!r} has no ONNX graph "
-                     f"writer; export it as {traced}")
+  name = getattr(type(loaded.model), "onnx_graph", None) or "star_jax.deploy.export.onnx_traced"
   return importlib.import_module(name)
 
 
@@ -269,6 +264,8 @@ def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
 
   if fmt == "onnx":
     onnx_graph = onnx_graph_module(loaded)
+    if onnx_graph.__name__.endswith("onnx_traced") and batch is None:
+      batch = 1  # a traced program has fixed shapes
     proto = onnx_graph.build_model(inference_model(loaded.model), loaded.variables, size,
                                    with_heatmaps=heatmaps, weight_dtype=dtype, batch=batch,
                                    doc="star-jax landmark model; contract in the sidecar JSON")

@@ -1,0 +1,103 @@
+"""The traced ONNX route (star_jax.deploy.export.onnx_traced): any JAX program of the export
+contract becomes an ONNX graph equal to it, and what it cannot translate is one line."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from star_jax import models
+from star_jax.core import schemes
+from star_jax.deploy.export import jax_formats, onnx_graph, onnx_traced
+from star_jax.errors import UsageError
+from star_jax.models import hrnet
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _run(proto, images):
+  session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+  return session.run(None, {"image": images})
+
+
+def _crops(batch, size, seed=0):
+  return np.random.default_rng(seed).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+
+
+def test_hourglass_traced_equals_jax_and_the_hand_written_graph():
+  spec = schemes.get_spec("wflw")
+  model = models.StackedHourglass(num_stacks=2, num_levels=1, channels=8,
+                                  num_points=spec.num_points,
+                                  edge_points=tuple(e.points for e in spec.edges))
+  variables = models.init_variables(model, 3, 32)
+  images = _crops(2, 32)
+  traced = _run(onnx_traced.build_model(model, variables, 32, with_heatmaps=True, batch=2),
+                images)
+  written = _run(onnx_graph.build_model(model, variables, 32, with_heatmaps=True, batch=2),
+                 images)
+  reference = jax_formats.contract_function(model, variables, 32, with_heatmaps=True)(images)
+  for got, other, want in zip(traced, written, reference):
+    scale = float(np.abs(np.asarray(want)).max())
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-4 * scale)
+    np.testing.assert_allclose(got, other, atol=1e-4 * scale)
+
+
+def test_hrnet_traced_equals_jax_with_both_decodes():
+  for decode in ("official", "soft_argmax"):
+    model = hrnet.HRNetW18(num_points=19, decode=decode)
+    variables = models.init_variables(model, 0, 64)
+    images = _crops(2, 64, seed=1)
+    got = _run(onnx_traced.build_model(model, variables, 64, with_heatmaps=True, batch=2),
+               images)
+    want = jax_formats.contract_function(model, variables, 64, with_heatmaps=True)(images)
+    # The official decode moves by whole quarter pixels: equal, not merely close.
+    np.testing.assert_allclose(got[0], np.asarray(want[0]), atol=1e-3)
+    np.testing.assert_allclose(got[1], np.asarray(want[1]),
+                               atol=1e-5 * float(np.abs(np.asarray(want[1])).max()))
+
+
+def test_float16_weights_halve_the_file_and_stay_close():
+  model = hrnet.HRNetW18(num_points=19)
+  variables = models.init_variables(model, 0, 64)
+  full = onnx_traced.build_model(model, variables, 64, batch=1)
+  half = onnx_traced.build_model(model, variables, 64, batch=1, weight_dtype="float16")
+  assert len(half.SerializeToString()) < 0.6 * len(full.SerializeToString())
+  images = _crops(1, 64, seed=2)
+  np.testing.assert_allclose(_run(half, images)[0], _run(full, images)[0], atol=0.5)
+
+
+def test_small_programs_by_primitive():
+  """Each translated primitive against jax on random input (a stand-in network per group)."""
+  rng = np.random.default_rng(4)
+  w = rng.normal(size=(3, 5)).astype(np.float32)
+
+  def fn(image):
+    x = image / 255.0
+    pooled = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    flat = pooled.reshape(pooled.shape[0], -1, 3)
+    mixed = jnp.einsum("bpc,cd->bpd", flat, w)
+    soft = jax.nn.softmax(mixed, axis=1)
+    parts = jnp.split(soft, [2], axis=-1)
+    clipped = jnp.clip(parts[1] - 0.1, 0.0, 0.5) ** 3
+    stacked = jnp.stack([jnp.sqrt(clipped + 1e-3), jnp.where(clipped > 0.01, 1.0, -1.0)], -1)
+    padded = jnp.pad(stacked[:, :4], ((0, 0), (1, 2), (0, 0), (0, 0)))
+    return (jnp.concatenate([padded.reshape(padded.shape[0], -1), jnp.tanh(parts[0][:, :3, 0])],
+                            axis=1),)
+
+  images = _crops(2, 8, seed=5)
+  want = np.asarray(fn(images)[0])
+  proto = onnx_traced.build_from_function(fn, 8, ["landmarks"], [want.shape], batch=2,
+                                          weight_dtype="float32")
+  np.testing.assert_allclose(_run(proto, images)[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_untranslatable_primitive_is_one_line():
+  def fn(image):
+    return (jnp.sort(image.reshape(image.shape[0], -1), axis=-1)[:, :2].reshape(-1, 1, 2),)
+
+  with pytest.raises(UsageError, match="'sort' has no ONNX translation") as info:
+    onnx_traced.build_from_function(fn, 4, ["landmarks"], [(1, 1, 2)], batch=1,
+                                    weight_dtype="float32")
+  assert "\n" not in str(info.value)
