@@ -27,14 +27,12 @@ import jax.numpy as jnp
 from star_jax.core import schemes as datasets
 from star_jax.errors import CheckpointError
 from star_jax.foreign import hrnet_layout
-# Re-exported: the names callers of this module use.
-from star_jax.foreign.star_layout import (Architecture, convert_state_dict,  # noqa: F401
-                                          infer_architecture, model_from_architecture,
-                                          _spec_or_none)
-from star_jax.foreign.torch_files import (LazyTensor, read_torch_checkpoint,  # noqa: F401
-                                          _a_type, _short)
+from star_jax.foreign.star_layout import (Architecture, _spec_or_none, convert_state_dict,
+                                          infer_architecture, model_from_architecture)
+from star_jax.foreign.torch_files import LazyTensor, _a_type, _short, read_torch_checkpoint
 from star_jax.models.hourglass import StackedHourglass
 
+# With the names callers take from here that the other modules define.
 __all__ = ["Architecture", "CheckpointError", "LazyTensor", "infer_architecture",
            "load_official", "load_official_checkpoint", "read_official",
            "read_torch_checkpoint", "scheme_of_architecture", "select_state_dict"]
