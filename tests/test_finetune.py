@@ -153,7 +153,8 @@ def test_custom_scheme_from_scratch_and_by_finetuning_a_98_point_run(data, tmp_p
 def test_scheme_file_errors_name_the_file(tmp_path):
   path = tmp_path / "bad.json"
   path.write_text('{"name": "x", "num_points": 4, "edges": [{"points": [0, 9]}]}')
-  with pytest.raises(UsageError, match=r"bad.json: edges\[0\] point 9 is out of range"):
+  with pytest.raises(UsageError,
+                     match=r"bad.json: edges\[0\] point must be an integer from 0 to 3, got 9"):
     datasets.get_spec(str(path))
   path.write_text('{"name": "x", "num_points": 4, "edges": [], "flip_pairs": [[0, 1], [1, 2]]}')
   with pytest.raises(UsageError, match="each point may appear in one pair only"):

@@ -37,11 +37,11 @@ def test_a_valid_scheme_loads():
 @pytest.mark.parametrize("changes, fragment", [
     ({"flip_pairs": [[2, 2]]}, "flip_pairs[0] = [2, 2]"),
     ({"flip_pairs": [[0, 4], [1, 1]]}, "flip_pairs[1] = [1, 1]"),
-    ({"flip_pairs": [[0, 5]]}, "flip_pairs[0] index 5 is out of range [0, 5)"),
+    ({"flip_pairs": [[0, 5]]}, "flip_pairs[0] index must be an integer from 0 to 4, got 5"),
     ({"edges": [{"name": "e", "closed": False, "points": [0, 5]}]},
-     "edges[0] point 5 is out of range [0, 5)"),
-    ({"ocular": [0, 5]}, "ocular index 5 is out of range [0, 5)"),
-    ({"pupil": [[0, 1], [2, 5]]}, "pupil index 5 is out of range [0, 5)"),
+     "edges[0] point must be an integer from 0 to 4, got 5"),
+    ({"ocular": [0, 5]}, "ocular index must be an integer from 0 to 4, got 5"),
+    ({"pupil": [[0, 1], [2, 5]]}, "pupil index must be an integer from 0 to 4, got 5"),
 ])
 def test_scheme_with_a_self_pair_or_an_index_equal_to_num_points_is_refused(tmp_path, changes,
                                                                              fragment):

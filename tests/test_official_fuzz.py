@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from star_jax.foreign import official
+from star_jax.foreign import official, torch_files
 from star_jax.errors import CheckpointError
 
 if __name__ == "__main__":  # run as a script by the byte-flip test: the repository on the path
@@ -545,7 +545,7 @@ def test_scanner_accepts_ordinary_pickles(protocol):
            "text": "caf\u00e9\n", "raw": b"\x00\xff" * 200, "bytes": bytearray(b"ab"),
            "nested": collections.OrderedDict([("s", shared), ("t", (shared, shared))]),
            "milestones": collections.Counter({200: 1}), "deep": [[[[[0]]]]]}
-  official._scan_pickle(pickle.dumps(value, protocol=protocol))
+  torch_files._scan_pickle(pickle.dumps(value, protocol=protocol))
 
 
 def test_too_many_unknown_globals(fixture_zip, tmp_path):

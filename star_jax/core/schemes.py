@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from star_jax.core import records
 from star_jax.errors import DataError, UsageError
 
 # A normalisation end point is one landmark index or several whose mean is used.
@@ -220,11 +221,9 @@ def _fail(where: str, what: str) -> None:
 
 
 def _int(value: Any, where: str, what: str, low: int = 0, high: int | None = None) -> int:
-  if isinstance(value, bool) or not isinstance(value, int):
-    _fail(where, f"{what} must be an integer, got {value!r}")
-  if value < low or (high is not None and value >= high):
-    _fail(where, f"{what} {value} is out of range [{low}, {high})")
-  return value
+  """An integer in [low, high) (`high` None: no upper bound)."""
+  rule = records.Rule("int", low=low, high=None if high is None else high - 1)
+  return records.check_value(value, rule, where, what)
 
 
 def _norm_pair(value: Any, n: int, where: str, what: str) -> tuple[NormIndex, NormIndex] | None:
@@ -243,6 +242,24 @@ def _norm_pair(value: Any, n: int, where: str, what: str) -> tuple[NormIndex, No
   return out[0], out[1]
 
 
+# The fields of a scheme file: `DatasetSpec`'s, with their types and bounds (nested entries,
+# indices bounded by num_points, are checked by `scheme_from_dict`).
+_SCHEME_RULES = records.rules_from_dataclass(DatasetSpec, {
+    "name": records.Rule("str", required=True, low=1),
+    "num_points": records.Rule("int", required=True, low=1, high=99_999),
+    "edges": records.Rule("list", required=True, nullable=True),
+    "flip_pairs": records.Rule("list", default=(), nullable=True),
+    "ocular": records.Rule("list", nullable=True),
+    "pupil": records.Rule("list", nullable=True),
+    "default_norm": records.Rule("str", nullable=True),
+    "failure_threshold": records.Rule("float", default=0.1, low=0, high=1, low_open=True),
+    "attribute_tags": records.Rule("list", default=(), nullable=True),
+    "path_subsets": records.Rule("object", default={}, nullable=True),
+    "flip_offset": records.Rule("int", default=-1, low=-1, high=0),
+    "point_names": records.Rule("list", default=(), nullable=True),
+})
+
+
 def scheme_from_dict(data: Mapping[str, Any], where: str = "scheme", *,
                      for_training: bool = True) -> DatasetSpec:
   """A `DatasetSpec` from plain data (a scheme file, or `to_dict` output), validated.
@@ -252,19 +269,11 @@ def scheme_from_dict(data: Mapping[str, Any], where: str = "scheme", *,
   """
   if not isinstance(data, Mapping):
     _fail(where, "a scheme must be a JSON object")
-  known = {f.name for f in dataclasses.fields(DatasetSpec)}
-  unknown = sorted(set(data) - known)
-  if unknown:
-    _fail(where, f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-  for key in ("name", "num_points", "edges"):
-    if key not in data:
-      _fail(where, f"missing field {key!r}")
+  data = records.check_record(data, _SCHEME_RULES, where)
   name = data["name"]
-  if not isinstance(name, str) or not name:
-    _fail(where, "name must be a non-empty string")
-  n = _int(data["num_points"], where, "num_points", 1, 100_000)
+  n = data["num_points"]
   edges = []
-  for k, edge in enumerate(data["edges"] or []):
+  for k, edge in enumerate(data["edges"] or ()):
     if isinstance(edge, Mapping):
       edge_name, closed, points = edge.get("name", f"edge{k}"), edge.get("closed", False), \
           edge.get("points")
@@ -278,7 +287,7 @@ def scheme_from_dict(data: Mapping[str, Any], where: str = "scheme", *,
                       tuple(_int(p, where, f"edges[{k}] point", 0, n) for p in points)))
   pairs = []
   seen: set[int] = set()
-  for k, pair in enumerate(data.get("flip_pairs", []) or []):
+  for k, pair in enumerate(data["flip_pairs"] or ()):
     if not isinstance(pair, (list, tuple)) or len(pair) != 2:
       _fail(where, f"flip_pairs[{k}] must be [a, b]")
     a, b = (_int(i, where, f"flip_pairs[{k}] index", 0, n) for i in pair)
@@ -286,25 +295,20 @@ def scheme_from_dict(data: Mapping[str, Any], where: str = "scheme", *,
       _fail(where, f"flip_pairs[{k}] = [{a}, {b}]: each point may appear in one pair only")
     seen |= {a, b}
     pairs.append((a, b))
-  ocular = _norm_pair(data.get("ocular"), n, where, "ocular")
-  pupil = _norm_pair(data.get("pupil"), n, where, "pupil")
-  default_norm = data.get("default_norm", "ocular" if ocular else "diagonal")
-  threshold = data.get("failure_threshold", 0.1)
-  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
-      0 < threshold <= 1):
-    _fail(where, f"failure_threshold must be a number in (0, 1], got {threshold!r}")
-  subsets = data.get("path_subsets", {}) or {}
-  if not isinstance(subsets, Mapping):
-    _fail(where, "path_subsets must map subset names to lists of path substrings")
-  names = tuple(str(x) for x in data.get("point_names", []) or [])
+  ocular = _norm_pair(data["ocular"], n, where, "ocular")
+  pupil = _norm_pair(data["pupil"], n, where, "pupil")
+  default_norm = data["default_norm"] or ("ocular" if ocular else "diagonal")
+  threshold = data["failure_threshold"]
+  subsets = data["path_subsets"] or {}
+  names = tuple(str(x) for x in data["point_names"] or ())
   if names and len(names) != n:
     _fail(where, f"point_names has {len(names)} names for {n} points")
   spec = DatasetSpec(
       name=name, num_points=n, edges=tuple(edges), flip_pairs=tuple(pairs), ocular=ocular,
       pupil=pupil, default_norm=str(default_norm), failure_threshold=float(threshold),
-      attribute_tags=tuple(str(t) for t in data.get("attribute_tags", []) or []),
+      attribute_tags=tuple(str(t) for t in data["attribute_tags"] or ()),
       path_subsets=tuple((str(k), tuple(str(v).lower() for v in vs)) for k, vs in subsets.items()),
-      flip_offset=_int(data.get("flip_offset", -1), where, "flip_offset", -1, 1),
+      flip_offset=data["flip_offset"],
       point_names=names)
   try:
     spec.resolve_norm("default")

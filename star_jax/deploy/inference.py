@@ -211,9 +211,16 @@ class Predictor:
     images = [as_rgb_image(image, color=color) for image in images]
     plans = [self.plan(image, None if boxes is None else boxes[i], box_rule=box_rule)
              for i, image in enumerate(images)]
-    return self._run_plans(images, plans)
+    return self.predict_plans(images, plans)
 
-  def _run_plans(self, images: Sequence[np.ndarray], plans) -> list[list[Face]]:
+  def predict_plans(self, images: Sequence[np.ndarray], plans: Sequence[tuple]
+                    ) -> list[list[Face]]:
+    """Faces of several RGB images whose crops are planned (`plan`), run as one batch.
+
+    `plans[i]` is `plan(images[i], ...)`: the faces' boxes, their source and crops. The crops
+    of all the images go through the network together; a face-less image gets `[]`. Callers
+    that find faces ahead of the network (in threads, as `predict_files` does) batch here.
+    """
     pictures, matrices = [], []
     for image, (_, _, crops) in zip(images, plans):
       p, m = self.crops_at(image, crops)

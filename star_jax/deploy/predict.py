@@ -47,7 +47,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -159,81 +159,29 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
   (pre-cropped faces, which detectors tend to miss).
   """
   os.makedirs(out_dir, exist_ok=True)
-  stems = list(stems) if stems is not None else _output_stems(paths)
+  paths = list(paths)
+  outputs = _FileOutputs(predictor, paths, list(stems) if stems is not None
+                         else _output_stems(paths), out_dir, num_points, write_png,
+                         detected=boxes is None and not whole_image)
   group = max(1, images_per_batch or predictor.batch_size)
   workers = max(1, int(workers))
-
-  def prepare(i: int) -> _Prepared:
-    try:
-      image = load_image(paths[i])
-    except ImageError as e:
-      return _Prepared(i, error=str(e))
-    if whole_image:
-      # Pixel-centre extent (0 .. W-1), the convention of landmark boxes.
-      given = [Box(0, 0, image.shape[1] - 1, image.shape[0] - 1)]
-    else:
-      given = boxes
-    return _Prepared(i, image, predictor.plan(image, given, box_rule=box_rule))
-
+  prepare = lambda i: _prepare(predictor, i, paths[i], boxes, whole_image, box_rule)
+  bar = _progress_bar(len(paths)) if progress and len(paths) > 1 else None
   reports: list[FileReport] = []
-  bar = None
-  if progress and len(paths) > 1:
-    from tqdm import tqdm
-    bar = tqdm(total=len(paths), desc="predict", unit="image", file=sys.stderr)
-
-  def write(i: int, image: np.ndarray, faces: list[Face]) -> FileReport:
-    report = FileReport(paths[i], "ok" if faces else "no_face", num_faces=len(faces))
-    record = {"image": os.path.abspath(paths[i]), "width": int(image.shape[1]),
-              "height": int(image.shape[0]),
-              "num_points": num_points or predictor.num_points,
-              "detector": predictor.detector_name if boxes is None and not whole_image
-                          else None,
-              "faces": [f.to_json(num_points, predictor.spec) for f in faces]}
-    report.json_path = os.path.join(out_dir, stems[i] + ".json")
-    with open(report.json_path, "w") as f:
-      f.write(_format_json(record, report.json_path))
-    if faces and write_png:
-      drawn = [np.asarray(face["landmarks"]) for face in record["faces"]]
-      canvas = plots.draw_landmarks(image, drawn, [f.box.as_list() for f in faces],
-                                    landmark_mappings.output_spec(predictor.spec, num_points).edges)
-      report.png_path = plots.save_png(os.path.join(out_dir, stems[i] + ".png"), canvas)
-    elif not faces:
-      report.message = f"{paths[i]}: no face found"
-    return report
-
   with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
        concurrent.futures.ThreadPoolExecutor(1) as writer:
-    lookahead = collections.deque()
-    next_index = 0
-    pending: list[_Prepared] = []
     written: list[concurrent.futures.Future] = []
-
-    def flush() -> None:
-      if not pending:
-        return
-      faces = predictor._run_plans([p.image for p in pending], [p.plan for p in pending])
-      for prepared, image_faces in zip(pending, faces):
-        written.append(writer.submit(write, prepared.index, prepared.image, image_faces))
+    prepared = _prepared_in_order(pool, prepare, len(paths), ahead=2 * max(group, workers))
+    for batch in _batches(prepared, group, predictor.batch_size):
+      if batch[0].error:
+        log(f"skipped {batch[0].error}")
+        reports.append(FileReport(paths[batch[0].index], "error", batch[0].error))
+      else:
+        faces = predictor.predict_plans([p.image for p in batch], [p.plan for p in batch])
+        written += [writer.submit(outputs.write, p.index, p.image, image_faces)
+                    for p, image_faces in zip(batch, faces)]
       if bar is not None:
-        bar.update(len(pending))
-      pending.clear()
-
-    while next_index < len(paths) or lookahead:
-      while next_index < len(paths) and len(lookahead) < 2 * max(group, workers):
-        lookahead.append(pool.submit(prepare, next_index))
-        next_index += 1
-      prepared = lookahead.popleft().result()
-      if prepared.error:
-        if bar is not None:
-          bar.update(1)
-        log(f"skipped {prepared.error}")
-        reports.append(FileReport(paths[prepared.index], "error", prepared.error))
-        continue
-      pending.append(prepared)
-      if (len(pending) >= group
-          or sum(len(p.plan[2]) for p in pending) >= predictor.batch_size):
-        flush()
-    flush()
+        bar.update(len(batch))
     for future in written:
       report = future.result()
       if report.message:
@@ -244,3 +192,84 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
   order = {p: k for k, p in enumerate(paths)}
   reports.sort(key=lambda r: order.get(r.path, 0))
   return reports
+
+
+def _prepare(predictor: Predictor, index: int, path: str, boxes: Sequence[Box] | None,
+             whole_image: bool, box_rule: str | None) -> _Prepared:
+  """One image decoded and its faces' crops planned (or the reason it cannot be read)."""
+  try:
+    image = load_image(path)
+  except ImageError as e:
+    return _Prepared(index, error=str(e))
+  if whole_image:
+    # Pixel-centre extent (0 .. W-1), the convention of landmark boxes.
+    boxes = [Box(0, 0, image.shape[1] - 1, image.shape[0] - 1)]
+  return _Prepared(index, image, predictor.plan(image, boxes, box_rule=box_rule))
+
+
+def _prepared_in_order(pool: concurrent.futures.Executor, prepare: Callable[[int], _Prepared],
+                       count: int, ahead: int) -> Iterator[_Prepared]:
+  """`prepare(0)`, ..., `prepare(count - 1)` in order, computed in `pool` at most `ahead`
+  images ahead of the one taken (which bounds the decoded images held in memory)."""
+  lookahead: collections.deque = collections.deque()
+  next_index = 0
+  while next_index < count or lookahead:
+    while next_index < count and len(lookahead) < ahead:
+      lookahead.append(pool.submit(prepare, next_index))
+      next_index += 1
+    yield lookahead.popleft().result()
+
+
+def _batches(prepared: Iterable[_Prepared], images: int, faces: int
+             ) -> Iterator[list[_Prepared]]:
+  """Consecutive readable images in batches of at most `images` images, a batch closed as soon
+  as it holds `faces` faces; an unreadable image comes alone, as it is met."""
+  pending: list[_Prepared] = []
+  for item in prepared:
+    if item.error:
+      yield [item]
+      continue
+    pending.append(item)
+    if len(pending) >= images or sum(len(p.plan[2]) for p in pending) >= faces:
+      yield pending
+      pending = []
+  if pending:
+    yield pending
+
+
+def _progress_bar(total: int):
+  from tqdm import tqdm
+  return tqdm(total=total, desc="predict", unit="image", file=sys.stderr)
+
+
+@dataclasses.dataclass
+class _FileOutputs:
+  """Writes one image's `<stem>.json` (and `<stem>.png` with its faces drawn)."""
+
+  predictor: Predictor
+  paths: list[str]
+  stems: list[str]
+  out_dir: str
+  num_points: int | None
+  write_png: bool
+  detected: bool  # the faces come from the predictor's detector (recorded in the JSON)
+
+  def write(self, i: int, image: np.ndarray, faces: list[Face]) -> FileReport:
+    predictor, path, stem = self.predictor, self.paths[i], self.stems[i]
+    report = FileReport(path, "ok" if faces else "no_face", num_faces=len(faces))
+    record = {"image": os.path.abspath(path), "width": int(image.shape[1]),
+              "height": int(image.shape[0]),
+              "num_points": self.num_points or predictor.num_points,
+              "detector": predictor.detector_name if self.detected else None,
+              "faces": [f.to_json(self.num_points, predictor.spec) for f in faces]}
+    report.json_path = os.path.join(self.out_dir, stem + ".json")
+    with open(report.json_path, "w") as f:
+      f.write(_format_json(record, report.json_path))
+    if faces and self.write_png:
+      drawn = [np.asarray(face["landmarks"]) for face in record["faces"]]
+      edges = landmark_mappings.output_spec(predictor.spec, self.num_points).edges
+      canvas = plots.draw_landmarks(image, drawn, [f.box.as_list() for f in faces], edges)
+      report.png_path = plots.save_png(os.path.join(self.out_dir, stem + ".png"), canvas)
+    elif not faces:
+      report.message = f"{path}: no face found"
+    return report

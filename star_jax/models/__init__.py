@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from star_jax.core import records
 from star_jax.errors import CheckpointError, UsageError
 from star_jax.models import registry
 from star_jax.models.hourglass import (ModelOutput, StackedHourglass, count_parameters,
@@ -154,37 +155,39 @@ def _int_tuple(value: Any, depth: int) -> tuple | None:
   return None if any(i is None for i in items) else tuple(items)
 
 
-def _field_value(cls: type, field: dataclasses.Field, value: Any, where: str) -> Any:
-  """`value` checked against (and converted to) the type of the field's default."""
+@functools.lru_cache(maxsize=None)
+def _field_rules(cls: type) -> dict[str, records.Rule]:
+  """The rule of each described field of `cls`: the type of its default, sizes bounded by
+  `SIZE_LIMITS` (other integers by `_INT_LIMIT`), the dtype one of `DTYPES`."""
+  rules = records.rules_from_dataclass(cls, {"dtype": records.Rule("str", choices=DTYPES)},
+                                       skip=_NOT_DESCRIBED)
+  for name, rule in rules.items():
+    if rule.kind == "int":
+      low, high = SIZE_LIMITS.get(name, (0, _INT_LIMIT - 1))
+      rules[name] = records.Rule("int", low=low, high=high)
+    elif rule.required:  # the description may leave any field at its default
+      rules[name] = dataclasses.replace(rule, required=False)
+  return rules
+
+
+def _field_value(cls: type, name: str, value: Any, where: str) -> Any:
+  """A checked field's value converted to what the network takes (dtypes, nested tuples)."""
   bad = lambda want: CheckpointError(
-      f"{where}: field {field.name!r} of model {cls.registry_name!r} must be {want}, got "
+      f"{where}: field {name!r} of model {cls.registry_name!r} must be {want}, got "
       f"{value!r}"[:300])
-  default = field.default
-  if field.name == "dtype":
-    if value not in DTYPES:
-      raise bad(f"one of {', '.join(DTYPES)}")
+  kind = _field_rules(cls)[name].kind
+  if name == "dtype":
     return jnp.dtype(value)
-  if isinstance(default, bool):
-    if not isinstance(value, bool):
-      raise bad("true or false")
-    return value
-  if isinstance(default, int):
-    low, high = SIZE_LIMITS.get(field.name, (0, _INT_LIMIT - 1))
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-      raise bad(f"an integer from {low} to {high}")
-    return value
-  if isinstance(default, tuple):
-    depth = 2 if field.name.endswith("points") else 1
+  if kind == "list":
+    depth = 2 if name.endswith("points") else 1
     converted = _int_tuple(value, depth)
     if converted is None or len(converted) > _INT_LIMIT or (depth == 2 and any(
         len(v) > _INT_LIMIT for v in converted)):
       raise bad("a list of lists of integers" if depth == 2 else "a list of integers")
     return converted
-  if default is None or isinstance(default, str):
-    if value is not None and not isinstance(value, str):
-      raise bad("a string or null")
-    return value
-  raise bad("a value of a type descriptions do not carry")
+  if kind in ("any", "float"):
+    raise bad("a value of a type descriptions do not carry")
+  return value
 
 
 def from_description(description: Mapping[str, Any], where: str = "model description"):
@@ -204,15 +207,12 @@ def from_description(description: Mapping[str, Any], where: str = "model descrip
   fields = description.get("fields", {})
   if not isinstance(fields, Mapping):
     raise CheckpointError(f"{where}: 'fields' must be a JSON object")
-  known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_DESCRIBED}
   # Descriptions written before the registry carried `bn_axis_name: null`; the loader, not the
   # file, decides BatchNorm synchronisation.
   fields = {k: v for k, v in fields.items() if not (k in _NOT_DESCRIBED and v is None)}
-  unknown = sorted(set(fields) - set(known))
-  if unknown:
-    raise CheckpointError(f"{where}: unknown field(s) {', '.join(map(str, unknown))[:200]} for "
-                          f"model {name!r}")
-  kwargs = {key: _field_value(cls, known[key], value, where) for key, value in fields.items()}
+  checked = records.check_record(fields, _field_rules(cls), where, error=CheckpointError,
+                                 label=f"field {{!r}} of model {cls.registry_name!r}".format)
+  kwargs = {key: _field_value(cls, key, checked[key], where) for key in fields}
   num_points = kwargs.get("num_points", getattr(cls, "num_points", None))
   for edge in kwargs.get("edge_points", ()) if isinstance(num_points, int) else ():
     outside = [p for p in edge if not 0 <= p < num_points]

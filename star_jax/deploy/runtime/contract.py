@@ -27,6 +27,7 @@ import json
 import os
 from typing import Any
 
+from star_jax.core import records
 from star_jax.errors import CheckpointError
 from star_jax.registry import Registry
 
@@ -96,21 +97,43 @@ def read_sidecar(model_path: str) -> ModelInfo:
                           "beside it by `python -m star_jax.export`") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-  try:
-    version = int(record["sidecar_version"])
-    if version > SIDECAR_VERSION:
-      raise CheckpointError(f"{path}: sidecar_version {version} is newer than this star-jax "
-                            f"understands ({SIDECAR_VERSION}); upgrade star-jax")
-    shape = record["input"]["shape"]
-    return ModelInfo(format=str(record["format"]), num_points=int(record["num_points"]),
-                     dataset=str(record["dataset"]), input_size=int(shape[1]),
-                     batch=None if shape[0] is None else int(shape[0]),
-                     outputs=tuple(str(o["name"]) for o in record["outputs"]), record=record)
-  except (KeyError, TypeError, ValueError, IndexError) as e:
-    if isinstance(e, CheckpointError):
-      raise
-    raise CheckpointError(f"{path}: not a star-jax export sidecar (missing or malformed "
-                          f"field: {e})") from None
+  fields = records.check_record(record, _SIDECAR_RULES, path, error=_sidecar_error, extra=True)
+  version = fields["sidecar_version"]
+  if version > SIDECAR_VERSION:
+    raise CheckpointError(f"{path}: sidecar_version {version} is newer than this star-jax "
+                          f"understands ({SIDECAR_VERSION}); upgrade star-jax")
+  shape = records.check_record(fields["input"], _INPUT_RULES, path, error=_sidecar_error,
+                               label="input.{}".format, extra=True)["shape"]
+  for k, dim in enumerate(shape):
+    records.check_value(dim, _BATCH_RULE if k == 0 else _DIM_RULE, path, f"input.shape[{k}]",
+                        _sidecar_error)
+  names = []
+  for k, output in enumerate(fields["outputs"]):
+    names.append(records.check_record(output, _OUTPUT_RULES, path, error=_sidecar_error,
+                                      label=f"outputs[{k}].{{}}".format, extra=True)["name"])
+  return ModelInfo(format=fields["format"], num_points=fields["num_points"],
+                   dataset=fields["dataset"], input_size=shape[1], batch=shape[0],
+                   outputs=tuple(names), record=record)
+
+
+def _sidecar_error(message: str) -> CheckpointError:
+  return CheckpointError(f"{message} (not a star-jax export sidecar, or a damaged one)")
+
+
+# What `read_sidecar` holds a sidecar's own fields to (types; bounds against the graph are
+# `check_against_graph`'s, which names both values).
+_SIDECAR_RULES = {
+    "sidecar_version": records.Rule("int", required=True, low=1),
+    "format": records.Rule("str", required=True, low=1),
+    "num_points": records.Rule("int", required=True),
+    "dataset": records.Rule("str", required=True),
+    "input": records.Rule("object", required=True),
+    "outputs": records.Rule("list", required=True, low=1),
+}
+_INPUT_RULES = {"shape": records.Rule("list", required=True, low=4, high=4)}
+_BATCH_RULE = records.Rule("int", nullable=True)  # null: any batch size
+_DIM_RULE = records.Rule("int")
+_OUTPUT_RULES = {"name": records.Rule("str", required=True, low=1)}
 
 
 # Bounds on what a sidecar may claim (beyond them a value is a damaged file, whatever the
