@@ -3,7 +3,7 @@
 `ToyBackbone` (three convolutions, one BatchNorm per stage) is registered from this file, the
 way a user's own network would be, and goes through the public paths without any other module
 knowing it: training on the embedded synthetic faces, fine-tuning (`init_from` its checkpoint)
-onto another landmark scheme with a frozen group, evaluation, and export in every format that
+onto another landmark scheme with a frozen group, evaluation, prediction, and export in every format that
 takes a network without a hand-written ONNX graph (ONNX itself is refused in one line).
 """
 
@@ -24,6 +24,7 @@ from configs import base
 from star_jax.training import checkpointing, eval_lib, train_lib
 from star_jax.core import decoder
 from star_jax import models
+from star_jax.deploy import predict
 from star_jax.errors import UsageError
 from star_jax.models import registry
 from star_jax.models.batch_norm import BatchNorm
@@ -144,6 +145,11 @@ def test_a_backbone_defined_outside_star_jax_trains_finetunes_evaluates_and_expo
   # Evaluation.
   out = eval_lib.evaluate(config, tuned, None, progress=False, verbose=False)
   assert out.landmarks.shape == (4, 29, 2) and np.isfinite(out.metrics["nme"])
+
+  # Prediction on a photo (the predictor asks nothing of the network but its outputs).
+  image = np.zeros((96, 96, 3), np.uint8)
+  faces = predict.Predictor(tuned, batch_size=2).predict(image, boxes=[(16, 16, 80, 80)])
+  assert faces[0].shape == (29, 2) and np.isfinite(faces[0]).all()
 
   # Export: every format matches the float64 JAX network (ONNX through the traced route, the
   # network having no hand-written graph).
