@@ -3,8 +3,8 @@
 `ToyBackbone` (three convolutions, one BatchNorm per stage) is registered from this file, the
 way a user's own network would be, and goes through the public paths without any other module
 knowing it: training on the embedded synthetic faces, fine-tuning (`init_from` its checkpoint)
-onto another landmark scheme with a frozen group, evaluation, prediction, and export in every format that
-takes a network without a hand-written ONNX graph (ONNX itself is refused in one line).
+onto another landmark scheme with a frozen group, evaluation, prediction, and export in every
+format (ONNX through the traced route, the network having no hand-written graph).
 """
 
 from __future__ import annotations
