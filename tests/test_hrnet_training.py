@@ -70,6 +70,7 @@ def test_hrnet_trains_loads_and_evaluates(tmp_path):
   eval_config.data.test_tsv = os.path.join(DATA_DIR, "test.tsv")
   eval_config.data.image_dir = DATA_DIR
   eval_config.eval_batch_size = 4
+  eval_config.data.image_size = train_harness.IMAGE_SIZE   # the size it was trained at
   evaluation = eval_lib.evaluate(eval_config, loaded, None, progress=False, verbose=False)
   assert evaluation.landmarks.shape == (3, 98, 2)
   assert np.isfinite(evaluation.landmarks).all() and np.isfinite(evaluation.nme).all()
