@@ -75,3 +75,49 @@ def test_hrnet_trains_loads_and_evaluates(tmp_path):
   assert evaluation.landmarks.shape == (3, 98, 2)
   assert np.isfinite(evaluation.landmarks).all() and np.isfinite(evaluation.nme).all()
   assert math.isfinite(evaluation.metrics["nme"])
+
+
+def _prediction(heatmaps):
+  from star_jax import losses
+  return losses.StackPrediction(landmarks=None, heatmaps=heatmaps, pointmaps=None,
+                                edgemaps=None)
+
+
+def test_heatmap_term_mse_and_awing():
+  from star_jax import losses
+  from star_jax.errors import UsageError
+  import jax.numpy as jnp
+  pred = jnp.zeros((1, 2, 2, 1), jnp.float32)
+  target = np.zeros((1, 2, 2, 1), np.float32)
+  target[0, 0, 0, 0] = 1.0
+  term = losses.get_term("heatmap").fn
+  batch = {"pointmaps": target}
+  # One pixel off by 1 of 4: mean squared error 1/4.
+  assert float(term(_prediction(pred), batch, {"dist": "mse"})) == pytest.approx(0.25)
+  # AWing: the target-1 pixel is off by 1 >= theta (linear part), the three others exact (0);
+  # every pixel is foreground after the 3x3 dilation, weight 11. Linear part a*1 - c with
+  # omega 14, theta 0.5, epsilon 1, alpha 2.1 at y = 1 (power 1.1): a = 14/(1 + 0.5**1.1) * 1.1
+  # * 0.5**0.1, c = 0.5 a - 14 log(1 + 0.5**1.1).
+  a = 14 / (1 + 0.5 ** 1.1) * 1.1 * 0.5 ** 0.1
+  c = 0.5 * a - 14 * math.log1p(0.5 ** 1.1)
+  assert float(term(_prediction(pred), batch, {})) == pytest.approx(11 * (a - c) / 4, rel=1e-5)
+  with pytest.raises(UsageError, match="config.loss.heatmap.dist"):
+    term(_prediction(pred), batch, {"dist": "huber"})
+
+
+def test_star_activation_relu_reads_only_the_positive_part():
+  from star_jax import losses
+  from star_jax.errors import UsageError
+  import jax.numpy as jnp
+  rng = np.random.default_rng(0)
+  positive = rng.uniform(0, 1, (2, 8, 8, 3)).astype(np.float32)
+  signed = positive - np.where(rng.uniform(size=positive.shape) < 0.5, 2.0, 0.0).astype(
+      np.float32) * (positive < 0.5)
+  clipped = np.maximum(signed, 0)
+  batch = {"landmarks": rng.uniform(-0.5, 0.5, (2, 3, 2)).astype(np.float32)}
+  term = losses.get_term("star").fn
+  with_relu = term(_prediction(jnp.asarray(signed)), batch, {"activation": "relu"})
+  on_clipped = term(_prediction(jnp.asarray(clipped)), batch, {})
+  assert float(with_relu) == pytest.approx(float(on_clipped), rel=1e-6)
+  with pytest.raises(UsageError, match="config.loss.star.activation"):
+    term(_prediction(jnp.asarray(signed)), batch, {"activation": "sigmoid"})
