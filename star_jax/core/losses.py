@@ -52,6 +52,8 @@ SMOOTH_L1_BETA = 0.01
 _NORM_SQ_FLOOR = 1e-6
 STAR_DISTS = ("smoothl1", "l1", "l2")
 STAR_DISTS_V1 = STAR_DISTS + ("wing",)
+# What the `star` term may apply to the heatmaps first (see `_star_term`).
+STAR_ACTIVATIONS = ("none", "relu")
 
 
 def _compute_dtype(x: jnp.ndarray) -> jnp.dtype:
@@ -541,9 +543,19 @@ def _options(options: Mapping[str, Any], allowed: Sequence[str], term: str) -> d
 
 @register_term("star")
 def _star_term(pred: StackPrediction, batch, options) -> jnp.ndarray:
-  """STAR loss on the fused heatmaps (official STARLoss_v2; options w, dist, eps, version)."""
-  kwargs = _options(options, ("w", "dist", "eps", "version"), "star")
-  return star_loss(pred.heatmaps, jnp.asarray(batch["landmarks"], pred.heatmaps.dtype),
+  """STAR loss on the fused heatmaps (official STARLoss_v2; options w, dist, eps, version).
+
+  Option `activation`: "none" (default: the maps as given, non-negative for the hourglass) or
+  "relu" for networks with raw, signed heatmaps (HRNet), which STAR cannot read as
+  distributions.
+  """
+  kwargs = _options(options, ("w", "dist", "eps", "version", "activation"), "star")
+  activation = str(kwargs.pop("activation", "none"))
+  if activation not in STAR_ACTIVATIONS:
+    raise UsageError(f"config.loss.star.activation={activation!r} is not one of "
+                     f"{', '.join(STAR_ACTIVATIONS)}")
+  heatmaps = jax.nn.relu(pred.heatmaps) if activation == "relu" else pred.heatmaps
+  return star_loss(heatmaps, jnp.asarray(batch["landmarks"], pred.heatmaps.dtype),
                    **{k: (float(v) if k in ("w", "eps") else str(v)) for k, v in kwargs.items()})
 
 

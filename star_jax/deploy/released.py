@@ -22,6 +22,13 @@ A download that cannot happen (no network, refused, a file that fails a check) i
 `STAR_JAX_RELEASES_URL` replaces Google Drive with a plain mirror (`<url>/<file name>`), e.g. a
 local copy for machines without internet. The official repository carries no licence file: the
 first download says so.
+
+The released HRNetV2-W18 face models of HRNet/HRNet-Facial-Landmark-Detection are named too
+(`hrnet-wflw`, `hrnet-300w`, `hrnet-cofw`, `hrnet-aflw`; `HRNET_RELEASES`). Their README links
+OneDrive share pages, which a script cannot download: asking for such a name before its file is
+in the cache is one `CheckpointError` line naming the page, the file name, the place to put it
+and the register command (a `STAR_JAX_RELEASES_URL` mirror is still fetched). Their checks: an
+official HRNet face state dict (star_jax.models.hrnet) of the name's landmark count and width 18.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ OFFICIAL_REPOSITORY = "https://github.com/ZhenglinZhou/STAR"
 LICENCE_NOTE = (f"note: the official STAR repository ({OFFICIAL_REPOSITORY}) publishes these "
                 "weights without a licence file; check the terms with its authors before any use "
                 "beyond research")
+HRNET_LICENCE_NOTE = ("note: the HRNet face models come from "
+                      "https://github.com/HRNet/HRNet-Facial-Landmark-Detection (MIT licence)")
 RECORD_SUFFIX = ".json"
 _HASH_CHUNK = 1 << 20
 # Seconds to wait for a connection and between bytes. No retries: gdown announces each one on
@@ -66,10 +75,16 @@ class Release:
   num_levels: int = 4
   channels: int = 256
   use_aam: bool = True
+  # "star" (the hourglass above) or "hrnet" (HRNetV2 of the official HRNet face code).
+  family: str = "star"
+  page_url: str = ""   # hrnet: the OneDrive share page of the official README (manual only)
+  width: int = 18      # hrnet: channels of the highest-resolution branch
 
   @property
   def drive_url(self) -> str:
     """The page a person opens in a browser to download the file by hand."""
+    if self.family == "hrnet":
+      return self.page_url
     return f"https://drive.google.com/file/d/{self.drive_id}/view"
 
 
@@ -86,6 +101,21 @@ RELEASES = {r.name: r for r in (
             "https://pan.baidu.com/s/1XO6hDZ8siJLTgFcpyu1Tzw?pwd=m57n",
             "COFW_STARLoss_NME_4_62.pkl"),
 )}
+
+
+HRNET_REPOSITORY = "https://github.com/HRNet/HRNet-Facial-Landmark-Detection"
+# The official README's model links (OneDrive) and file names; HRNetV2-W18, heatmaps at 1/4.
+HRNET_RELEASES = {r.name: r for r in (
+    Release("hrnet-wflw", "wflw", 98, "", "", "HR18-WFLW.pth", family="hrnet",
+            page_url="https://1drv.ms/u/s!AiWjZ1LamlxzdTsr_9QZCwJsn5U"),
+    Release("hrnet-300w", "300w", 68, "", "", "HR18-300W.pth", family="hrnet",
+            page_url="https://1drv.ms/u/s!AiWjZ1LamlxzeYLmza1XU-4WhnQ"),
+    Release("hrnet-cofw", "cofw", 29, "", "", "HR18-COFW.pth", family="hrnet",
+            page_url="https://1drv.ms/u/s!AiWjZ1LamlxzdFIsEUQl8jgUaMk"),
+    Release("hrnet-aflw", "aflw", 19, "", "", "HR18-AFLW.pth", family="hrnet",
+            page_url="https://1drv.ms/u/s!AiWjZ1Lamlxzc7xumEw810iBLTc"),
+)}
+RELEASES.update(HRNET_RELEASES)
 
 
 def names() -> list[str]:
@@ -135,6 +165,10 @@ def _page_url(release: Release) -> str:
 
 def manual_hint(release: Release) -> str:
   """How to install the file without this machine downloading it (for error messages)."""
+  if release.family == "hrnet":
+    return (f"download {release.file_name} by hand from {_page_url(release)} (the official "
+            f"HRNet README's link) and put it at {cached_path(release)}, or run `python -m "
+            f"star_jax.released register {release.name} FILE`")
   return (f"download {release.file_name} from {_page_url(release)} (or the Baidu mirror "
           f"{release.baidu_url}) and put it at {cached_path(release)}, or run `python -m "
           f"star_jax.released register {release.name} FILE`")
@@ -156,6 +190,9 @@ def check_file(release: Release, path: str) -> None:
   architecture (read as data; the weights are not converted here)."""
   from star_jax.foreign import official
   state = official.select_state_dict(official.read_torch_checkpoint(path), path=path)
+  if release.family == "hrnet":
+    _check_hrnet_state(release, state, path)
+    return
   arch = official.infer_architecture(state, path)
   if arch.num_points != release.num_points:
     raise CheckpointError(
@@ -171,6 +208,27 @@ def check_file(release: Release, path: str) -> None:
   if wrong:
     raise CheckpointError(f"{path}: not the released {release.name} architecture: "
                           f"{', '.join(wrong)}")
+
+
+def _check_hrnet_state(release: Release, state: Any, path: str) -> None:
+  """CheckpointError unless `state` is an official HRNetV2 face state dict of `release`'s
+  landmark count and width (shapes only; the weights are converted when loaded)."""
+  from star_jax.models import hrnet
+  if not hrnet.is_official_state(state):
+    raise CheckpointError(f"{path}: not an official HRNet face-alignment state dict (no "
+                          f"{', '.join(hrnet.OFFICIAL_MARKER_KEYS)}); {release.name!r} is the "
+                          f"HRNetV2-W{release.width} {release.dataset.upper()} model")
+  head = tuple(state["head.3.weight"].shape)
+  width = tuple(state["transition1.0.0.weight"].shape)
+  points = head[0] if head else None
+  if points != release.num_points:
+    raise CheckpointError(
+        f"{path}: holds a {points}-point HRNet, but {release.name!r} is the "
+        f"{release.num_points}-point {release.dataset.upper()} model (the download links may be "
+        "crossed)")
+  if not width or width[0] != release.width:
+    raise CheckpointError(f"{path}: not the released {release.name} architecture: width "
+                          f"{width[0] if width else None} (released: HRNetV2-W{release.width})")
 
 
 def read_record(path: str) -> dict[str, Any] | None:
@@ -248,7 +306,7 @@ def _download(release: Release) -> str:
   # Said by gdown once the file itself answers, just before its progress bar: a failure before
   # that is the error line alone.
   start = (f"downloading the released {release.name} model {release.file_name} into {folder}\n"
-           f"{LICENCE_NOTE}\n")
+           f"{LICENCE_NOTE if release.family == 'star' else HRNET_LICENCE_NOTE}\n")
   digest = hashlib.sha256()
   try:
     try:
@@ -313,6 +371,9 @@ def ensure(name: str) -> str:
   release = get(name)
   path = cached_path(release)
   if not os.path.isfile(path):
+    if release.family == "hrnet" and not os.environ.get(MIRROR_ENV, "").strip():
+      raise CheckpointError(f"{release.name}: {release.file_name} is shared on OneDrive, which "
+                            f"cannot be downloaded by a script; {manual_hint(release)}")
     return _download(release)
   record = read_record(path)
   if record is None:
@@ -339,7 +400,9 @@ def status(name: str) -> str:
   release = get(name)
   path = cached_path(release)
   if not os.path.isfile(path):
-    return f"{release.name}: not downloaded ({download_url(release)} -> {path})"
+    url = (release.page_url if release.family == "hrnet"
+           and not os.environ.get(MIRROR_ENV, "").strip() else download_url(release))
+    return f"{release.name}: not downloaded ({url} -> {path})"
   record = read_record(path) or {}
   return (f"{release.name}: {path} (sha256 {record.get('sha256', 'not recorded')}, from "
           f"{record.get('source', 'unknown')})")

@@ -39,6 +39,10 @@ DEFAULT_MODEL = "stacked_hourglass"
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 # Older checkpoints named the class by its import path; this one path is still accepted.
 _LEGACY_CLASS_NAMES = {"star_jax.models.hourglass.StackedHourglass": DEFAULT_MODEL}
+# Networks shipped with star-jax whose module is not named after them (`model_class` imports
+# it for a config; `from_description` for a stored model, since the table, not the file, names
+# the module).
+_BUILTIN_MODULES = {"hrnet_w18": "star_jax.models.hrnet"}
 # Fields that never travel with a description (flax's own and run-time-only settings).
 _NOT_DESCRIBED = ("parent", "name", "bn_axis_name")
 # Inclusive ranges of the size fields a description may give (any network with such a field),
@@ -52,6 +56,8 @@ _INT_LIMIT = 1 << 20
 
 def model_class(name: str) -> type:
   """The registered network `name`, importing `star_jax.models.<name>` if needed (config use)."""
+  if registry.lookup(name) is None and name in _BUILTIN_MODULES:
+    importlib.import_module(_BUILTIN_MODULES[name])
   if registry.lookup(name) is None and name.isidentifier():
     try:
       importlib.import_module(f"star_jax.models.{name}")
@@ -200,6 +206,8 @@ def from_description(description: Mapping[str, Any], where: str = "model descrip
     if name is None:
       raise CheckpointError(f"{where}: names class {str(description['class'])[:200]!r}, which "
                             "is not a star-jax model; nothing was imported")
+  if isinstance(name, str) and registry.lookup(name) is None and name in _BUILTIN_MODULES:
+    importlib.import_module(_BUILTIN_MODULES[name])
   cls = registry.lookup(name) if isinstance(name, str) else None
   if cls is None:
     raise CheckpointError(f"{where}: model {str(name)[:200]!r} is not registered (known: "
