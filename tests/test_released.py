@@ -456,7 +456,8 @@ def test_name_in_evaluation(wflw_mirror):
 def test_cli_error_contract_of_the_command(cache, capsys):
   assert cli.one_line(released.status("wflw")).startswith("wflw: not downloaded")
   assert released_command.main(["list"]) == 0
-  assert len(capsys.readouterr().out.strip().splitlines()) == 3
+  # One line per released model: the three STAR models and the four HRNet face models.
+  assert len(capsys.readouterr().out.strip().splitlines()) == 7
 
 
 def test_name_in_the_web_page(wflw_mirror, tmp_path, capfd):

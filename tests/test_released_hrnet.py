@@ -14,6 +14,7 @@ import pytest
 
 from star_jax.training import checkpointing
 from star_jax.deploy import released
+from star_jax.commands import released as released_command
 from star_jax.errors import CheckpointError
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
@@ -57,7 +58,7 @@ def test_a_missing_file_gives_the_manual_download_line(cache):
 
 
 def test_register_the_fixture_and_load_it_by_name(cache, capsys):
-  assert released.main(["register", "hrnet-300w", FIXTURE]) == 0
+  assert released_command.main(["register", "hrnet-300w", FIXTURE]) == 0
   assert str(cache / "HR18-300W.pth") in capsys.readouterr().out
   record = released.read_record(str(cache / "HR18-300W.pth"))
   with open(FIXTURE, "rb") as f:
@@ -74,7 +75,7 @@ def test_register_the_fixture_and_load_it_by_name(cache, capsys):
 
 def test_a_wrong_point_count_is_refused(cache, capsys):
   with pytest.raises(SystemExit) as exit_info:
-    released.main(["register", "hrnet-wflw", FIXTURE])
+    released_command.main(["register", "hrnet-wflw", FIXTURE])
   assert exit_info.value.code == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1

@@ -213,10 +213,11 @@ def check_file(release: Release, path: str) -> None:
 def _check_hrnet_state(release: Release, state: Any, path: str) -> None:
   """CheckpointError unless `state` is an official HRNetV2 face state dict of `release`'s
   landmark count and width (shapes only; the weights are converted when loaded)."""
-  from star_jax.models import hrnet
-  if not hrnet.is_official_state(state):
+  from star_jax.foreign import hrnet_layout
+  if not hrnet_layout.is_official_state(state):
+    markers = ", ".join(hrnet_layout.OFFICIAL_MARKER_KEYS)
     raise CheckpointError(f"{path}: not an official HRNet face-alignment state dict (no "
-                          f"{', '.join(hrnet.OFFICIAL_MARKER_KEYS)}); {release.name!r} is the "
+                          f"{markers}); {release.name!r} is the "
                           f"HRNetV2-W{release.width} {release.dataset.upper()} model")
   head = tuple(state["head.3.weight"].shape)
   width = tuple(state["transition1.0.0.weight"].shape)
