@@ -100,6 +100,7 @@ def dense_star_loss(heatmaps, landmarks, *, w=1.0, dist="smoothl1", eps=1e-5, ve
   del dist, version
   import jax.numpy as jnp
   from star_jax.core import losses
+  from star_jax.core import moments
   h = heatmaps.astype(jnp.float32)
   _, height, width, _ = h.shape
   gy = jnp.linspace(-1.0, 1.0, height)[None, :, None, None]
@@ -115,7 +116,7 @@ def dense_star_loss(heatmaps, landmarks, *, w=1.0, dist="smoothl1", eps=1e-5, ve
   cxx = (p * dx * dx).sum(axis=(1, 2)) / denominator
   cxy = (p * dx * dy).sum(axis=(1, 2)) / denominator
   cyy = (p * dy * dy).sum(axis=(1, 2)) / denominator
-  l0, l1, cos_t, sin_t = losses._eigh_2x2(cxx, cxy, cyy)
+  l0, l1, cos_t, sin_t = moments.eigh_2x2(cxx, cxy, cyy)
   ex, ey = landmarks[..., 0] - mean_x, landmarks[..., 1] - mean_y
   normal = -sin_t * ex + cos_t * ey
   tangent = cos_t * ex + sin_t * ey

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from star_jax.core import losses
+from star_jax.core import moments
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_small",
                        "star_loss_official.npz")
@@ -198,7 +199,7 @@ def test_closed_form_eigh_matches_lapack():
                                                                                  [1e-9, 1]])]
   with enable_x64():
     for s in mats:
-      l0, l1, c, si = (float(v) for v in losses._eigh_2x2(*map(jnp.float64, (s[0, 0], s[0, 1],
+      l0, l1, c, si = (float(v) for v in moments.eigh_2x2(*map(jnp.float64, (s[0, 0], s[0, 1],
                                                                                s[1, 1]))))
       lam, vec = np.linalg.eigh(s)
       np.testing.assert_allclose([l0, l1], lam, atol=1e-12)
@@ -254,7 +255,7 @@ def test_isotropic_covariance_gives_scaled_isotropic_distance():
     value, grad = jax.jit(jax.value_and_grad(
         lambda h, g: losses.star_loss(h, g, dist="l2")))(jnp.asarray(maps), jnp.asarray(gt))
     # An exactly isotropic matrix gets the axis-aligned frame (as LAPACK returns for c * I).
-    frame = [float(v) for v in losses._eigh_2x2(*map(jnp.float64, (0.3, 0.0, 0.3)))]
+    frame = [float(v) for v in moments.eigh_2x2(*map(jnp.float64, (0.3, 0.0, 0.3)))]
   # rtol: the float32-rounded grid is symmetric only to ~1e-8.
   np.testing.assert_allclose(float(value), (err ** 2).sum() / np.sqrt(lam + eps) + 2 * lam,
                              rtol=1e-6)
