@@ -206,10 +206,10 @@ def record(title: str, header: Sequence[str], rows: Sequence[Sequence[object]],
 
 def random_wflw_model(name: str, *, stacks: int, channels: int, levels: int = 4,
                       image_size: int = 256):
-  """A `checkpointing.LoadedModel` of the WFLW network with random weights (speed does not
+  """A `model_store.LoadedModel` of the WFLW network with random weights (speed does not
   depend on them), for the export and web benchmarks."""
   from star_jax.core import schemes as datasets
-  from star_jax.training.checkpointing import LoadedModel
+  from star_jax.training.model_store import LoadedModel
   from star_jax.models import hourglass
   spec = datasets.get_spec("wflw")
   model = hourglass.StackedHourglass(num_stacks=stacks, num_levels=levels, channels=channels,

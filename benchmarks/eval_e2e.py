@@ -53,7 +53,7 @@ def _loaded(config):
   import jax
   from star_jax.core import schemes as datasets
   from star_jax.training import eval_lib
-  from star_jax.training.checkpointing import LoadedModel
+  from star_jax.training.model_store import LoadedModel
   from star_jax.models import create_model, init_variables
   spec = datasets.get_spec("wflw")
   size = int(config.data.image_size)

@@ -121,12 +121,12 @@ def _first_landmark_seconds(path: str, repeats: int = 3) -> float:
 
 def _nme_rows(checkpoint: str, directory: str) -> list[list[str]]:
   """NME (%) on the embedded test split: JAX vs the float32 and int8 exports."""
-  from star_jax.training import checkpointing, eval_lib
+  from star_jax.training import eval_lib, model_store
   from star_jax.core.schemes import get_spec
   from star_jax.deploy.export import exporter
   from star_jax.deploy.runtime import backends
 
-  loaded = checkpointing.load_model(checkpoint)
+  loaded = model_store.load_model(checkpoint)
   config = loaded.config
   spec = get_spec(config.dataset)
   size = loaded.image_size

@@ -41,11 +41,11 @@ MODELS = {"full": "configs/wflw.py", "2x128": "configs/realtime_2x128.py",
 
 
 def loaded_model(name: str):
-  """A `checkpointing.LoadedModel` with random weights for a model name of MODELS."""
+  """A `model_store.LoadedModel` with random weights for a model name of MODELS."""
   import jax
   from configs import base, realtime_1x64, realtime_2x128
   from star_jax.core import schemes as datasets
-  from star_jax.training.checkpointing import LoadedModel
+  from star_jax.training.model_store import LoadedModel
   from star_jax.models import create_model, init_variables
   config = {"full": lambda: base.get_base_config("wflw"),
             "2x128": realtime_2x128.get_config, "1x64": realtime_1x64.get_config}[name]()

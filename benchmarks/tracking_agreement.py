@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
   import numpy as np
   from star_jax.deploy import tracking, video
-  from star_jax.training.checkpointing import load_model
+  from star_jax.training.model_store import load_model
   from star_jax.deploy.export import exporter
   from star_jax.deploy.inference import Predictor
   from star_jax.deploy.runtime import RuntimePredictor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from configs import demo
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.core import schemes as datasets
 from star_jax.models import create_model, init_variables
 
@@ -30,6 +30,6 @@ def save_star_jax_checkpoint(directory: str, *, num_stacks: int = 2, seed: int =
   config.model.num_stacks = num_stacks
   model = create_model(config.model, datasets.get_spec(config.dataset))
   variables = _randomise_batch_stats(init_variables(model, seed, config.data.image_size), seed)
-  return checkpointing.save_for_inference(directory, model, variables,
+  return model_store.save_for_inference(directory, model, variables,
                                           spec=datasets.get_spec(config.dataset),
                                           image_size=config.data.image_size, config=config)

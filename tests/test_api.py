@@ -21,7 +21,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import star_jax
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.deploy import tracking
 from star_jax.errors import UsageError
 from star_jax.deploy.image_io import ImageError, as_rgb_image, load_image
@@ -35,7 +35,7 @@ BOX = [(150, 60, 450, 420)]
 
 @pytest.fixture(scope="module")
 def predictor():
-  return star_jax.Predictor(checkpointing.load_model(CHECKPOINT), batch_size=4)
+  return star_jax.Predictor(model_store.load_model(CHECKPOINT), batch_size=4)
 
 
 def test_import_is_light_and_names_load_on_use():

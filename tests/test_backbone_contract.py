@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from star_jax.training import checkpointing, eval_lib, train_lib
+from star_jax.training import eval_lib, model_store, train_lib
 from star_jax.core import decoder
 from star_jax import models
 from star_jax.deploy import predict
@@ -115,7 +115,7 @@ def test_a_backbone_defined_outside_star_jax_trains_finetunes_evaluates_and_expo
   config.model.width = WIDTH
   run98 = str(tmp_path / "run98")
   train_lib.train_and_evaluate(config, run98)
-  start = checkpointing.load_model(run98)
+  start = model_store.load_model(run98)
   assert type(start.model) is ToyBackbone
   assert (start.model.width, start.model.num_points) == (WIDTH, 98)
 
@@ -131,7 +131,7 @@ def test_a_backbone_defined_outside_star_jax_trains_finetunes_evaluates_and_expo
   chex.assert_trees_all_equal(after["stem_bn"], before["stem_bn"])
   assert not np.array_equal(after["body_conv"]["kernel"], before["body_conv"]["kernel"])
   assert after["head_conv"]["kernel"].shape == (1, 1, WIDTH, 29)
-  loaded = checkpointing.load_model(tuned)
+  loaded = model_store.load_model(tuned)
   assert type(loaded.model) is ToyBackbone and loaded.model.width == WIDTH
   assert loaded.spec.name == "face29"
 

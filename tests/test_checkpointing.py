@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from star_jax.training import checkpointing
+from star_jax.training import checkpointing, model_store
 from star_jax.core import schemes as datasets
 from star_jax import models as models_lib
 from star_jax.errors import CheckpointError
@@ -117,18 +117,18 @@ def test_inference_checkpoint_roundtrip(tmp_path):
   config, model, variables = _tiny_model_and_variables()
   raw = jax.tree.map(lambda x: x + 1, variables)
   wflw = datasets.get_spec("wflw")
-  out = checkpointing.save_for_inference(str(tmp_path / "inf"), model, variables, spec=wflw,
+  out = model_store.save_for_inference(str(tmp_path / "inf"), model, variables, spec=wflw,
                                          image_size=32, config=config, raw_variables=raw,
                                          extra={"step": 7})
-  loaded = checkpointing.load_model(out)
+  loaded = model_store.load_model(out)
   assert loaded.model == model and loaded.spec == wflw and loaded.image_size == 32
   chex.assert_trees_all_equal(loaded.variables, variables)
   assert loaded.config.model.channels == 8 and loaded.extra == {"step": 7}
   assert tuple(loaded.config.optim.milestones) == tuple(config.optim.milestones)
-  chex.assert_trees_all_equal(checkpointing.load_model(out, weights="raw").variables, raw)
+  chex.assert_trees_all_equal(model_store.load_model(out, weights="raw").variables, raw)
   # Overwriting replaces the directory.
-  checkpointing.save_for_inference(out, model, raw, spec=wflw, image_size=32)
-  chex.assert_trees_all_equal(checkpointing.load_model(out).variables, raw)
+  model_store.save_for_inference(out, model, raw, spec=wflw, image_size=32)
+  chex.assert_trees_all_equal(model_store.load_model(out).variables, raw)
   # The loaded model runs.
   out_lm = jax.jit(loaded.model.apply)(loaded.variables, jnp.zeros((1, 32, 32, 3))).landmarks[-1]
   chex.assert_shape(out_lm, (1, 98, 2))
@@ -137,15 +137,15 @@ def test_inference_checkpoint_roundtrip(tmp_path):
 def test_best_checkpoints_keep_the_lowest_nme_and_a_workdir_resolves_to_it(tmp_path):
   config, model, variables = _tiny_model_and_variables()
   wflw = datasets.get_spec("wflw")
-  best = checkpointing.BestCheckpoints(str(tmp_path))
+  best = model_store.BestCheckpoints(str(tmp_path))
   for step, nme in ((1, 0.5), (2, 0.3)):
     weights = jax.tree.map(lambda x, s=step: x + s, variables)
     best.save(step, nme, model, weights, spec=wflw, image_size=32, config=config)
   best.close()
   assert sorted(os.listdir(tmp_path / "best")) == ["2"]
-  meta = checkpointing.read_best_meta(str(tmp_path))
+  meta = model_store.read_best_meta(str(tmp_path))
   assert meta["step"] == 2 and meta["val_nme"] == 0.3
-  loaded = checkpointing.load_model(str(tmp_path))
+  loaded = model_store.load_model(str(tmp_path))
   chex.assert_trees_all_equal(loaded.variables, jax.tree.map(lambda x: x + 2, variables))
 
 
@@ -164,7 +164,7 @@ def test_legacy_inference_directory_still_loads(tmp_path):
   checkpointer.save(str(legacy / "variables"), variables)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  loaded = checkpointing.load_model(str(legacy))
+  loaded = model_store.load_model(str(legacy))
   assert loaded.model == model and loaded.image_size == 32 and loaded.spec.name == "wflw"
   chex.assert_trees_all_equal(loaded.variables, variables)
 
@@ -187,7 +187,7 @@ def test_tampered_model_description_is_data_not_code(tmp_path, description, mess
   if os.path.exists(marker):
     os.remove(marker)
   config, model, variables = _tiny_model_and_variables()
-  out = checkpointing.save_for_inference(str(tmp_path / "inf"), model, variables,
+  out = model_store.save_for_inference(str(tmp_path / "inf"), model, variables,
                                          spec=datasets.get_spec("wflw"), image_size=32)
   # Rewrite the stored model record with the tampered description.
   record_file = next(p for p in (tmp_path / "inf" / "model").iterdir() if p.is_file())
@@ -195,20 +195,20 @@ def test_tampered_model_description_is_data_not_code(tmp_path, description, mess
   record["model"] = description
   record_file.write_text(json.dumps(record))
   with pytest.raises(CheckpointError, match=message) as info:
-    checkpointing.load_model(out)
+    model_store.load_model(out)
   assert "\n" not in str(info.value)
   assert not os.path.exists(marker)
 
 
 def test_load_errors_name_the_path(tmp_path):
   with pytest.raises(CheckpointError, match="does-not-exist"):
-    checkpointing.load_model(str(tmp_path / "does-not-exist"))
+    model_store.load_model(str(tmp_path / "does-not-exist"))
   with pytest.raises(CheckpointError, match="not a star-jax checkpoint"):
-    checkpointing.load_model(str(tmp_path))
+    model_store.load_model(str(tmp_path))
   text = tmp_path / "notes.txt"
   text.write_text("hello")
   with pytest.raises(CheckpointError, match="not an official STAR checkpoint"):
-    checkpointing.load_model(str(text))
+    model_store.load_model(str(text))
 
 
 OFFICIAL_PKL = os.path.join(os.path.dirname(__file__), "fixtures", "official_wflw_small",
@@ -217,15 +217,15 @@ OFFICIAL_PKL = os.path.join(os.path.dirname(__file__), "fixtures", "official_wfl
 
 def test_official_pkl_and_its_conversion_load_the_same_weights(tmp_path):
   from star_jax.foreign import official
-  loaded = checkpointing.load_model(OFFICIAL_PKL, weights="ema")
+  loaded = model_store.load_model(OFFICIAL_PKL, weights="ema")
   ref_model, ref_variables = official.load_official_checkpoint(OFFICIAL_PKL, ema=True)
   assert loaded.model == ref_model and loaded.weights == "net_ema"
   chex.assert_trees_all_equal(loaded.variables, ref_variables)
   assert loaded.spec.name == "wflw" and loaded.config is None
   # A converted directory (what `python -m star_jax.convert --out` writes) reads back equal.
-  out = checkpointing.save_for_inference(str(tmp_path / "converted"), loaded.model,
+  out = model_store.save_for_inference(str(tmp_path / "converted"), loaded.model,
                                          loaded.variables, spec=loaded.spec, image_size=256)
-  again = checkpointing.load_model(out)
+  again = model_store.load_model(out)
   assert again.model == loaded.model
   chex.assert_trees_all_equal(again.variables, jax.tree.map(np.asarray, loaded.variables))
 
@@ -235,23 +235,23 @@ def test_a_best_step_written_by_a_killed_run_is_kept_or_replaced_never_an_error(
   # model (same NME) is kept as it is; one that differs, or a damaged one, is written anew.
   config, model, variables = _tiny_model_and_variables()
   wflw = datasets.get_spec("wflw")
-  first = checkpointing.BestCheckpoints(str(tmp_path))
+  first = model_store.BestCheckpoints(str(tmp_path))
   first.save(2, 0.3, model, variables, spec=wflw, image_size=32, config=config)
   first.close()   # the killed run
-  written = os.path.getmtime(tmp_path / "best" / "2" / checkpointing.MODEL_ITEM)
+  written = os.path.getmtime(tmp_path / "best" / "2" / model_store.MODEL_ITEM)
 
-  again = checkpointing.BestCheckpoints(str(tmp_path))
+  again = model_store.BestCheckpoints(str(tmp_path))
   again.save(2, 0.3, model, variables, spec=wflw, image_size=32, config=config)
-  assert os.path.getmtime(tmp_path / "best" / "2" / checkpointing.MODEL_ITEM) == written
+  assert os.path.getmtime(tmp_path / "best" / "2" / model_store.MODEL_ITEM) == written
   other = jax.tree.map(lambda x: x + 1, variables)
   again.save(2, 0.25, model, other, spec=wflw, image_size=32, config=config)
   again.close()
-  assert checkpointing.read_best_meta(str(tmp_path))["val_nme"] == 0.25
-  chex.assert_trees_all_equal(checkpointing.load_model(str(tmp_path)).variables, other)
+  assert model_store.read_best_meta(str(tmp_path))["val_nme"] == 0.25
+  chex.assert_trees_all_equal(model_store.load_model(str(tmp_path)).variables, other)
 
   # A damaged step (its model description gone) is replaced too.
-  shutil.rmtree(tmp_path / "best" / "2" / checkpointing.MODEL_ITEM)
-  third = checkpointing.BestCheckpoints(str(tmp_path))
+  shutil.rmtree(tmp_path / "best" / "2" / model_store.MODEL_ITEM)
+  third = model_store.BestCheckpoints(str(tmp_path))
   third.save(2, 0.25, model, variables, spec=wflw, image_size=32, config=config)
   third.close()
-  chex.assert_trees_all_equal(checkpointing.load_model(str(tmp_path)).variables, variables)
+  chex.assert_trees_all_equal(model_store.load_model(str(tmp_path)).variables, variables)

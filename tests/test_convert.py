@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.commands import convert
 from star_jax.core import schemes as datasets
 from star_jax.foreign import official
@@ -277,7 +277,7 @@ def test_other_point_count_and_depth_convert_without_settings(tmp_path, official
   model, variables = official.load_official_checkpoint(path)
   assert (model.num_stacks, model.num_points, model.num_edges) == (1, k, 9)
   assert model.edge_points[0] == tuple(range(33)) and model.edge_points[1] == tuple(range(33, 40))
-  scheme = checkpointing.load_model(path).spec
+  scheme = model_store.load_model(path).spec
   assert scheme.name == "official_40pt" and scheme.num_points == k and not scheme.flip_pairs
   out = jax.jit(model.apply)(variables, images)
   np.testing.assert_allclose(out.landmarks[0], reference["net/landmarks_0"][:, :k], atol=5e-4)
@@ -290,7 +290,7 @@ def test_cli_writes_inference_checkpoint(tmp_path, converted, capsys):
   out_dir = str(tmp_path / "converted")
   assert convert.main([CHECKPOINT, "--out", out_dir, "--ema"]) == 0
   assert "scheme=wflw" in capsys.readouterr().out
-  loaded = checkpointing.load_model(out_dir)
+  loaded = model_store.load_model(out_dir)
   assert loaded.model == converted["net_ema"][0]
   _assert_same_variables(loaded.variables, converted["net_ema"][1])
   assert loaded.spec == datasets.get_spec("wflw") and loaded.model.channels == 32

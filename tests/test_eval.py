@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import wflw as wflw_config
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.training import eval_lib
 from star_jax.data import pipeline
 from star_jax.data import transforms
@@ -40,7 +40,7 @@ def expected():
 
 @pytest.fixture(scope="module")
 def loaded():
-  return checkpointing.load_model(CHECKPOINT)
+  return model_store.load_model(CHECKPOINT)
 
 
 @pytest.fixture(scope="module")

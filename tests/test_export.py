@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
 
-from star_jax.training.checkpointing import load_model
+from star_jax.training.model_store import load_model
 from star_jax.deploy.export import exporter, parity
 from star_jax.deploy.runtime import contract
 from tests.export_checkpoints import save_star_jax_checkpoint
@@ -231,13 +231,13 @@ def test_export_never_replaces_a_folder_that_is_not_its_own(tmp_path):
 @pytest.mark.slow
 def test_hrnet_exports_in_every_format(tmp_path):
   """HRNet through StableHLO, SavedModel, TFLite and ONNX, each equal to the JAX network."""
-  from star_jax.training import checkpointing
+  from star_jax.training import model_store
   from star_jax.core import schemes as datasets
   from star_jax import models
   from star_jax.models import hrnet
   spec = datasets.get_spec("wflw")
   model = hrnet.HRNetW18(num_points=spec.num_points)
-  path = checkpointing.save_for_inference(str(tmp_path / "hrnet"), model,
+  path = model_store.save_for_inference(str(tmp_path / "hrnet"), model,
                                           models.init_variables(model, 0, 64), spec=spec,
                                           image_size=64)
   loaded = load_model(path)

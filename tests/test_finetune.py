@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from star_jax.training import checkpointing, eval_lib, finetune, logging_utils
+from star_jax.training import eval_lib, finetune, logging_utils, model_store
 from star_jax.core import schemes as datasets
 from star_jax import models
 from star_jax.deploy import predict
@@ -96,7 +96,7 @@ def test_finetune_official_checkpoint_step0_validation_equals_eval(data, tmp_pat
   assert step0["val_nme"] == pytest.approx(evaluated.metrics["nme"], rel=1e-5)
   assert step0["val_nme_raw"] == step0["val_nme"]  # EMA starts as a copy
   assert "val_nme_stack0" in step0 and "val_nme_stack3" in step0
-  loaded = checkpointing.load_model(run)
+  loaded = model_store.load_model(run)
   assert (loaded.model.num_stacks, loaded.model.channels) == (4, 32)
 
 
@@ -115,7 +115,7 @@ def test_custom_scheme_from_scratch_and_by_finetuning_a_98_point_run(data, tmp_p
   config.model.num_stacks, config.model.num_levels, config.model.channels = 1, 2, 16
   scratch = str(tmp_path / "scratch29")
   train_lib.train_and_evaluate(config, scratch)
-  loaded = checkpointing.load_model(scratch)
+  loaded = model_store.load_model(scratch)
   assert loaded.spec == datasets.load_scheme(scheme)
   assert models.describe(loaded.model)["fields"]["num_points"] == 29
   # ... and by fine-tuning the 98-point run, its stem frozen (architecture from the run).
@@ -125,7 +125,7 @@ def test_custom_scheme_from_scratch_and_by_finetuning_a_98_point_run(data, tmp_p
   config.freeze = "stem"
   tuned = str(tmp_path / "tuned29")
   result = train_lib.train_and_evaluate(config, tuned)
-  start = jax.tree.map(np.asarray, checkpointing.load_model(run98).variables["params"])
+  start = jax.tree.map(np.asarray, model_store.load_model(run98).variables["params"])
   final = jax.tree.map(np.asarray, result.state.params)
   chex.assert_trees_all_equal({k: v for k, v in final.items() if k.startswith("stem_")},
                               {k: v for k, v in start.items() if k.startswith("stem_")})
@@ -133,7 +133,7 @@ def test_custom_scheme_from_scratch_and_by_finetuning_a_98_point_run(data, tmp_p
                             start["features0"]["conv1"]["kernel"])
   assert final["heatmap_head0"]["kernel"].shape[-1] == 29
   for run in (scratch, tuned):
-    loaded = checkpointing.load_model(run)
+    loaded = model_store.load_model(run)
     assert loaded.spec.name == "face29" and loaded.model.channels == 16
     out = eval_lib.evaluate(config, run, None, progress=False, verbose=False)
     assert out.landmarks.shape == (8, 29, 2) and np.isfinite(out.metrics["nme"])
@@ -180,7 +180,7 @@ def ema_and_raw(tmp_path_factory):
                                   edge_points=tuple(e.points for e in spec.edges))
   ema = models.init_variables(model, 1, 16)
   raw = models.init_variables(model, 2, 16)
-  path = checkpointing.save_for_inference(str(tmp_path_factory.mktemp("ckpt") / "two"), model,
+  path = model_store.save_for_inference(str(tmp_path_factory.mktemp("ckpt") / "two"), model,
                                           ema, spec=spec, image_size=16, raw_variables=raw)
   return path, spec, ema, raw
 

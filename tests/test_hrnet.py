@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from star_jax.training import checkpointing, eval_lib
+from star_jax.training import eval_lib, model_store
 from star_jax.foreign import official
 from star_jax.models import count_parameters, hrnet
 
@@ -29,7 +29,7 @@ def test_parameter_counts_equal_the_official_network(points, expected):
 
 @pytest.fixture(scope="module")
 def converted():
-  return checkpointing.load_model(os.path.join(FIXTURE, "HR18-300W-fixture.pth"))
+  return model_store.load_model(os.path.join(FIXTURE, "HR18-300W-fixture.pth"))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """HRNetV2-W18 trained with the STAR losses through the training loop, then loaded and evaluated.
 
 A few steps of configs/demo_hrnet.py at 32x32 input (the smallest HRNet takes) on the synthetic
-batches of tests/train_harness.py; the stored model is read back with `checkpointing.load_model`
+batches of tests/train_harness.py; the stored model is read back with `model_store.load_model`
 and evaluated on the WFLW fixture images with `eval_lib.evaluate`.
 """
 
@@ -13,7 +13,7 @@ import pytest
 
 from configs import demo_hrnet
 from configs import wflw_hrnet
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.training import eval_lib
 from star_jax.training import logging_utils
 from star_jax.training import train_lib
@@ -61,7 +61,7 @@ def test_hrnet_trains_loads_and_evaluates(tmp_path):
     assert r["train_loss"] == pytest.approx(r["train_loss_star"] + r["train_loss_heatmap"],
                                             rel=1e-5)
 
-  loaded = checkpointing.load_model(os.path.join(workdir, "checkpoints"))
+  loaded = model_store.load_model(os.path.join(workdir, "checkpoints"))
   assert type(loaded.model).registry_name == "hrnet_w18"
   assert loaded.model.num_points == 98 and loaded.model.decode == "soft_argmax"
   assert loaded.image_size == train_harness.IMAGE_SIZE and loaded.extra["step"] == STEPS

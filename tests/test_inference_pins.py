@@ -23,7 +23,7 @@ from star_jax.deploy import clips
 from star_jax.training import eval_lib
 from star_jax.commands import predict as predict_command
 from star_jax.deploy import video
-from star_jax.training.checkpointing import load_model
+from star_jax.training.model_store import load_model
 from star_jax.deploy.detection import Box
 from star_jax.deploy.export import exporter
 from star_jax.deploy.inference import Predictor

@@ -69,9 +69,9 @@ def test_boxes_of_no_width_or_height_are_refused(text):
 
 
 def test_predictor_refuses_a_given_box_of_no_width():
-  from star_jax.training import checkpointing
+  from star_jax.training import model_store
   from star_jax.deploy.inference import Predictor
-  predictor = Predictor(checkpointing.load_model(os.path.join(
+  predictor = Predictor(model_store.load_model(os.path.join(
       ROOT, "tests", "fixtures", "official_wflw_small", "checkpoint.pkl")))
   image = np.zeros((64, 64, 3), np.uint8)
   with pytest.raises(ValueError, match="x2 > x1"):

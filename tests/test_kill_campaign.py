@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from star_jax.training import checkpointing
+from star_jax.training import checkpointing, model_store
 from star_jax.training import logging_utils
 from tests.limits import LAST_GUARD_S
 
@@ -151,7 +151,7 @@ def test_kills_inside_checkpoint_writes_then_resume_exactly(tmp_path):
   theirs = logging_utils.read_metrics(reference)
   assert [r["step"] for r in theirs if "train_loss" in r] == list(range(1, STEPS + 1))
   assert _without_timings(ours) == _without_timings(theirs)
-  assert checkpointing.read_best_meta(workdir) == checkpointing.read_best_meta(reference)
+  assert model_store.read_best_meta(workdir) == model_store.read_best_meta(reference)
   with np.load(out) as a, np.load(os.path.join(tmp, "reference.npz")) as b:
     assert sorted(a.files) == sorted(b.files)
     for key in b.files:

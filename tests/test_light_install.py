@@ -26,7 +26,7 @@ import pytest
 import skimage.data as skimage_data
 from packaging.requirements import Requirement
 
-from star_jax.training.checkpointing import load_model
+from star_jax.training.model_store import load_model
 from star_jax.deploy.export import exporter
 from tests.export_checkpoints import save_star_jax_checkpoint
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.commands import convert
 from star_jax.training import eval_lib
 from star_jax.core import outputs
@@ -39,7 +39,7 @@ def no_model(monkeypatch):
   """Fails the test if a checkpoint is read (the refusal must come before any work)."""
   def refuse(*args, **kwargs):
     raise AssertionError("the checkpoint was read before the outputs were checked")
-  monkeypatch.setattr(checkpointing, "load_model", refuse)
+  monkeypatch.setattr(model_store, "load_model", refuse)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_convert_reruns_over_its_own_output(tmp_path, capsys):
   out.mkdir()   # an empty folder holds nothing to lose
   assert convert.main([CHECKPOINT, "--out", str(out)]) == 0
   assert convert.main([CHECKPOINT, "--out", str(out), "--ema"]) == 0
-  assert checkpointing.load_model(str(out)).extra["weights"] == "net_ema"
+  assert model_store.load_model(str(out)).extra["weights"] == "net_ema"
 
 
 # --------------------------------------------------------------------------------------------

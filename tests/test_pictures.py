@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.training import plots
 from star_jax.deploy import predict
 from star_jax.deploy import tracking
@@ -85,7 +85,7 @@ def _far_segments(points: np.ndarray, edges, margin: float):
 def test_annotated_png_draws_the_layouts_curves(tmp_path, points, scheme):
   """The PNG of `star_jax.deploy.predict` draws the curves of the layout written (98 or, with
   `--points 68`, 300W's)."""
-  predictor = predict.Predictor(checkpointing.load_model(CHECKPOINT), batch_size=1)
+  predictor = predict.Predictor(model_store.load_model(CHECKPOINT), batch_size=1)
   image = cv2.imread(PHOTO)[:, :, ::-1]
   report, = predict.predict_files(predictor, [PHOTO], str(tmp_path), boxes=[Box(150, 60, 450,
                                                                               420)],

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.deploy import detection
 from star_jax.deploy import predict
 from star_jax.commands import predict as predict_command
@@ -32,7 +32,7 @@ ASTRONAUT_FACE = (178, 85, 270, 172)
 
 @pytest.fixture(scope="module")
 def predictor():
-  return predict.Predictor(checkpointing.load_model(CHECKPOINT), batch_size=BATCH)
+  return predict.Predictor(model_store.load_model(CHECKPOINT), batch_size=BATCH)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
   blocker = tmp_path / "file"
   blocker.write_text("not a folder")
   loaded = []
-  monkeypatch.setattr(checkpointing, "load_model", lambda *a, **k: loaded.append(1))
+  monkeypatch.setattr(model_store, "load_model", lambda *a, **k: loaded.append(1))
   with pytest.raises(SystemExit) as exit_info:
     predict_command.main(["--checkpoint", CHECKPOINT, str(blocker), "--out", str(blocker)])
   assert exit_info.value.code == 2

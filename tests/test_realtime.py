@@ -42,7 +42,7 @@ def test_configs_keep_the_recipe_and_shrink_the_model(name):
 def test_small_configs_train_on_the_embedded_dataset(name, tmp_path_factory):
   from star_jax.training import train_lib
   from star_jax.training import eval_lib
-  from star_jax.training.checkpointing import load_model
+  from star_jax.training.model_store import load_model
   root = tmp_path_factory.getbasetemp() / "embedded_small"
   files = embedded.ensure_embedded_dataset(str(root), counts=(8, 4, 4))
   config = CONFIGS[name].get_config("demo")

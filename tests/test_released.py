@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.commands import cli
 from star_jax.deploy import released
 from star_jax.commands import released as released_command
@@ -246,7 +246,7 @@ def test_drive_download_passes_the_confirmation_page(host, cache, monkeypatch, c
   # Only requests for the release count: another library of the process may use the proxy too.
   drive = lambda: [r for r in host.requests if "google" in r[0] or "google" in r[1]]
   count = len(drive())
-  loaded = checkpointing.load_model("wflw")
+  loaded = model_store.load_model("wflw")
   assert len(drive()) == count
   assert "licence" not in capfd.readouterr().err
   assert loaded.source == path and loaded.num_points == 98 and loaded.spec.name == "wflw"
@@ -341,7 +341,7 @@ def test_changed_file_is_refused_on_a_later_load(host, cache, monkeypatch):
     f.seek(-1, os.SEEK_CUR)
     f.write(bytes([byte[0] ^ 0xFF]))
   with pytest.raises(CheckpointError) as excinfo:
-    checkpointing.load_model("wflw")
+    model_store.load_model("wflw")
   message = _one_line_error(excinfo)
   assert path in message and "sha256" in message and "changed" in message
 
@@ -357,7 +357,7 @@ def test_register_a_hand_downloaded_file(cache, monkeypatch, capsys):
     record = json.load(f)
   assert record["sha256"] == hashlib.sha256(_fixture_bytes()).hexdigest()
   assert record["source"] == f"registered by hand from {CHECKPOINT}"
-  assert checkpointing.load_model("wflw").num_points == 98    # no network needed now
+  assert model_store.load_model("wflw").num_points == 98    # no network needed now
 
   # A file of another scheme is refused, in one line, and nothing is installed.
   with pytest.raises(SystemExit) as exit_info:
@@ -391,7 +391,7 @@ def test_an_existing_path_wins_over_a_name(cache, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   os.mkdir("wflw")
   with pytest.raises(CheckpointError, match="not a star-jax checkpoint"):
-    checkpointing.load_model("wflw")
+    model_store.load_model("wflw")
   assert not cache.exists()
 
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.deploy import released
 from star_jax.commands import released as released_command
 from star_jax.errors import CheckpointError
@@ -48,7 +48,7 @@ def test_the_table_names_the_official_hrnet_links():
 
 def test_a_missing_file_gives_the_manual_download_line(cache):
   with pytest.raises(CheckpointError) as excinfo:
-    checkpointing.load_model("hrnet-wflw")
+    model_store.load_model("hrnet-wflw")
   message = str(excinfo.value)
   assert "\n" not in message
   assert "https://1drv.ms/u/s!AiWjZ1LamlxzdTsr_9QZCwJsn5U" in message
@@ -63,12 +63,12 @@ def test_register_the_fixture_and_load_it_by_name(cache, capsys):
   record = released.read_record(str(cache / "HR18-300W.pth"))
   with open(FIXTURE, "rb") as f:
     assert record["sha256"] == hashlib.sha256(f.read()).hexdigest()
-  loaded = checkpointing.load_model("hrnet-300w")
+  loaded = model_store.load_model("hrnet-300w")
   assert type(loaded.model).registry_name == "hrnet_w18"
   assert loaded.model.num_points == 68 and loaded.model.width == 18
   assert loaded.trained_on == "300w" and loaded.image_size == 256
   # The weights are the file's: the first convolution, OIHW -> HWIO.
-  direct = checkpointing.load_model(FIXTURE)
+  direct = model_store.load_model(FIXTURE)
   np.testing.assert_array_equal(loaded.variables["params"]["conv1"]["kernel"],
                                 direct.variables["params"]["conv1"]["kernel"])
 

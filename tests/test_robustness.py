@@ -86,9 +86,9 @@ def _copy_images(tmp_path):
 @pytest.mark.slow
 def test_checkpoint_naming_code_is_refused_by_predict_and_eval(tmp_path):
   import json
-  from star_jax.training import checkpointing
-  loaded = checkpointing.load_model(CHECKPOINT)
-  ckpt = checkpointing.save_for_inference(str(tmp_path / "ckpt"), loaded.model, loaded.variables,
+  from star_jax.training import model_store
+  loaded = model_store.load_model(CHECKPOINT)
+  ckpt = model_store.save_for_inference(str(tmp_path / "ckpt"), loaded.model, loaded.variables,
                                           spec=loaded.spec, image_size=256)
   record_file = next(p for p in (tmp_path / "ckpt" / "model").iterdir() if p.is_file())
   record = json.loads(record_file.read_text())
@@ -218,7 +218,7 @@ def test_binary_file_as_tsv(tmp_path):
 def test_unreadable_checkpoint_fallback_is_one_warning_line(tmp_path):
   script = textwrap.dedent(f"""
       import os, numpy as np
-      from star_jax.training import checkpointing
+      from star_jax.training import checkpointing, model_store
       from star_jax.commands import host
       host.configure_process()  # what every entry point does first
       tree = lambda s: {{"w": np.full((4, 3), s, np.float32), "step": np.asarray(s, np.int32)}}

@@ -24,7 +24,7 @@ pytest.importorskip("ai_edge_litert")
 
 from star_jax.deploy import predict
 from star_jax.commands import predict as predict_command
-from star_jax.training.checkpointing import load_model
+from star_jax.training.model_store import load_model
 from star_jax.deploy.export import exporter
 from star_jax.deploy.image_io import load_image
 from star_jax.deploy.runtime import RuntimePredictor, contract

@@ -23,7 +23,7 @@ pytest.importorskip("ai_edge_litert")
 
 from star_jax.core import schemes as datasets
 from star_jax.commands import predict
-from star_jax.training.checkpointing import load_model
+from star_jax.training.model_store import load_model
 from star_jax.errors import CheckpointError
 from star_jax.deploy.export import exporter
 from star_jax.deploy.runtime import RuntimePredictor, contract

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.training import logging_utils
 from tests.limits import LAST_GUARD_S
 
@@ -248,7 +248,7 @@ def test_load_model_from_training_runs(runs):
   final = _load(tmp, "A")
   ema = {k: v for k, v in final.items() if k.startswith("['ema_params']")}
   # The latest step of checkpoints/ holds the final EMA weights.
-  loaded = checkpointing.load_model(os.path.join(tmp, "A", "checkpoints"))
+  loaded = model_store.load_model(os.path.join(tmp, "A", "checkpoints"))
   assert loaded.config.num_train_steps == STEPS and loaded.model.num_stacks == 1
   assert loaded.model.bn_axis_name is None and loaded.image_size == 32
   assert loaded.spec.name == "wflw" and loaded.extra["step"] == STEPS
@@ -257,16 +257,16 @@ def test_load_model_from_training_runs(runs):
     for part in key[2:-2].split("']['"):
       leaf = leaf[part if part != "ema_params" else "params"]
     np.testing.assert_array_equal(leaf, value)
-  raw = checkpointing.load_model(os.path.join(tmp, "A", "checkpoints", "6"), weights="raw")
+  raw = model_store.load_model(os.path.join(tmp, "A", "checkpoints", "6"), weights="raw")
   np.testing.assert_array_equal(raw.variables["params"]["heatmap_head0"]["kernel"],
                                 final["['params']['heatmap_head0']['kernel']"])
   # The workdir resolves to the best model (the one with the lowest validation NME).
-  best = checkpointing.read_best_meta(os.path.join(tmp, "A"))
+  best = model_store.read_best_meta(os.path.join(tmp, "A"))
   val = {r["step"]: r["val_nme"] for r in logging_utils.read_metrics(os.path.join(tmp, "A"))
          if "val_nme" in r}
   assert best["val_nme"] == pytest.approx(min(val.values()))
   assert best["step"] == min(val, key=val.get)
-  loaded = checkpointing.load_model(os.path.join(tmp, "A"))
+  loaded = model_store.load_model(os.path.join(tmp, "A"))
   assert loaded.extra["step"] == best["step"]
   assert "params" in loaded.variables and "batch_stats" in loaded.variables
 

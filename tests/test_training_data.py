@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import demo, wflw as wflw_config
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.core import schemes as datasets
 from star_jax import models
 from star_jax.deploy import web
@@ -40,7 +40,7 @@ def synthetic_onnx(synthetic, tmp_path_factory):
 
 
 def _model_item(path: str) -> dict:
-  with open(os.path.join(path, checkpointing.MODEL_ITEM, "metadata")) as f:
+  with open(os.path.join(path, model_store.MODEL_ITEM, "metadata")) as f:
     return json.load(f)
 
 
@@ -50,13 +50,13 @@ def _warnings(text: str) -> list[str]:
 
 def test_runs_record_what_they_train_on(synthetic):
   assert _model_item(synthetic)["model"]["trained_on"] == "embedded"
-  assert checkpointing.load_model(synthetic).trained_on == "embedded"
+  assert model_store.load_model(synthetic).trained_on == "embedded"
   assert models.training_data(demo.get_config()) == "embedded"
   assert models.training_data(wflw_config.get_config()) == "wflw"
   config = wflw_config.get_config()
   config.dataset = "300w"
   assert models.training_data(config) == "300w"
-  assert checkpointing.load_model(OFFICIAL).trained_on is None     # a plain .pkl: unknown
+  assert model_store.load_model(OFFICIAL).trained_on is None     # a plain .pkl: unknown
 
 
 def test_checkpoints_without_the_field_still_load(synthetic, tmp_path):
@@ -67,13 +67,13 @@ def test_checkpoints_without_the_field_still_load(synthetic, tmp_path):
   shutil.copytree(synthetic, old)
   record = _model_item(old)
   del record["model"]["trained_on"]
-  with open(os.path.join(old, checkpointing.MODEL_ITEM, "metadata"), "w") as f:
+  with open(os.path.join(old, model_store.MODEL_ITEM, "metadata"), "w") as f:
     json.dump(record, f)
-  assert checkpointing.load_model(old).trained_on == "embedded"    # from its config
+  assert model_store.load_model(old).trained_on == "embedded"    # from its config
   record["config"] = None
-  with open(os.path.join(old, checkpointing.MODEL_ITEM, "metadata"), "w") as f:
+  with open(os.path.join(old, model_store.MODEL_ITEM, "metadata"), "w") as f:
     json.dump(record, f)
-  loaded = checkpointing.load_model(old)
+  loaded = model_store.load_model(old)
   assert loaded.trained_on is None and loaded.num_points == 98
 
 

@@ -47,7 +47,7 @@ pytest.importorskip("onnx")
 from star_jax.deploy import detection, video, web
 from star_jax.foreign import original_formats
 from star_jax.data import transforms
-from star_jax.training.checkpointing import load_model
+from star_jax.training.model_store import load_model
 from star_jax.deploy.export import exporter
 from star_jax.deploy.detection import Box
 from star_jax.deploy.predict import Predictor

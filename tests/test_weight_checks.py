@@ -18,10 +18,10 @@ import flax.traverse_util
 import numpy as np
 import pytest
 
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.core import json_output
 from star_jax import models
-from star_jax.training.checkpointing import load_model
+from star_jax.training.model_store import load_model
 from star_jax.errors import CheckpointError
 from tests.export_checkpoints import save_star_jax_checkpoint
 
@@ -40,7 +40,7 @@ def _tampered(tmp_path, loaded, change) -> str:
   flat = flax.traverse_util.flatten_dict(loaded.variables)
   flat = {k: np.array(v) for k, v in flat.items()}
   change(flat)
-  return checkpointing.save_for_inference(
+  return model_store.save_for_inference(
       str(tmp_path / "tampered"), loaded.model, flax.traverse_util.unflatten_dict(flat),
       spec=loaded.spec, image_size=loaded.image_size)
 
@@ -100,8 +100,8 @@ def _legacy_dir(tmp_path, good_path, fields) -> str:
   """A checkpoint of the earlier layout (model.json + variables/) whose description says
   `fields` instead of the truth."""
   directory = tmp_path / "legacy"
-  shutil.copytree(os.path.join(good_path, checkpointing.VARIABLES_ITEM),
-                  directory / checkpointing.VARIABLES_ITEM)
+  shutil.copytree(os.path.join(good_path, model_store.VARIABLES_ITEM),
+                  directory / model_store.VARIABLES_ITEM)
   description = models.describe(load_model(good_path).model)
   description["fields"].update(fields)
   (directory / "model.json").write_text(json.dumps(description))

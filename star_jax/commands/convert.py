@@ -2,7 +2,7 @@
 star-jax inference checkpoint directory, which evaluation, prediction and export read.
 
 The official file is read as data by `star_jax.foreign.official` (through
-`checkpointing.load_model`,
+`model_store.load_model`,
 the loader every command shares); the directory holds the model description, the landmark
 scheme (a built-in dataset when the E2H edges match one) and the weights. --out is replaced as
 a whole, so it must be new, empty, or a folder this command wrote (`check_out_dir`).
@@ -20,20 +20,20 @@ from star_jax.core import outputs
 from star_jax.errors import DataError, UsageError
 
 if TYPE_CHECKING:  # imported where used: the inference-only install lacks JAX and orbax
-  from star_jax.training import checkpointing
+  from star_jax.training import model_store
 
 
-def convert(checkpoint: str, out_dir: str, *, ema: bool = False) -> checkpointing.LoadedModel:
+def convert(checkpoint: str, out_dir: str, *, ema: bool = False) -> model_store.LoadedModel:
   """Reads `checkpoint` (`"net"`, or `"net_ema"` with `ema`) and writes it to `out_dir`."""
-  from star_jax.training import checkpointing
+  from star_jax.training import model_store
   if not os.path.exists(checkpoint):
     raise DataError(f"{checkpoint}: no such file")
   check_out_dir(checkpoint, out_dir)
-  if not checkpointing.is_official_checkpoint(checkpoint):
+  if not model_store.is_official_checkpoint(checkpoint):
     raise UsageError(f"{checkpoint}: not an official STAR checkpoint file "
-                     f"({', '.join(checkpointing.OFFICIAL_SUFFIXES)})")
-  loaded = checkpointing.load_model(checkpoint, weights="ema" if ema else "default")
-  checkpointing.save_for_inference(
+                     f"({', '.join(model_store.OFFICIAL_SUFFIXES)})")
+  loaded = model_store.load_model(checkpoint, weights="ema" if ema else "default")
+  model_store.save_for_inference(
       out_dir, loaded.model, loaded.variables, spec=loaded.spec, image_size=loaded.image_size,
       extra={"converted_from": os.path.abspath(checkpoint), "weights": loaded.weights},
       trained_on=loaded.trained_on)
@@ -43,10 +43,10 @@ def convert(checkpoint: str, out_dir: str, *, ema: bool = False) -> checkpointin
 def _converted_here(path: str) -> bool:
   """Whether `path` is a checkpoint folder this command wrote (its model record says what it
   was converted from): the only folder `convert` replaces, besides an empty one."""
-  from star_jax.training import checkpointing
-  model_dir = os.path.join(path, checkpointing.MODEL_ITEM)
+  from star_jax.training import model_store
+  model_dir = os.path.join(path, model_store.MODEL_ITEM)
   if not os.path.isdir(model_dir) or not os.path.isdir(
-      os.path.join(path, checkpointing.VARIABLES_ITEM)):
+      os.path.join(path, model_store.VARIABLES_ITEM)):
     return False
   for name in os.listdir(model_dir):
     try:

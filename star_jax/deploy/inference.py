@@ -68,8 +68,8 @@ class Predictor:
   """Batched, jitted landmark prediction for whole images and videos.
 
   Args:
-    checkpoint: path for `checkpointing.load_model`, or a `checkpointing.LoadedModel`.
-    weights: 'default', 'ema' or 'raw' (see `checkpointing.load_model`).
+    checkpoint: path for `model_store.load_model`, or a `model_store.LoadedModel`.
+    weights: 'default', 'ema' or 'raw' (see `model_store.load_model`).
     batch_size: faces per network call; calls are padded (to powers of two up to it) so few
       compilations serve all.
     detector: a name of `star_jax.deploy.detection` ('default', 'blazeface', 'lbp', ...) or a
@@ -92,9 +92,9 @@ class Predictor:
                detector: str | Callable[[np.ndarray], list[Box]] = detection.DEFAULT,
                detector_rule: CropRule | str | None = None, tta: str = "none"):
     self._setup(batch_size, detector, detector_rule, tta)
-    from star_jax.training import checkpointing, eval_lib  # JAX, imported only by this network
-    self.loaded = (checkpoint if isinstance(checkpoint, checkpointing.LoadedModel)
-                   else checkpointing.load_model(checkpoint, weights=weights))
+    from star_jax.training import eval_lib, model_store# JAX, imported only by this network
+    self.loaded = (checkpoint if isinstance(checkpoint, model_store.LoadedModel)
+                   else model_store.load_model(checkpoint, weights=weights))
     self._normalize = eval_lib.normalize_crops
     self._landmark_fn = eval_lib.landmark_fn_for(self.loaded)
     # On the device once: a host copy of the weights would be sent with every call (68 MB for

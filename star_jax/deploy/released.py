@@ -2,7 +2,7 @@
 
 The official STAR repository (github ZhenglinZhou/STAR) links one trained checkpoint per dataset
 from its README, on Google Drive (with a Baidu mirror). `RELEASES` names them. The first time a
-name is asked for (`ensure("wflw")`, or any checkpoint argument: `checkpointing.load_model`
+name is asked for (`ensure("wflw")`, or any checkpoint argument: `model_store.load_model`
 resolves a bare name that is not an existing path here), the file is fetched with gdown (which
 handles Drive's confirmation page for large files), with a progress bar, into
 

@@ -71,7 +71,7 @@ def released_onnx(name: str) -> str:
   """An ONNX export of the released model `name` (`star_jax.deploy.released`), made once in the
   cache
   beside its checkpoint and made again when the checkpoint's sha256 changes."""
-  from star_jax.training import checkpointing
+  from star_jax.training import model_store
   from star_jax.deploy import released
   from star_jax.deploy.export import exporter
   release = released.get(name)
@@ -90,7 +90,7 @@ def released_onnx(name: str) -> str:
   staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".export.")
   try:
     staged = os.path.join(staging, os.path.basename(out))
-    exporter.export(checkpointing.load_model(release.name), "onnx", staged)
+    exporter.export(model_store.load_model(release.name), "onnx", staged)
     os.replace(staged, out)   # the model first: a sidecar that matches always has its model
     os.replace(contract.sidecar_path(staged), sidecar)
   finally:

@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.core import json_output
 from star_jax.core import metrics as metrics_lib
 from star_jax.core import outputs
 from star_jax.training import plots
-from star_jax.training.checkpointing import LoadedModel
+from star_jax.training.model_store import LoadedModel
 from star_jax.data import transforms
 from star_jax.core.schemes import DatasetSpec, get_spec
 from star_jax.errors import DataError, UsageError
@@ -260,7 +260,7 @@ def evaluate(config: Any, checkpoint: str | LoadedModel, output_dir: str | None 
   Args:
     config: a star-jax config (configs/<dataset>.py with overrides); its data section says where
       the images and TSVs are; `config.nme_norm` is the normalisation unless `norm` is given.
-    checkpoint: a path for `checkpointing.load_model`, or an already loaded model.
+    checkpoint: a path for `model_store.load_model`, or an already loaded model.
     output_dir: where metrics.json, predictions.npz and ced.png go (None: write nothing).
     split: 'test' or 'val'.
     threshold: FR/AUC threshold in (0, 1] (default: the dataset's, 0.05 for 300W, else 0.1).
@@ -280,7 +280,7 @@ def evaluate(config: Any, checkpoint: str | LoadedModel, output_dir: str | None 
   norm = norm or config.get("nme_norm", "default")
   spec.resolve_norm(norm)
   loaded = (checkpoint if isinstance(checkpoint, LoadedModel)
-            else checkpointing.load_model(checkpoint, weights=weights))
+            else model_store.load_model(checkpoint, weights=weights))
   if loaded.num_points != spec.num_points:
     raise UsageError(f"checkpoint {loaded.source!r} predicts {loaded.num_points} landmarks but "
                      f"config.dataset={config.dataset!r} has {spec.num_points}; pass the config "

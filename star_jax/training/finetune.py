@@ -32,7 +32,7 @@ import flax
 import jax
 import numpy as np
 
-from star_jax.training import checkpointing
+from star_jax.training import model_store
 from star_jax.core import schemes as datasets
 from star_jax import models
 from star_jax.errors import UsageError
@@ -41,16 +41,16 @@ PyTree = Any
 
 
 @functools.lru_cache(maxsize=2)
-def _load(path: str, weights: str) -> checkpointing.LoadedModel:
-  return checkpointing.load_model(path, weights=weights)
+def _load(path: str, weights: str) -> model_store.LoadedModel:
+  return model_store.load_model(path, weights=weights)
 
 
-def init_checkpoint(config) -> checkpointing.LoadedModel:
+def init_checkpoint(config) -> model_store.LoadedModel:
   """The `init_from` checkpoint of `config` (loaded once per process)."""
   weights = str(config.init_weights)
-  if weights not in checkpointing.WEIGHTS:
+  if weights not in model_store.WEIGHTS:
     raise UsageError(f"config.init_weights={weights!r}: use one of "
-                     f"{', '.join(checkpointing.WEIGHTS)}")
+                     f"{', '.join(model_store.WEIGHTS)}")
   return _load(str(config.init_from), weights)
 
 

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from star_jax.training import checkpointing
+from star_jax.training import checkpointing, model_store
 from star_jax.core import schemes as datasets
 from star_jax.core import losses
 from star_jax.core import metrics as metrics_lib
@@ -408,7 +408,7 @@ class _Run:
   schedule: optax.Schedule
   writer: Any
   checkpoints: checkpointing.TrainCheckpoints
-  best: checkpointing.BestCheckpoints | None
+  best: model_store.BestCheckpoints | None
   p_train_step: Callable
   p_eval_step: Callable
   train_size: int
@@ -551,7 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              schedule=lr_schedule(config, epoch_steps),
              writer=None, checkpoints=checkpointing.TrainCheckpoints(
                  workdir, keep=int(config.keep_checkpoints)),
-             best=checkpointing.BestCheckpoints(workdir) if is_primary else None,
+             best=model_store.BestCheckpoints(workdir) if is_primary else None,
              p_train_step=parallel.map_over_devices(
                  functools.partial(train_step, model=train_model, tx=tx,
                                    decay=ema_decay(config),

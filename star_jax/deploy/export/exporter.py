@@ -114,12 +114,12 @@ def inference_model(model: Any, dtype: str = "float32") -> Any:
 
 
 def load_checkpoint(checkpoint: Any, weights: str = "default") -> Any:
-  """`checkpointing.load_model` (its failures are one-line CheckpointErrors), or `checkpoint`
+  """`model_store.load_model` (its failures are one-line CheckpointErrors), or `checkpoint`
   itself when it is already loaded."""
-  from star_jax.training import checkpointing
-  if isinstance(checkpoint, checkpointing.LoadedModel):
+  from star_jax.training import model_store
+  if isinstance(checkpoint, model_store.LoadedModel):
     return checkpoint
-  return checkpointing.load_model(checkpoint, weights=weights)
+  return model_store.load_model(checkpoint, weights=weights)
 
 
 def onnx_graph_module(loaded: Any) -> Any:
@@ -242,7 +242,7 @@ def _exported_here(out: str) -> bool:
 def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
            batch: int | None = None, dtype: str = "float32", quantize: str | None = None,
            heatmaps: bool = False, calibration: Any = None) -> ExportResult:
-  """Exports `checkpoint` (a path `checkpointing.load_model` reads, or a LoadedModel) to `out`.
+  """Exports `checkpoint` (a path `model_store.load_model` reads, or a LoadedModel) to `out`.
 
   Writes `out` (a file; a directory for savedmodel) and `out.json`. See `check_options` for
   what each format supports; TFLite takes `batch` (default 1), ONNX a fixed `batch` or None
