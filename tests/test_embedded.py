@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from star_jax.data import embedded
+from star_jax.data import synthetic_faces
 from star_jax.commands import embedded as embedded_command
 from star_jax.core.schemes import get_spec
 
@@ -66,13 +67,13 @@ def _frontal(**overrides):
   values = dict(roll_deg=0.0, yaw=0.0, pitch=0.0, mouth_open=0.05, smile=0.0, brow_raise=0.0,
                 eye_open=(1.0, 1.0), gaze=(0.0, 0.0))
   values.update(overrides)
-  return embedded.FaceParams(**values)
+  return synthetic_faces.FaceParams(**values)
 
 
 def test_layout_mirrors_onto_the_flip_pairs():
   # Mirroring a frontal face (x -> -x) and relabelling by the flip pairs gives the face back,
   # up to the small per-point jitter the generator adds.
-  canon = embedded.canonical_landmarks(_frontal(), np.random.default_rng(0))
+  canon = synthetic_faces.canonical_landmarks(_frontal(), np.random.default_rng(0))
   mirrored = canon[SPEC.flip_permutation()] * np.array([-1.0, 1.0])
   assert np.abs(mirrored - canon).max() < 0.05
   # Mirror-symmetric points lie on the midline.
@@ -82,7 +83,7 @@ def test_layout_mirrors_onto_the_flip_pairs():
 
 
 def test_layout_semantics():
-  canon = embedded.canonical_landmarks(_frontal(), np.random.default_rng(1))
+  canon = synthetic_faces.canonical_landmarks(_frontal(), np.random.default_rng(1))
   x, y = canon[:, 0], canon[:, 1]
   assert x[0] < x[16] < x[32]                       # temple, chin, temple: left to right
   assert y[16] == pytest.approx(y.max(), abs=0.02)  # the chin is the lowest point
@@ -95,16 +96,17 @@ def test_layout_semantics():
     pts = canon[list(eye)]
     assert pts[:, 0].min() < x[pupil] < pts[:, 0].max()
   # Expressions move the right points.
-  smiling = embedded.canonical_landmarks(_frontal(smile=0.12), np.random.default_rng(1))
+  smiling = synthetic_faces.canonical_landmarks(_frontal(smile=0.12), np.random.default_rng(1))
   assert (smiling[[76, 82], 1] < canon[[76, 82], 1]).all()
-  opened = embedded.canonical_landmarks(_frontal(mouth_open=0.25), np.random.default_rng(1))
+  opened = synthetic_faces.canonical_landmarks(_frontal(mouth_open=0.25), np.random.default_rng(1))
   assert opened[94, 1] - opened[90, 1] > canon[94, 1] - canon[90, 1] + 0.15
 
 
 def test_drawing_puts_dark_pupils_at_96_97():
   dark, skin = [], []
   for index in range(12):
-    sample = embedded.generate_sample(embedded._image_rng(embedded.DEFAULT_SEED, "train", index))
+    sample = synthetic_faces.generate_sample(
+        embedded._image_rng(embedded.DEFAULT_SEED, "train", index))
     if sample.tags[[1, 2, 4, 5]].any():  # expression (closed eyes), light, occlusion, blur
       continue
     gray = cv2.cvtColor(sample.image, cv2.COLOR_RGB2GRAY).astype(np.float64)
@@ -119,7 +121,7 @@ def test_drawing_puts_dark_pupils_at_96_97():
 
 
 def test_tags_vary_with_the_generator_choices():
-  tags = np.array([embedded.generate_sample(
+  tags = np.array([synthetic_faces.generate_sample(
       embedded._image_rng(embedded.DEFAULT_SEED, "train", i)).tags for i in range(40)])
   rates = tags.mean(0)
   assert (rates > 0).all() and (rates < 0.7).all(), rates

@@ -2,7 +2,7 @@
 
 For the demo (`make demo` writes one and runs the predictor on it), the tests (tracking a
 moving face) and the benchmarks (frames/s, jitter). A face drawn by
-`star_jax.data.embedded.generate_sample` is pasted into a frame (default 640x480) by a
+`star_jax.data.synthetic_faces.generate_sample` is pasted into a frame (default 640x480) by a
 similarity transform that changes smoothly over time: it drifts across the frame along an
 ellipse, turns by a few degrees and grows and shrinks a little (`motion`), or stays put
 (`motion=0`: the same frame repeated, for jitter measurements). `noise` adds Gaussian pixel
@@ -18,7 +18,7 @@ import math
 import cv2
 import numpy as np
 
-from star_jax.data import embedded
+from star_jax.data import synthetic_faces
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ def _face_patch(seed: int) -> tuple[np.ndarray, np.ndarray]:
   """A generated face image and its landmarks: the first draw without large pose, occlusion or
   blur (WFLW tags 0, 4, 5), so that a detector finds it in every frame."""
   for k in range(200):
-    sample = embedded.generate_sample(np.random.default_rng([seed, k]))
+    sample = synthetic_faces.generate_sample(np.random.default_rng([seed, k]))
     if not (sample.tags[0] or sample.tags[4] or sample.tags[5]):
       break
   return sample.image, sample.landmarks
