@@ -72,6 +72,37 @@ class ArgumentParser(argparse.ArgumentParser):
     error_exit(f"{message} (usage: {self.prog} --help)", errors.UsageError.exit_code)
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+  """An argparse type: an integer of at least `minimum`."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+  return parse
+
+
+def parse_bool(text: str) -> bool:
+  """An argparse type: true / false / 1 / 0 / t / f, in any case."""
+  if text.lower() in ("true", "t", "1"):
+    return True
+  if text.lower() in ("false", "f", "0"):
+    return False
+  raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true or false)")
+
+
+def add_switch(parser: argparse.ArgumentParser, name: str, *, default: bool, help: str) -> None:
+  """A boolean flag written any of the ways the training commands have always accepted:
+  `--NAME`, `--NAME=true|false` (or 1/0) and `--noNAME`."""
+  parser.add_argument(f"--{name}", dest=name, nargs="?", const=True, default=default,
+                      type=parse_bool, metavar="BOOL", help=f"{help} (default: {default})")
+  parser.add_argument(f"--no{name}", dest=name, action="store_false",
+                      help=f"The same as --{name}=false.")
+
+
 def _describe_os_error(e: OSError) -> str:
   if e.filename is not None:
     return f"{e.filename}: {e.strerror or e}"
