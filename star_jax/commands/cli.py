@@ -133,7 +133,7 @@ def show_library_messages() -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    logger.propagate = False  # not again through absl's handler
+    logger.propagate = False  # not again through the root handler (absl's log lines)
 
 
 def run(fn: Callable[[], int | None]) -> int:
