@@ -52,7 +52,7 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
   """Adds the required `--config PATH[:ARG]` flag; `parse_args` then loads it."""
   parser.add_argument(FLAG, required=True, metavar="PATH[:ARG]",
                       help="Path to a config file (configs/*.py); PATH:ARG passes ARG to its "
-                           "get_config (e.g. configs/realtime_1x64.py:300w).")
+                           "get_config (e.g. configs/realtime_1x64.py:demo).")
 
 
 def parse_args(parser: argparse.ArgumentParser,
