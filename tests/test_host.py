@@ -8,6 +8,7 @@ from __future__ import annotations
 from tests.limits import LAST_GUARD_S
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -80,3 +81,27 @@ def test_too_late_once_jax_has_started():
   run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=LAST_GUARD_S, check=True)
   assert run.stdout.split() == ["0", "''"]
+
+
+_LOG_PROBE = """
+from star_jax.commands import host
+host.show_absl_logs()
+host.show_absl_logs()  # idempotent: still one line per record
+host.configure_process()
+from absl import logging
+logging.info("an info line")
+logging.warning("a warning line")
+logging.debug("a debug line")
+"""
+
+
+def test_training_commands_show_absl_lines_as_absl_app_did():
+  """INFO and above, each once, with absl's prefix (level, date, time, thread, file:line), and
+  no complaint that absl's flags were not parsed (the commands parse with argparse)."""
+  run = subprocess.run([sys.executable, "-c", _LOG_PROBE], cwd=ROOT, capture_output=True,
+                       text=True, timeout=LAST_GUARD_S, check=True)
+  lines = run.stderr.splitlines()
+  assert len(lines) == 2, run.stderr
+  prefix = r"\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ <string>:\d+\] "
+  assert re.fullmatch("I" + prefix + "an info line", lines[0]), lines
+  assert re.fullmatch("W" + prefix + "a warning line", lines[1]), lines

@@ -127,9 +127,10 @@ def test_eval_names_an_unreadable_image_by_tsv_line_before_evaluating(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("flag, fragment", [
     ("--threshold=-1", "--threshold -1.0: must be in (0, 1]"),
-    ("--batch_size=0", "flag --batch_size=0"),
-    ("--norm=nope", "flag --norm=nope"),
-    ("--config.data.image_size=abc", "config.data.image_size"),
+    ("--batch_size=0", "--batch_size: must be at least 1, got 0"),
+    ("--norm=nope", "--norm: invalid choice: 'nope'"),
+    ("--config.data.image_size=abc", "--config.data.image_size: 'abc' is not an integer"),
+    ("--check_images=perhaps", "--check_images: 'perhaps' is not a boolean"),
     ("--no_such_flag", "no_such_flag"),
 ])
 def test_eval_usage_errors(tmp_path, flag, fragment):

@@ -4,7 +4,10 @@
 - the library never imports the top-level `configs` package;
 - private JAX APIs (`jax._src`) are used in star_jax/core/jax_compat.py only;
 - importing every module changes no process setting (environment variables such as XLA_FLAGS
-  and TF_CPP_MIN_LOG_LEVEL, which only `star_jax.commands.host.configure_process` sets).
+  and TF_CPP_MIN_LOG_LEVEL, which only `star_jax.commands.host.configure_process` sets);
+- argparse is the only argument parser (no absl flags, absl.app or ml_collections'
+  config_flags anywhere), used in star_jax/commands only: train.py and eval.py just call their
+  command there.
 """
 
 from __future__ import annotations
@@ -193,24 +196,74 @@ def _process_changes(tree: ast.AST) -> list[str]:
   return found
 
 
+def _imported_names(tree: ast.AST, nodes=None) -> list[str]:
+  """Every module name an import statement names (`from a import b` names `a` and `a.b`)."""
+  names = []
+  for node in ast.walk(tree) if nodes is None else nodes:
+    if isinstance(node, ast.Import):
+      names += [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      names += [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+  return names
+
+
+def _is_within(name: str, package: str) -> bool:
+  return name == package or name.startswith(package + ".")
+
+
+# The parsers of other styles: argparse is the one every command uses.
+OTHER_PARSERS = ("absl.flags", "absl.app", "ml_collections.config_flags")
+
+
+def _repository_sources() -> list[str]:
+  found = []
+  for folder, dirs, files in os.walk(ROOT):
+    dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("node_modules",
+                                                                       "__pycache__")]
+    found += [os.path.join(folder, n) for n in files if n.endswith(".py")]
+  return sorted(found)
+
+
+def test_argparse_is_the_only_argument_parser():
+  sources = _repository_sources()
+  assert os.path.join(ROOT, "train.py") in sources and os.path.join(ROOT, "eval.py") in sources
+  problems = []
+  for path in sources:
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for name in _imported_names(tree):
+      if any(_is_within(name, other) for other in OTHER_PARSERS):
+        problems.append(f"{os.path.relpath(path, ROOT)}: imports {name}")
+  assert not problems, "\n".join(problems)
+
+
+def test_train_and_eval_scripts_only_call_their_command():
+  """The root scripts check the install, then hand the command line to star_jax/commands."""
+  for script, command in (("train.py", "star_jax.commands.train"),
+                          ("eval.py", "star_jax.commands.eval")):
+    tree = ast.parse(open(os.path.join(ROOT, script), encoding="utf-8").read(), script)
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert imported == ["star_jax.commands", "star_jax.commands"], (script, imported)
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
+    assert names == ["cli", command.rpartition(".")[2]], (script, names)
+    # The install check comes before the command's import (which needs the training install).
+    code = [ast.unparse(n) for n in tree.body
+            if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    assert code[1] == f"cli.require_training_install({script!r})", (script, code)
+    assert code[2].startswith(f"from {command.rpartition('.')[0]} import "), (script, code)
+
+
 def test_library_modules_parse_no_arguments_and_leave_the_process_alone():
-  """argparse and absl flags belong to star_jax/commands (and train.py, eval.py); so do
-  environment writes, replacing sys.stderr/stdout, and print (the library logs)."""
+  """argparse belongs to star_jax/commands; so do environment writes, replacing
+  sys.stderr/stdout, and print (the library logs)."""
   problems = []
   for module, path in sorted(_modules().items()):
     if _is_entry_point(module):
       continue
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
-    for node in _outside_main_block(tree):
-      names = []
-      if isinstance(node, ast.Import):
-        names = [a.name for a in node.names]
-      elif isinstance(node, ast.ImportFrom):
-        names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-      for name in names:
-        if name == "argparse" or name == "absl.flags" or name.startswith("absl.flags.") \
-            or name.startswith("ml_collections.config_flags"):
-          problems.append(f"{module}: imports {name}")
+    for name in _imported_names(tree, _outside_main_block(tree)):
+      if name == "argparse" or any(_is_within(name, other) for other in OTHER_PARSERS):
+        problems.append(f"{module}: imports {name}")
     problems += [f"{module}: {p}" for p in _process_changes(tree)]
   assert not problems, "\n".join(problems)
 

@@ -1,4 +1,5 @@
-"""The error contract shared by every entry point (train.py, eval.py, `python -m star_jax.*`).
+"""The error contract shared by every entry point (train.py, eval.py, `python -m star_jax.*`),
+and the argparse style they all parse their flags with.
 
 A user mistake ends in one line on stderr and an exit code, never a traceback:
 
@@ -8,7 +9,9 @@ A user mistake ends in one line on stderr and an exit code, never a traceback:
 - an `OSError` about a path (missing file, permission denied, disk full) is exit 1;
 - Ctrl-C is `interrupted` and exit 130 (training asks `graceful_stop` instead: it saves first,
   then exits 130, or 143 for SIGTERM);
-- flag-parsing errors of absl entry points are exit 2.
+- a wrong flag is exit 2: every command parses with `ArgumentParser` below (argparse, with
+  `int_at_least` and `add_switch` for bounded integers and booleans; train.py and eval.py add
+  their `--config` file and overrides with `config_args`).
 
 `STAR_JAX_DEBUG=1` re-raises instead, so the traceback is shown. Any other exception is a
 programming error and keeps its traceback.
@@ -72,6 +75,37 @@ class ArgumentParser(argparse.ArgumentParser):
     error_exit(f"{message} (usage: {self.prog} --help)", errors.UsageError.exit_code)
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+  """An argparse type: an integer of at least `minimum`."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+  return parse
+
+
+def parse_bool(text: str) -> bool:
+  """An argparse type: true / false / 1 / 0 / t / f, in any case."""
+  if text.lower() in ("true", "t", "1"):
+    return True
+  if text.lower() in ("false", "f", "0"):
+    return False
+  raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true or false)")
+
+
+def add_switch(parser: argparse.ArgumentParser, name: str, *, default: bool, help: str) -> None:
+  """A boolean flag written any of the ways the training commands have always accepted:
+  `--NAME`, `--NAME=true|false` (or 1/0) and `--noNAME`."""
+  parser.add_argument(f"--{name}", dest=name, nargs="?", const=True, default=default,
+                      type=parse_bool, metavar="BOOL", help=f"{help} (default: {default})")
+  parser.add_argument(f"--no{name}", dest=name, action="store_false",
+                      help=f"The same as --{name}=false.")
+
+
 def _describe_os_error(e: OSError) -> str:
   if e.filename is not None:
     return f"{e.filename}: {e.strerror or e}"
@@ -99,7 +133,7 @@ def show_library_messages() -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    logger.propagate = False  # not again through absl's handler
+    logger.propagate = False  # not again through the root handler (absl's log lines)
 
 
 def run(fn: Callable[[], int | None]) -> int:
@@ -140,80 +174,6 @@ def main_wrapper(fn: Callable[[Sequence[str] | None], int | None]
   wrapped.__doc__ = fn.__doc__
   wrapped.__name__ = getattr(fn, "__name__", "main")
   return wrapped
-
-
-def _load_config_files() -> None:
-  """Loads every `config_flags` config file now, so that a missing or broken one is a usage
-  error naming the file (ml_collections otherwise defers the failure to first use)."""
-  from absl import flags
-  for name in list(flags.FLAGS):
-    flag = flags.FLAGS[name]
-    if not hasattr(flag, "config_filename") or flag.name != name:
-      continue
-    path = str(flag.config_filename).split(":")[0]
-    try:
-      value = flag.value
-      # A file that failed to load gives a stand-in that raises an OSError (from the failure)
-      # on any attribute access; a loaded config answers the default for an unknown attribute.
-      getattr(value, "star_jax_probe", None)
-      failure = None
-    except OSError as e:
-      failure = e.__cause__ or e
-    except Exception as e:  # config files are user code: any failure is theirs
-      failure = e
-    if failure is None:
-      continue
-    if debug_enabled():
-      raise failure
-    if path and not os.path.exists(path):
-      error_exit(f"--{name} {path}: no such config file", errors.UsageError.exit_code)
-    cause = failure.__cause__ or failure
-    error_exit(f"--{name} {path}: {type(cause).__name__}: {one_line(cause)}",
-               errors.UsageError.exit_code)
-
-
-def absl_run(main: Callable[[list[str]], int | None]) -> NoReturn:
-  """`absl.app.run(main)` with flag errors as `error: ...` + exit 2 and `main` under `run`."""
-  from absl import app
-  from absl import flags
-
-  def parse(argv: list[str]) -> list[str]:
-    try:
-      rest = flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-      # ml_collections' override of a field the config does not have.
-      if debug_enabled():
-        raise
-      text = str(e)  # the missing key, quoted (and escaped), perhaps with a suggestion
-      found = re.search(r"([A-Za-z_]\w*)", text)
-      field = found.group(1) if found else ""
-      suggestion = re.search(r'Did you mean "(\w+)"', text)
-      hint = f"; did you mean {suggestion.group(1)}?" if suggestion else ""
-      wrong = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                    and field and field in a.split("=")[0].split(".")), None)
-      error_exit(f"{wrong or '--config.' + field}: no such config field{hint}",
-                 errors.UsageError.exit_code)
-    except flags.Error as e:
-      if debug_enabled():
-        raise
-      root = e
-      while (root.__cause__ or root.__context__) is not None:
-        root = root.__cause__ or root.__context__
-      if root is e:
-        error_exit(e, errors.UsageError.exit_code)
-      # A config file that raised: name the flag and the exception it raised.
-      error_exit(f"{one_line(e).split(': ')[0]}: {type(root).__name__}: {one_line(root)}",
-                 errors.UsageError.exit_code)
-    _load_config_files()
-    return rest
-
-  def guarded(argv: list[str]) -> int:
-    if len(argv) > 1:
-      error_exit(f"unexpected arguments: {' '.join(argv[1:])}", errors.UsageError.exit_code)
-    return run(lambda: main(argv))
-
-  app.run(guarded, flags_parser=parse)
-  sys.exit(0)  # app.run exits itself; this keeps type checkers and readers sure of it
 
 
 class StopRequest:

@@ -21,6 +21,8 @@ are only set for the jaxlib release they were measured with (XLA aborts on unkno
 
 `configure_process` applies everything here; the entry points (train.py, eval.py, the
 `python -m star_jax.*` commands) and the benchmarks call it, library functions never do.
+`show_absl_logs` gives the training commands (train.py, eval.py) the training library's
+`absl.logging` lines on stderr.
 """
 
 from __future__ import annotations
@@ -137,6 +139,44 @@ def _quiet_library_logs() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _DropLibraryChatter) for f in handler.filters):
     handler.addFilter(_DropLibraryChatter())
+
+
+class _AbslLines(py_logging.StreamHandler):
+  """Log records as absl prints them, on whatever `sys.stderr` is when a record comes."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value) -> None:
+    del value
+
+
+def show_absl_logs() -> None:
+  """The training commands' log lines (train.py, eval.py): records of INFO and above on stderr
+  in absl's format (`I1207 15:28:58.511832 140231244168064 train_lib.py:574] ...`), as absl's
+  `app.run` showed them, and Python's fault handler on (app.run's too), so that a crash in
+  native code still prints the Python stack. Idempotent.
+
+  The training library logs through `absl.logging`. absl's own handler expects absl's flag
+  parser to have run (without it, it prefixes the first record with a warning that flags were
+  not parsed); the commands parse with argparse, so this handler formats with absl's public
+  formatter instead, at the root as absl's is, and drops the same library chatter as
+  `configure_process` does on absl's.
+  """
+  import faulthandler
+  from absl import logging
+  root = py_logging.getLogger()
+  if not any(isinstance(h, _AbslLines) for h in root.handlers):
+    handler = _AbslLines()
+    handler.setFormatter(logging.PythonFormatter())
+    handler.addFilter(_DropLibraryChatter())
+    root.addHandler(handler)
+  root.setLevel(py_logging.INFO)
+  logging.set_verbosity(logging.INFO)
+  if not faulthandler.is_enabled():
+    faulthandler.enable()
 
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -31,21 +31,8 @@ def _parse_box(text: str) -> Box:
     raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-  """An argparse type: an integer of at least `minimum`."""
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < minimum:
-      raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-    return value
-  return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
+_positive_int = cli.int_at_least(1)
+_non_negative_int = cli.int_at_least(0)
 
 
 def _layout(text: str) -> int:
