@@ -19,6 +19,8 @@ def apply(c):
   """`c` (a base config) switched to HRNetV2-W18 with the losses above; returns `c`."""
   c.model.name = "hrnet_w18"
   c.model.width = 18
+  c.model.stage_modules = (1, 4, 3)  # the official face configuration
+  c.model.blocks = 4
   c.model.decode = "soft_argmax"
   c.model.input_normalisation = "imagenet"
   c.data.image_size = 256

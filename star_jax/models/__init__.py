@@ -49,7 +49,7 @@ _NOT_DESCRIBED = ("parent", "name", "bn_axis_name")
 # so that a file cannot ask for an absurd network: the released models use 4 stacks, 4 levels,
 # 256 channels and 98 points.
 SIZE_LIMITS = {"num_stacks": (1, 16), "num_levels": (1, 8), "channels": (1, 4096),
-               "num_points": (1, 4096)}
+               "num_points": (1, 4096), "width": (1, 512), "blocks": (1, 16)}
 # Any other integer field.
 _INT_LIMIT = 1 << 20
 

@@ -62,8 +62,11 @@ INPUT_NORMALISATIONS = ("imagenet", "none")
 STEM_CHANNELS = 64
 LAYER1_BLOCKS = 4
 BOTTLENECK_EXPANSION = 4
-# (modules, blocks per branch) of stages 2, 3 and 4; branch widths are width * 2**k.
-STAGES = ((1, 4), (4, 4), (3, 4))
+# Modules of stages 2, 3 and 4 and basic blocks per branch in each (official face configuration);
+# branch widths are width * 2**k.
+OFFICIAL_STAGE_MODULES = (1, 4, 3)
+OFFICIAL_BLOCKS = 4
+MAX_MODULES = 16
 
 Dtype = Any
 
@@ -165,6 +168,10 @@ class HRNetW18(nn.Module):
   Attributes:
     num_points: landmarks (heatmaps).
     width: channels of the highest-resolution branch (18; branches have width * 2**k).
+    stage_modules: modules of stages 2, 3 and 4 (official (1, 4, 3)).
+    blocks: basic blocks per branch in every module (official 4). Fewer modules and blocks make
+      a smaller network of the same structure (tests use (1, 1, 1) and 1: the same code paths at
+      a fraction of the compile time); released checkpoints have the official values.
     decode: "official" or "soft_argmax" (see the module docstring).
     input_normalisation: "imagenet" (input in [-1, 1]) or "none".
     dtype: compute dtype; parameters, BatchNorm statistics and the decode stay float32 (or
@@ -175,6 +182,8 @@ class HRNetW18(nn.Module):
 
   num_points: int = 98
   width: int = 18
+  stage_modules: tuple[int, int, int] = OFFICIAL_STAGE_MODULES
+  blocks: int = OFFICIAL_BLOCKS
   decode: str = "official"
   input_normalisation: str = "imagenet"
   dtype: Dtype = jnp.float32
@@ -182,7 +191,8 @@ class HRNetW18(nn.Module):
   precision: str | None = None
 
   # The backbone contract (star_jax.models.base).
-  architecture_defaults = {"width": 18}
+  architecture_defaults = {"width": 18, "stage_modules": OFFICIAL_STAGE_MODULES,
+                           "blocks": OFFICIAL_BLOCKS}
   onnx_graph = None  # no hand-written graph: the traced export formats only
 
   @classmethod
@@ -192,6 +202,8 @@ class HRNetW18(nn.Module):
       value = model_config.get(key, None)
       return default if value is None or value == "" else value
     return cls(num_points=spec.num_points, width=int(get("width", 18)),
+               stage_modules=tuple(int(m) for m in get("stage_modules", OFFICIAL_STAGE_MODULES)),
+               blocks=int(get("blocks", OFFICIAL_BLOCKS)),
                decode=str(get("decode", "official")),
                input_normalisation=str(get("input_normalisation", "imagenet")),
                dtype=jnp.dtype(get("dtype", "float32")), bn_axis_name=bn_axis_name,
@@ -224,6 +236,11 @@ class HRNetW18(nn.Module):
     h, w = images.shape[1:3]
     if h % 32 or w % 32:
       raise ValueError(f"image size {h}x{w} is not divisible by 32; resize or pad the input")
+    modules = tuple(self.stage_modules)
+    if len(modules) != 3 or not all(isinstance(m, int) and 1 <= m <= MAX_MODULES
+                                    for m in modules):
+      raise ValueError(f"stage_modules must be three integers in [1, {MAX_MODULES}] (stages "
+                       f"2-4), got {self.stage_modules!r}")
     if self.decode not in DECODES:
       raise ValueError(f"decode={self.decode!r} is not one of {', '.join(DECODES)}")
     if self.input_normalisation not in INPUT_NORMALISATIONS:
@@ -273,7 +290,7 @@ class HRNetW18(nn.Module):
       x = bottleneck(x, STEM_CHANNELS, _name("layer1", k))
 
     branches = [x]
-    for stage, (num_modules, num_blocks) in enumerate(STAGES, start=2):
+    for stage, num_modules in enumerate(self.stage_modules, start=2):
       widths = [self.width * 2 ** k for k in range(stage)]
       transition = f"transition{stage - 1}"
       new = []
@@ -289,7 +306,7 @@ class HRNetW18(nn.Module):
       for m in range(num_modules):
         prefix = _name(f"stage{stage}", m)
         for i, features in enumerate(widths):
-          for b in range(num_blocks):
+          for b in range(self.blocks):
             branches[i] = basic(branches[i], features, _name(prefix, "branches", i, b))
         branches = self._fuse(branches, widths, _name(prefix, "fuse_layers"), conv_bn)
 
