@@ -146,6 +146,12 @@ def test_quantiser_keeps_a_traced_graphs_tail_in_float():
   assert quantize._tail_nodes(proto) == {"conv_2", "argmax_3", "add_4", "mul_5", "conv_7"}
   assert set(quantize._float_only_nodes(proto, traced=True)) == quantize._tail_nodes(proto)
   assert quantize._float_only_nodes(proto) == []       # a named graph goes by its names
+  # The traced graph leaves its nodes unnamed: they are named before the quantiser sees them.
+  for node in proto.graph.node:
+    node.name = ""
+  named = quantize._name_nodes(proto)
+  assert len({node.name for node in named.graph.node}) == len(nodes)
+  assert {named.graph.node[i].name for i in (2, 3, 4, 5, 7)} == quantize._tail_nodes(named)
 
 
 # int8 against float32 (the JAX network), per landmark over INT8_CROPS crops, in pixels of the

@@ -52,17 +52,35 @@ def _tail_nodes(proto: Any) -> set[str]:
 
   A traced graph (`onnx_traced`) has no names to go by; this is its heads-to-landmarks part.
   """
-  consumers: dict[str, list[Any]] = {}
-  for node in proto.graph.node:
+  nodes = list(proto.graph.node)
+  consumers: dict[str, list[int]] = {}
+  for index, node in enumerate(nodes):
     for name in node.input:
-      consumers.setdefault(name, []).append(node)
-  reaches_conv: dict[str, bool] = {}
+      consumers.setdefault(name, []).append(index)
+  reaches_conv = [False] * len(nodes)
   # ONNX nodes are stored in topological order: walking back, every consumer is decided.
-  for node in reversed(proto.graph.node):
-    reaches_conv[node.name] = any(
-        user.op_type == "Conv" or reaches_conv[user.name]
-        for output in node.output for user in consumers.get(output, ()))
-  return {name for name, reaches in reaches_conv.items() if not reaches}
+  for index in range(len(nodes) - 1, -1, -1):
+    reaches_conv[index] = any(
+        nodes[user].op_type == "Conv" or reaches_conv[user]
+        for output in nodes[index].output for user in consumers.get(output, ()))
+  return {node.name for node, reaches in zip(nodes, reaches_conv) if not reaches}
+
+
+def _name_nodes(proto: Any) -> Any:
+  """A copy of `proto` whose unnamed nodes are named `<op>_<index>` (the quantiser excludes
+  nodes by name; the traced graph leaves them unnamed)."""
+  import onnx
+  named = onnx.ModelProto()
+  named.CopyFrom(proto)
+  taken = {node.name for node in named.graph.node if node.name}
+  for index, node in enumerate(named.graph.node):
+    if not node.name:
+      name = f"{node.op_type.lower()}_node{index}"
+      while name in taken:
+        name += "_"
+      node.name = name
+      taken.add(name)
+  return named
 
 
 def _float_only_nodes(proto: Any, traced: bool = False) -> list[str]:
@@ -131,6 +149,8 @@ def quantize_onnx(proto: Any, out_path: str, *, method: str = "static",
   from onnxruntime import quantization as q
   if method not in METHODS:
     raise ValueError(f"quantisation method {method!r}: choose one of {METHODS}")
+  if traced:
+    proto = _name_nodes(proto)
   excluded = _float_only_nodes(proto, traced)
   with tempfile.TemporaryDirectory(prefix="star_jax_quant_") as tmp:
     source = os.path.join(tmp, "float.onnx")
