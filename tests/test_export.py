@@ -230,13 +230,15 @@ def test_export_never_replaces_a_folder_that_is_not_its_own(tmp_path):
 
 @pytest.mark.slow
 def test_hrnet_exports_in_every_format(tmp_path):
-  """HRNet through StableHLO, SavedModel, TFLite and ONNX, each equal to the JAX network."""
+  """HRNet through StableHLO, SavedModel, TFLite and ONNX, each equal to the JAX network (one
+  module per stage and one block per branch: the official structure at a fraction of the export
+  time; the official network's ONNX graph is tests/test_onnx_traced.py's)."""
   from star_jax.training import model_store
   from star_jax.core import schemes as datasets
   from star_jax import models
   from star_jax.models import hrnet
   spec = datasets.get_spec("wflw")
-  model = hrnet.HRNetW18(num_points=spec.num_points)
+  model = hrnet.HRNetW18(num_points=spec.num_points, stage_modules=(1, 1, 1), blocks=1)
   path = model_store.save_for_inference(str(tmp_path / "hrnet"), model,
                                           models.init_variables(model, 0, 64), spec=spec,
                                           image_size=64)
@@ -250,6 +252,7 @@ def test_hrnet_exports_in_every_format(tmp_path):
     assert d["mean_px"] < MEAN_PX and d["max_px"] < MAX_PX, (fmt, d)
     assert result.record["model"]["architecture"] == "hrnet_w18"
     assert result.record["model"]["width"] == 18
+    assert result.record["model"]["stage_modules"] == [1, 1, 1]
   # ONNX: HRNet's graph (hand-written, or traced from the JAX program where the class has
   # none) at a fixed batch of 2.
   result = exporter.export(loaded, "onnx", str(tmp_path / "hr.onnx"), batch=2)

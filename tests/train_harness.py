@@ -56,14 +56,16 @@ def tiny_config(steps: int = 6):
   return c
 
 
-def _example(seed: int, index: int, num_points: int, num_edges: int, split: str):
+def _example(seed: int, index: int, num_points: int, num_edges: int, split: str,
+             ocular: tuple[int, int] = (60, 72)):
   rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
   hm = IMAGE_SIZE // 4
   image = rng.uniform(-1, 1, (IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
   landmarks = rng.uniform(-0.8, 0.8, (num_points, 2)).astype(np.float32)
-  # Make the eyes far enough apart for a well-defined NME (WFLW ocular: points 60 and 72).
-  landmarks[60] = (-0.5, -0.2)
-  landmarks[72] = (0.5, -0.2)
+  # Make the eyes far enough apart for a well-defined NME (the scheme's ocular points: 60 and
+  # 72 for WFLW, 36 and 45 for 300W).
+  landmarks[ocular[0]] = (-0.5, -0.2)
+  landmarks[ocular[1]] = (0.5, -0.2)
   pointmaps = (rng.uniform(0, 1, (hm, hm, num_points)) ** 6).astype(np.float32)
   edgemaps = (rng.uniform(0, 1, (hm, hm, num_edges)) ** 6).astype(np.float32)
   return image, landmarks, pointmaps, edgemaps
@@ -77,6 +79,7 @@ class FakeData:
     from star_jax.core import schemes as datasets
     self.config = config
     self.spec = datasets.get_spec(config.dataset)
+    self.ocular = self.spec.ocular or (0, 1)
 
   def num_train_examples(self):
     return NUM_TRAIN
@@ -88,7 +91,8 @@ class FakeData:
     while True:
       first = step * config.batch_size + process_index * local
       parts = [_example(config.seed, (first + j) % NUM_TRAIN + (first + j) // NUM_TRAIN * 1000,
-                        spec.num_points, spec.num_edges, "train") for j in range(local)]
+                        spec.num_points, spec.num_edges, "train", self.ocular)
+               for j in range(local)]
       image, landmarks, pointmaps, edgemaps = (np.stack(x) for x in zip(*parts))
       if os.environ.get("STAR_TEST_NAN_AT_STEP") == str(step):
         image[0, 0, 0, 0] = np.nan
@@ -105,8 +109,8 @@ class FakeData:
     spec = self.spec
     for start in range(0, NUM_VAL, batch_size):
       idx = [min(i, NUM_VAL - 1) for i in range(start, start + batch_size)]
-      parts = [_example(self.config.seed, i, spec.num_points, spec.num_edges, "val")
-               for i in idx]
+      parts = [_example(self.config.seed, i, spec.num_points, spec.num_edges, "val",
+                        self.ocular) for i in idx]
       image, landmarks, _, _ = (np.stack(x) for x in zip(*parts))
       yield {"image": image, "landmarks": landmarks,
              "mask": np.asarray([start + j < NUM_VAL for j in range(batch_size)]),

@@ -275,8 +275,9 @@ def export(checkpoint: Any, fmt: str, out: str, *, weights: str = "default",
       if isinstance(calibration, str):
         calibration = quantize_lib.folder_calibration_crops(calibration, size)
       method = "static" if quantize == "int8" else "dynamic"
-      details.update(quantize_lib.quantize_onnx(proto, out, method=method,
-                                                calibration=calibration, image_size=size))
+      details.update(quantize_lib.quantize_onnx(
+          proto, out, method=method, calibration=calibration, image_size=size,
+          traced=onnx_graph.__name__.endswith("onnx_traced")))
     else:
       import onnx
       onnx.save(proto, out)

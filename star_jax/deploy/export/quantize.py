@@ -18,6 +18,10 @@ Kept in float32 in both: the decoder (soft-argmax `MatMul`: a quantised pixel gr
 every landmark), the constant CoordConv branches (folded at load) and everything from the heads'
 outputs to the fused heatmaps (instance norm, sigmoids, E2H gate), whose small values decide the
 landmarks and the boundary switch.
+A traced graph (`onnx_traced`, the route of backbones without a hand-written graph, e.g.
+HRNet) has generic node names: there the nodes after the last convolutions stay float32, the
+output convolutions included (a uint8 heatmap has ties at its peak, so the argmax decode would
+jump) and the decode (its coordinate arithmetic would be rounded to 256 levels).
 
 Calibration crops (static): the caller's `(K, S, S, 3)` 0-255 array, else crops of the
 embedded synthetic dataset's training split with the official evaluation crop
@@ -42,14 +46,54 @@ DEFAULT_CALIBRATION_CROPS = 64
 STATIC_OPERATORS = ("Conv", "Add", "MaxPool", "Resize", "Concat")
 
 
-def _float_only_nodes(proto: Any) -> list[str]:
-  """Node names kept in float32 (see the module docstring)."""
+def _tail_nodes(proto: Any) -> set[str]:
+  """Names of the nodes after the last convolutions: those from which no `Conv` is reached
+  (the decode, and the output convolutions themselves).
+
+  A traced graph (`onnx_traced`) has no names to go by; this is its heads-to-landmarks part.
+  """
+  nodes = list(proto.graph.node)
+  consumers: dict[str, list[int]] = {}
+  for index, node in enumerate(nodes):
+    for name in node.input:
+      consumers.setdefault(name, []).append(index)
+  reaches_conv = [False] * len(nodes)
+  # ONNX nodes are stored in topological order: walking back, every consumer is decided.
+  for index in range(len(nodes) - 1, -1, -1):
+    reaches_conv[index] = any(
+        nodes[user].op_type == "Conv" or reaches_conv[user]
+        for output in nodes[index].output for user in consumers.get(output, ()))
+  return {node.name for node, reaches in zip(nodes, reaches_conv) if not reaches}
+
+
+def _name_nodes(proto: Any) -> Any:
+  """A copy of `proto` whose unnamed nodes are named `<op>_<index>` (the quantiser excludes
+  nodes by name; the traced graph leaves them unnamed)."""
+  import onnx
+  named = onnx.ModelProto()
+  named.CopyFrom(proto)
+  taken = {node.name for node in named.graph.node if node.name}
+  for index, node in enumerate(named.graph.node):
+    if not node.name:
+      name = f"{node.op_type.lower()}_node{index}"
+      while name in taken:
+        name += "_"
+      node.name = name
+      taken.add(name)
+  return named
+
+
+def _float_only_nodes(proto: Any, traced: bool = False) -> list[str]:
+  """Node names kept in float32 (see the module docstring); with `traced`, the nodes after
+  the last convolutions (`_tail_nodes`)."""
   keep = []
   float_parts = ("soft_argmax", "_coords", ".coords", ".boundary", "edge_gate", "instance_norm",
                  "heatmaps", "pointmaps", "edgemaps", "gated", "fused", "last_heatmap",
                  "threshold")
+  tail = _tail_nodes(proto) if traced else set()
   for node in proto.graph.node:
-    if node.op_type == "MatMul" or any(part in node.name for part in float_parts):
+    if (node.op_type == "MatMul" or node.name in tail
+        or any(part in node.name for part in float_parts)):
       keep.append(node.name)
   return keep
 
@@ -94,13 +138,20 @@ def folder_calibration_crops(folder: str, image_size: int,
 
 
 def quantize_onnx(proto: Any, out_path: str, *, method: str = "static",
-                  calibration: np.ndarray | None = None, image_size: int | None = None) -> dict:
-  """Writes the int8 version of `proto` (an onnx.ModelProto) to `out_path`; returns details."""
+                  calibration: np.ndarray | None = None, image_size: int | None = None,
+                  traced: bool = False) -> dict:
+  """Writes the int8 version of `proto` (an onnx.ModelProto) to `out_path`; returns details.
+
+  `traced`: `proto` comes from `onnx_traced` (generic node names): its nodes after the last
+  convolutions stay float32.
+  """
   import onnx
   from onnxruntime import quantization as q
   if method not in METHODS:
     raise ValueError(f"quantisation method {method!r}: choose one of {METHODS}")
-  excluded = _float_only_nodes(proto)
+  if traced:
+    proto = _name_nodes(proto)
+  excluded = _float_only_nodes(proto, traced)
   with tempfile.TemporaryDirectory(prefix="star_jax_quant_") as tmp:
     source = os.path.join(tmp, "float.onnx")
     onnx.save(proto, source)
