@@ -112,7 +112,7 @@ def _describe_os_error(e: OSError) -> str:
   return str(e)
 
 
-class _CurrentStderr(logging.StreamHandler):
+class CurrentStderrHandler(logging.StreamHandler):
   """A handler writing to whatever `sys.stderr` is when a message comes (it may be replaced)."""
 
   @property
@@ -128,8 +128,8 @@ def show_library_messages() -> None:
   """The library's warnings and notices (`logging.getLogger("star_jax.*")`) as plain lines on
   stderr, as a command's own output. Entry points only: handlers belong to the process."""
   logger = logging.getLogger("star_jax")
-  if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
-    handler = _CurrentStderr()
+  if not any(isinstance(h, CurrentStderrHandler) for h in logger.handlers):
+    handler = CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

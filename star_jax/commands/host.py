@@ -33,6 +33,8 @@ import logging as py_logging
 import os
 import sys
 
+from star_jax.commands import cli
+
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -141,16 +143,9 @@ def _quiet_library_logs() -> None:
     handler.addFilter(_DropLibraryChatter())
 
 
-class _AbslLines(py_logging.StreamHandler):
-  """Log records as absl prints them, on whatever `sys.stderr` is when a record comes."""
-
-  @property
-  def stream(self):
-    return sys.stderr
-
-  @stream.setter
-  def stream(self, value) -> None:
-    del value
+class _AbslLines(cli.CurrentStderrHandler):
+  """Log records as absl prints them, on whatever `sys.stderr` is when a record comes (a class
+  of its own, so that it is installed once, beside the library's plain-line handler)."""
 
 
 def show_absl_logs() -> None:
