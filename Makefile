@@ -10,7 +10,7 @@ DEMO_DIR ?= runs/demo
 # The in-browser demo's runtime (onnxruntime-web, pinned in web/package-lock.json).
 WEB_STAMP := web/node_modules/.package-lock.json
 
-.PHONY: install test test-fast lint demo web clean lock
+.PHONY: install test test-all test-fast lint demo web clean lock
 
 # Everything is installed at the versions in constraints.txt (the environment the suite and
 # benchmarks/RESULTS.md were measured with; `make lock` renews it on purpose).
@@ -40,12 +40,18 @@ web: $(WEB_STAMP)
 # module fixtures are built once). Without npm the browser test (tests/test_web.py) is skipped
 # and says why.
 TEST_WORKERS ?= 2
+# `make test` is the suite without the tests marked slow (training runs, command lines, the kill
+# campaign, videos: each over about 20 s here); `make test-all` runs them too.
 test: $(STAMP)
+	if command -v npm >/dev/null; then $(MAKE) web || echo "make web failed: the browser test will be skipped" >&2; fi
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+
+test-all: $(STAMP)
 	if command -v npm >/dev/null; then $(MAKE) web || echo "make web failed: the browser test will be skipped" >&2; fi
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+# The former name of `make test`.
+test-fast: test
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

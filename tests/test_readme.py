@@ -47,7 +47,8 @@ FIXTURE_PKL = os.path.join(ROOT, "tests", "fixtures", "official_wflw_small", "ch
 LINKED = ("train.py", "eval.py", "configs", "benchmarks", "Makefile", "pyproject.toml", "web")
 SKIPPED = {
     "make demo": "the quick start's first command (run on a fresh clone, not inside the suite)",
-    "make test": "runs this very test suite",
+    "make test": "runs the quick tier of this suite",
+    "make test-all": "runs this very test suite",
     "make web": "`make test` runs it before the suite when npm is present",
     "--camera": "no camera on this machine",
     "--official_repo": "needs a checkout of the official STAR code",
