@@ -15,7 +15,8 @@ to landmarks; a multiply-add counts 2); ms per face, the median of `--repeats` c
 warm-up, for jitted JAX, ONNX Runtime float32 and ONNX Runtime int8 (`--quantize int8`: static
 QDQ, calibrated on `--calibration_crops` embedded-dataset crops; the count does not change the
 speed), the ONNX files exported at batch 1 by `star_jax.deploy.export.exporter`, ONNX Runtime
-with `--threads` intra-op threads.
+with `--threads` intra-op threads. Beside HRNet's targets stands its floor on this CPU: its GFLOP
+at the float32 and int8 GEMM peaks of benchmarks/cpu_peak.py, measured in the same run.
 
 Video, end to end: a `--frames`-frame 640x480 MPEG-4 clip of one moving face
 (`star_jax.deploy.clips`, as benchmarks/video_tracking.py) through `star_jax.deploy.video.run_video`
@@ -44,7 +45,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/hrnet.py`
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, cpu_peak
 
 VIDEO_SIZE = (640, 480)
 # The targets for HRNet at 256 px.
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
       ort_ms = {engine: _onnx_ms(path, size, args.repeats, args.threads)
                 for engine, path in paths.items()}
       loads.append(os.getloadavg()[0])
-      results[name] = {"int8_ms": ort_ms["int8"]}
+      results[name] = {"int8_ms": ort_ms["int8"], "gflop": gflop}
       rows.append([label, f"{size}x{size}", f"{params / 1e6:.2f}", f"{gflop:.2f}",
                    f"{jax_ms:.1f}", f"{ort_ms['float32']:.1f}", f"{ort_ms['int8']:.1f}"])
       for engine, lenient in (("int8", True), ("float32", True), ("int8", False)):
@@ -188,9 +189,16 @@ def main(argv: list[str] | None = None) -> None:
   targets = []
   if "hrnet" in results:
     hr = results["hrnet"]
+    peaks = {kind: cpu_peak.peak_gops(kind, threads=args.threads) for kind in ("float32", "int8")}
+    targets.append(
+        f"floor on this CPU (benchmarks/cpu_peak.py, {args.threads} threads): HRNet's "
+        f"{hr['gflop']:.2f} GFLOP take at least {cpu_peak.floor_ms(hr['gflop'], peaks['int8']):.1f}"
+        f" ms at the int8 GEMM peak ({peaks['int8']:.0f} G op/s) and "
+        f"{cpu_peak.floor_ms(hr['gflop'], peaks['float32']):.1f} ms at the float32 one "
+        f"({peaks['float32']:.0f} GFLOP/s)")
     ms_met = "met" if hr["int8_ms"] <= TARGET_INT8_MS else "not met"
     fps_met = "met" if hr["fps"] >= TARGET_VIDEO_FPS else "not met"
-    targets = [
+    targets += [
         f"target: HRNet at 256 px at most {TARGET_INT8_MS:g} ms per face with ONNX Runtime int8: "
         f"measured {hr['int8_ms']:.1f} ms, {ms_met}",
         f"target: at least {TARGET_VIDEO_FPS:g} frames/s end to end on 640x480 video with "
