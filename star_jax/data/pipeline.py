@@ -141,7 +141,9 @@ def _eval_render_file(image_size: int, report_unreadable: bool, path, landmarks,
   """
   path = os.fsdecode(path.item() if isinstance(path, np.ndarray) else path)
   try:
-    pixels = image_io.load_image(path)
+    # Warped in the decoder's BGR order and only the crop reordered: the warp treats channels
+    # alike, so the crop is the same, without a copy of the whole photograph.
+    pixels_bgr = image_io.load_image(path, bgr=True)
   except image_io.ImageError as e:
     if not report_unreadable:
       raise
@@ -149,7 +151,9 @@ def _eval_render_file(image_size: int, report_unreadable: bool, path, landmarks,
         image_size, np.zeros((1, 1, 3), np.uint8), landmarks, scale, center, np.zeros(2))
     crop = np.zeros((image_size, image_size, 3), np.uint8)
     return crop, matrix, lmk, landmarks_px, str(e).removeprefix(f"{path}: ")
-  return (*_eval_render(image_size, pixels, landmarks, scale, center, np.zeros(2)), "")
+  crop_bgr, matrix, lmk, landmarks_px = _eval_render(image_size, pixels_bgr, landmarks, scale,
+                                                     center, np.zeros(2))
+  return np.ascontiguousarray(crop_bgr[..., ::-1]), matrix, lmk, landmarks_px, ""
 
 
 def _eval_render(image_size: int, pixels, landmarks, scale, center, offset):

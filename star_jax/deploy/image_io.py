@@ -22,29 +22,32 @@ class ImageError(DataError):
   """An input image that could not be used; the message names the file and why."""
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, *, bgr: bool = False) -> np.ndarray:
   """Encoded bytes of any format OpenCV or Pillow reads -> RGB uint8 `(H, W, 3)`.
 
   OpenCV first (JPEG, PNG, PPM/PGM/PBM, BMP, TIFF, WebP, ...; EXIF orientation applied, as the
   official `cv2.imread` does), then Pillow (GIF and others: first frame). Gray, palette, 16-bit
   and alpha images become 8-bit RGB. Raises ValueError when neither can decode the bytes.
+  `bgr=True` returns OpenCV's channel order instead, without the copy that reorders a whole
+  photograph (for callers that only keep a small crop of it and reorder that).
   """
   buf = np.frombuffer(data, np.uint8)
   image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
   if image is not None:
-    return np.ascontiguousarray(image[..., ::-1])
+    return image if bgr else np.ascontiguousarray(image[..., ::-1])
   try:
     from PIL import Image, ImageOps
     with Image.open(io.BytesIO(data)) as pil:
       pil = ImageOps.exif_transpose(pil)
-      return np.asarray(pil.convert("RGB"), np.uint8).copy()
+      rgb = np.asarray(pil.convert("RGB"), np.uint8)
+      return np.ascontiguousarray(rgb[..., ::-1]) if bgr else rgb.copy()
   except Exception as e:  # Pillow raises many exception types for undecodable data
     reason = "empty file" if not buf.size else f"{type(e).__name__}: {e}"
     raise ValueError(f"not a readable image ({reason})") from None
 
 
-def load_image(path: str) -> np.ndarray:
-  """Reads an image file -> RGB uint8 `(H, W, 3)` (see `decode_image`).
+def load_image(path: str, *, bgr: bool = False) -> np.ndarray:
+  """Reads an image file -> RGB (or with `bgr`, BGR) uint8 `(H, W, 3)` (see `decode_image`).
 
   Raises `ImageError` naming the file when it is missing or undecodable.
   """
@@ -58,7 +61,7 @@ def load_image(path: str) -> np.ndarray:
   except OSError as e:
     raise ImageError(f"{path}: cannot be read ({e.strerror or e})") from None
   try:
-    return decode_image(data)
+    return decode_image(data, bgr=bgr)
   except ValueError as e:
     raise ImageError(f"{path}: {e}") from None
 
