@@ -44,11 +44,38 @@ def test_training_stream_equals_a_shuffle_of_decoded_records(wflw_tfds_jpeg):
   stored = source._load("train", decode_image=False)
   assert stored.element_spec["pixels"].dtype == tf.string
   got = source.train_records(seed, first)
+  # JPEG-stored crops stay encoded in the stream too (each sample decodes its window).
+  assert source.decodes_windows()
+  assert got.element_spec[1]["pixels"].dtype == tf.string
+  decode = source.builder.info.features["image"].decode_example
   count = 2 * num + 2                    # across two epoch boundaries
   for (pos, record), (ref_pos, ref) in zip(got.take(count).as_numpy_iterator(),
                                            reference.take(count).as_numpy_iterator()):
     assert pos == ref_pos
     assert record["index"] == ref["index"]
-    np.testing.assert_array_equal(record["pixels"], ref["pixels"])
+    np.testing.assert_array_equal(decode(tf.constant(record["pixels"])).numpy(), ref["pixels"])
     np.testing.assert_array_equal(record["landmarks"], ref["landmarks"])
   assert sources.TFDS_SHUFFLE_BUFFER >= 7500   # all of a WFLW-sized training split
+
+
+def test_window_decodes_give_the_samples_of_whole_decodes(wflw_tfds_jpeg, monkeypatch):
+  """Training samples (augmented crops and targets) from JPEG windows equal those from the
+  stored crops decoded whole, bit for bit."""
+  from star_jax.data import pipeline
+  config = base.get_base_config("wflw")
+  config.data.source = "tfds"
+  config.data.tfds_data_dir = wflw_tfds_jpeg
+  config.data.image_size = 64
+  config.batch_size = 4
+  config.data.aug_prob = 1.0
+
+  def batches(windows: bool):
+    monkeypatch.setattr(sources.TfdsSource, "decodes_windows", lambda self: windows)
+    stream = pipeline.train_dataset(config, start_step=0, num_threads=1)
+    return [next(stream) for _ in range(6)]   # two epochs of 12
+
+  windowed, whole = batches(True), batches(False)
+  for a, b in zip(windowed, whole, strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)

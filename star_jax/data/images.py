@@ -97,10 +97,15 @@ def decode_tensor(data: tf.Tensor) -> tf.Tensor:
   return tf.cond(is_jpeg_tensor(data), jpeg, other)
 
 
-def decode_window_tensor(data: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
-  """Encoded bytes -> the pixels `window = (y, x, h, w)` of the image (inside it), uint8 RGB."""
+def decode_window_tensor(data: tf.Tensor, window: tf.Tensor, *,
+                         dct_method: str = JPEG_DCT_METHOD) -> tf.Tensor:
+  """Encoded bytes -> the pixels `window = (y, x, h, w)` of the image (inside it), uint8 RGB.
+
+  `dct_method` is libjpeg's inverse DCT for JPEGs: the default matches `cv2.imread`; ""
+  is TensorFlow's own default (the integer fast one), which TFDS's image decoder uses.
+  """
   def jpeg():
-    return tf.image.decode_and_crop_jpeg(data, window, channels=3, dct_method=JPEG_DCT_METHOD)
+    return tf.image.decode_and_crop_jpeg(data, window, channels=3, dct_method=dct_method)
 
   def other():
     def crop(d, win):

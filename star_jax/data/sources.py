@@ -44,6 +44,8 @@ SOURCES = ("tsv", "embedded", "tfds")
 # training rows, 5% would be validated (before the first step, and at every validation) for no
 # better an estimate.
 MAX_CARVED_VAL_ROWS = 1000
+# The inverse DCT TFDS's image feature decodes JPEG crops with (TensorFlow's default).
+TFDS_DCT_METHOD = ""
 # Records a TFDS training shuffle holds at most (a whole WFLW training split fits).
 TFDS_SHUFFLE_BUFFER = 20000
 
@@ -354,10 +356,19 @@ class TfdsSource(Source):
     stored, decode = self._stored_train_records()
     shuffled = stored.shuffle(
         min(num, TFDS_SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True).repeat()
-    decoded = shuffled.map(lambda r: {**r, "pixels": decode(r["pixels"])},
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if not self.decodes_windows():
+      shuffled = shuffled.map(lambda r: {**r, "pixels": decode(r["pixels"])},
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return tf.data.Dataset.zip(tf.data.Dataset.range(0, _INFINITE),
-                               decoded).skip(first_position)
+                               shuffled).skip(first_position)
+
+  def decodes_windows(self) -> bool:
+    """Whether training records keep their JPEG bytes and each sample decodes only the window
+    its crop reads (as the TSV source does; bit-identical to decoding the stored crop whole and
+    slicing, given the planner's margin: star_jax.data.images). A stored crop spans every draw
+    up to 3 sigma, most of the photo, while one draw reads a fraction of it. PNG-stored crops
+    are decoded whole."""
+    return getattr(self.builder.builder_config, "encoding", None) == "jpeg"
 
   def _stored_train_records(self) -> tuple[tf.data.Dataset, Any]:
     """(the training records with `pixels` as stored, encoded; the decoder of `pixels`)."""
@@ -365,10 +376,18 @@ class TfdsSource(Source):
             self.builder.info.features["image"].decode_example)
 
   def image_hw(self, record) -> tf.Tensor:
-    return tf.shape(record["pixels"])[:2]
+    pixels = record["pixels"]
+    if pixels.dtype == tf.string:   # JPEG bytes (decodes_windows): the header says it
+      return tf.image.extract_jpeg_shape(pixels)[:2]
+    return tf.shape(pixels)[:2]
 
   def read_window(self, record, window: tf.Tensor) -> tf.Tensor:
-    return record["pixels"][window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+    pixels = record["pixels"]
+    if pixels.dtype == tf.string:
+      # TFDS's decoder (the whole-crop path, and evaluation) uses TensorFlow's default inverse
+      # DCT, not the cv2-equal one: the same here keeps the samples those of a whole decode.
+      return image_io.decode_window_tensor(pixels, window, dct_method=TFDS_DCT_METHOD)
+    return pixels[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
 
   def read_image(self, record) -> tuple[tf.Tensor, tf.Tensor]:
     return record["pixels"], tf.cast(record["offset"], tf.float64)
