@@ -196,21 +196,30 @@ def stage_breakdown(config, count: int) -> dict[str, float]:
   return {k: v / n * 1e3 for k, v in times.items()}
 
 
+# WFLW's training split (the official list_98pt_rect_attr_train.txt rows).
+WFLW_TRAIN_FACES = 7500
+
+
 def stored_crops(config, count: int) -> dict[str, float]:
-  """What the `tfds` source decodes instead: CPU ms per sample to decode a stored crop whole,
-  and the stored crop's share of the original image's pixels."""
+  """What the `tfds` source stores: CPU ms to decode a stored crop whole, the stored crop's
+  share of the original image's pixels, and its mean encoded and decoded bytes (what a
+  shuffle buffer of records holds now, and what one of decoded crops held)."""
   import tensorflow as tf
   from star_jax.data import tfds_builders
   builder = tfds_builders.prepared_builder(config)
   records = list(tfds_builders.load_records(builder, "train", decode_image=False).take(count))
   tf.io.decode_jpeg(records[0]["pixels"]).numpy()   # warm the eager op
-  cpu, area = 0.0, 0.0
+  cpu, area, encoded, decoded = 0.0, 0.0, 0, 0
   for rec in records:
     t = time.process_time()
     pixels = tf.io.decode_jpeg(rec["pixels"], channels=3).numpy()
     cpu += time.process_time() - t
     area += pixels.shape[0] * pixels.shape[1] / (800 * 1000)
-  return {"decode_stored_crop": cpu / len(records) * 1e3, "area": area / len(records)}
+    encoded += len(rec["pixels"].numpy())
+    decoded += pixels.nbytes
+  n = len(records)
+  return {"decode_stored_crop": cpu / n * 1e3, "area": area / n, "encoded_kb": encoded / n / 1e3,
+          "decoded_kb": decoded / n / 1e3}
 
 
 class _Table:
@@ -316,11 +325,16 @@ def main(argv: list[str] | None = None) -> None:
       data_dir, build_s = build_tfds(root)
       configs["tfds"] = _config(root, args.batch_size, "tfds", data_dir)
       crops = stored_crops(configs["tfds"], args.images)
+      wflw_mb = WFLW_TRAIN_FACES / 1e3   # KB per record -> MB for the whole split
       tfds_text = (f"; tfds source: records built once in {build_s:.1f} s "
                    f"({build_s / args.images * 1e3:.0f} ms per image, not counted), stored crops "
                    f"hold {crops['area'] * 100:.0f} % of the original pixels on average and "
                    f"decode whole in {crops['decode_stored_crop']:.2f} CPU ms (per sample only the "
-                   "window is decoded)")
+                   "window is decoded); the training shuffle holds encoded records, "
+                   f"{crops['encoded_kb']:.0f} KB each here (decoded: "
+                   f"{crops['decoded_kb']:.0f} KB): for WFLW's {WFLW_TRAIN_FACES} training "
+                   f"faces a full buffer is about {crops['encoded_kb'] * wflw_mb:.0f} MB "
+                   f"(decoded crops: {crops['decoded_kb'] * wflw_mb:.0f} MB)")
     rows, headline = [], {}
     load = common.load_average()
     for source in sources:
