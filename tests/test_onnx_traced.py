@@ -179,3 +179,46 @@ def test_layouts_through_every_translated_primitive_after_a_convolution():
   np.testing.assert_allclose(_run(proto, images)[0], want, rtol=1e-5, atol=1e-5)
   # Only the final flattening and the mixed operands leave NCHW.
   assert sum(n.op_type == "Transpose" for n in proto.graph.node) <= 4
+
+
+def test_bilinear_upsampling_is_one_resize_equal_to_jax():
+  model, variables = _small_hrnet()
+  proto = onnx_traced.build_model(model, variables, 64, batch=1)
+  ops = [n.op_type for n in proto.graph.node]
+  # 1 + 3 + 6 upsamplings in the fuse layers of stages 2-4 and 3 in the head, each one Resize
+  # of both axes.
+  assert ops.count("Resize") == 13 and "Gather" not in ops
+  rng = np.random.default_rng(8)
+  kernel = rng.normal(size=(1, 1, 3, 4)).astype(np.float32)
+
+  def fn(image):
+    x = jax.lax.conv_general_dilated(image / 255.0, kernel, (1, 1), ((0, 0), (0, 0)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    small = x[:, :5, :4]
+    ups = [hrnet.upsample_bilinear(x, 16, 16), hrnet.upsample_bilinear(x, 32, 24),
+           hrnet.upsample_bilinear(small, 8, 7)]
+    return (jnp.concatenate([u.reshape(u.shape[0], -1) for u in ups], axis=1),)
+
+  images = _crops(2, 8, seed=9)
+  want = np.asarray(fn(images)[0])
+  proto = onnx_traced.build_from_function(fn, 8, ["landmarks"], [want.shape], batch=2,
+                                          weight_dtype="float32")
+  assert sum(n.op_type == "Resize" for n in proto.graph.node) == 3
+  np.testing.assert_allclose(_run(proto, images)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_gather_mix_that_is_not_linear_interpolation_stays_a_gather():
+  def fn(image):
+    x = image / 255.0
+    low, high = np.array([0, 0, 1, 2, 3, 3, 4, 5]), np.array([1, 1, 2, 3, 4, 4, 5, 5])
+    w = np.linspace(0.1, 0.9, 8, dtype=np.float32).reshape(1, 1, 8, 1)
+    return ((w * jnp.take(x, low, axis=2) + (1 - w) * jnp.take(x, high, axis=2)
+             ).reshape(x.shape[0], -1),)
+
+  images = _crops(1, 6, seed=10)
+  want = np.asarray(fn(images)[0])
+  proto = onnx_traced.build_from_function(fn, 6, ["landmarks"], [want.shape], batch=1,
+                                          weight_dtype="float32")
+  ops = [n.op_type for n in proto.graph.node]
+  assert "Resize" not in ops and ops.count("Gather") == 2
+  np.testing.assert_allclose(_run(proto, images)[0], want, rtol=1e-5, atol=1e-6)

@@ -24,7 +24,9 @@ reshaped back. Any other `dot_general` is an `Einsum` over the stored layouts.
 After tracing, per-channel constant `Add`/`Sub`/`Mul`/`Div` that directly follow a `Conv` whose
 output has no other consumer (BatchNorm at inference, a bias) are folded into that `Conv`'s
 weights and bias, and `max(x, 0)` is a `Relu`, so ONNX Runtime sees Conv -> Relu chains it
-fuses.
+fuses. The bilinear upsampling of the models (constant-index gathers along W then H, mixed with
+constant weights) becomes one `Resize` where its indices and weights are those of `Resize`
+(linear, half_pixel: torch's `align_corners=False`).
 
 A primitive outside the supported set is one UsageError naming it: the export then needs a
 hand-written graph (`star_jax.deploy.export.onnx_graph` is the hourglass's) or one of the
@@ -165,6 +167,8 @@ class _Graph:
     self.prologue: list[Any] = []  # Casts of float16 initializers, ahead of every reader
     self.initializers: list[Any] = []
     self.values: dict[str, np.ndarray] = {}
+    # Gather output -> (its axis, the stored shape of its input), for `_resize_upsampling`.
+    self.gathers: dict[str, tuple[int, tuple[int, ...]]] = {}
     self.weight_dtype = weight_dtype
     self._count = 0
 
@@ -675,10 +679,14 @@ class _Tracer:
                        "(jnp.take) are supported")
     index = self.g.constant(np.asarray(indices[..., 0], np.int64), "indices")
     value = self.stored(inputs[0])
-    perm = self.layout(value)
-    if perm is not None and indices.ndim == 2:  # one index axis: the rank and layout stay
-      return self.wrap(self.g.node("Gather", [value.name, index], axis=perm.index(axis)), perm)
-    return self.g.node("Gather", [self.name(value), index], axis=int(axis))
+    if indices.ndim != 2:
+      return self.g.node("Gather", [self.name(value), index], axis=int(axis))
+    # One index axis: the rank and layout stay.
+    perm = self.layout(value) or tuple(range(len(shape)))
+    base = value.name if isinstance(value, _Permuted) else value
+    out = self.g.node("Gather", [base, index], axis=perm.index(axis))
+    self.g.gathers[out] = (perm.index(axis), tuple(int(shape[a]) for a in perm))
+    return self.wrap(out, perm)
 
   @staticmethod
   def _is_take_along_last_axis(eqn) -> bool:
@@ -783,6 +791,72 @@ def _affine_step(graph: _Graph, output: str, user: Any, kernel: np.ndarray, bias
   return kernel / per_output, bias / c
 
 
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(low index, high index, weight of the high one) of ONNX Resize's linear interpolation with
+  half_pixel coordinates (torch's align_corners=False), from n_in to n_out samples."""
+  source = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+  low = np.floor(source).astype(np.int64)
+  return low, np.minimum(low + 1, n_in - 1), source - low
+
+
+def _resize_upsampling(graph: _Graph) -> None:
+  """Replaces `w_low * gather(x, low, a) + w_high * gather(x, high, a)` whose indices and
+  weights are those of linear half_pixel interpolation along axis a by a `Resize` of x (one
+  Resize for consecutive axes), as torch's bilinear `align_corners=False` upsampling is. The
+  gathers and products left unread are dropped by `_live`."""
+  import onnx
+  producer = {node.output[0]: node for node in graph.nodes}
+  resized: dict[str, tuple[str, list[int]]] = {}  # Resize output -> (its input, its sizes)
+  replacement: dict[int, Any] = {}
+  for node in graph.nodes:
+    if node.op_type != "Add" or len(node.input) != 2:
+      continue
+    taps = [_weighted_gather(graph, producer, name) for name in node.input]
+    if None in taps or taps[0][:3] != taps[1][:3]:
+      continue
+    if not np.all(taps[0][3] <= taps[1][3]):
+      taps = taps[::-1]
+    (source, axis, shape, low, w_low), (_, _, _, high, w_high) = taps
+    want_low, want_high, fraction = _linear_taps(shape[axis], len(low))
+    if not (np.array_equal(low, want_low) and np.array_equal(high, want_high)
+            and np.allclose(w_high, fraction, rtol=0, atol=1e-6)
+            and np.allclose(w_low, 1 - fraction, rtol=0, atol=1e-6)):
+      continue
+    if source in resized:  # the Resize of the previous axis: one Resize for both
+      source, sizes = resized[source]
+    else:
+      sizes = list(shape)
+    sizes = list(sizes)
+    sizes[axis] = len(low)
+    replacement[id(node)] = onnx.helper.make_node(
+        "Resize", [source, "", "", graph.shape(sizes)], [node.output[0]], mode="linear",
+        coordinate_transformation_mode="half_pixel")
+    resized[node.output[0]] = (source, sizes)
+  graph.nodes = [replacement.get(id(node), node) for node in graph.nodes]
+
+
+def _weighted_gather(graph: _Graph, producer: dict, name: str) -> tuple | None:
+  """(gathered tensor, axis, its stored shape, indices, weights) of `name` = Mul(Gather(x,
+  constant indices, axis), constant weights varying along that axis only), else None."""
+  mul = producer.get(name)
+  if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
+    return None
+  for position in (0, 1):
+    gathered, weights = mul.input[position], graph.values.get(mul.input[1 - position])
+    if gathered in graph.gathers and weights is not None:
+      break
+  else:
+    return None
+  axis, shape = graph.gathers[gathered]
+  indices = graph.values.get(producer[gathered].input[1])
+  if (indices is None or indices.ndim != 1 or weights.ndim != len(shape)
+      or weights.shape[axis] != len(indices)
+      or any(d != 1 for k, d in enumerate(weights.shape) if k != axis)):
+    return None
+  return (producer[gathered].input[0], axis, shape, indices,
+          weights.reshape(-1).astype(np.float64))
+
+
 def _live(nodes: list[Any], initializers: list[Any], outputs: list[str]
           ) -> tuple[list[Any], list[Any]]:
   """The nodes and initializers the outputs depend on (folding leaves some unread)."""
@@ -811,6 +885,7 @@ def build_from_function(fn: Callable, image_size: int, output_names: list[str],
     graph.nodes.append(helper.make_node("Identity", [tracer.name(value)], [name]))
     outputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape)))
   _fold_into_convolutions(graph)
+  _resize_upsampling(graph)
   nodes, initializers = _live(graph.prologue + graph.nodes, graph.initializers, output_names)
   inputs = [helper.make_tensor_value_info(contract.INPUT_NAME, onnx.TensorProto.FLOAT,
                                           [batch, image_size, image_size, 3])]
