@@ -210,7 +210,7 @@ class _Tracer:
 
   def __init__(self, graph: _Graph):
     self.g = graph
-    self._views: dict[tuple, str] = {}  # (stored name, layout) -> the Transpose into it
+    self._views: dict[tuple, str] = {}  # (stored name, permutation) -> its Transpose
 
   def value(self, env: dict, var: Any) -> Any:
     if isinstance(var, jax.extend.core.Literal):
@@ -243,9 +243,11 @@ class _Tracer:
       return base
     rank = len(current or perm)
     have, want = current or tuple(range(rank)), perm or tuple(range(rank))
-    key = (base, want)
+    # Keyed by the stored tensor and the permutation applied to it: after a `transpose` one
+    # stored tensor stands for several values.
+    key = (base, tuple(have.index(a) for a in want))
     if key not in self._views:
-      self._views[key] = self.g.node("Transpose", [base], perm=[have.index(a) for a in want])
+      self._views[key] = self.g.node("Transpose", [base], perm=list(key[1]))
     return self._views[key]
 
   def name(self, value: Any) -> str:
@@ -538,14 +540,14 @@ class _Tracer:
   def _argmin(self, eqn, inputs):
     return self._arg("ArgMin", eqn, inputs)
 
-  def concatenate(self, inputs: list[Any], rank: int, axis: int) -> Any:
+  def concatenate(self, inputs: list[Any], axis: int) -> Any:
     inputs = [self.stored(v) for v in inputs]
     perm = self._common_layout([self.layout(v) for v in inputs if _is_tensor(v)])
     names = [self.physical(v, perm) for v in inputs]
     return self.wrap(self.g.node("Concat", names, axis=perm.index(axis) if perm else axis), perm)
 
   def _concatenate(self, eqn, inputs):
-    return self.concatenate(inputs, len(eqn.outvars[0].aval.shape), int(eqn.params["dimension"]))
+    return self.concatenate(inputs, int(eqn.params["dimension"]))
 
   def _stack(self, eqn, inputs):
     axis = int(eqn.params["axis"])
@@ -553,7 +555,7 @@ class _Tracer:
     expanded = shape[:axis] + (1,) + shape[axis:]
     parts = [self.reshape(v, shape, expanded) if _is_tensor(v) else np.reshape(v, expanded)
              for v in inputs]
-    return self.concatenate(parts, len(expanded), axis)
+    return self.concatenate(parts, axis)
 
   def _slice(self, eqn, inputs):
     value = self.stored(inputs[0])
