@@ -199,14 +199,15 @@ def test_bilinear_upsampling_is_one_resize_equal_to_jax():
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     small = x[:, :5, :4]
     ups = [hrnet.upsample_bilinear(x, 16, 16), hrnet.upsample_bilinear(x, 32, 24),
-           hrnet.upsample_bilinear(small, 8, 7)]
+           hrnet.upsample_bilinear(small, 8, 7),
+           hrnet.upsample_bilinear(image, 16, 16)]  # NHWC: W as a Resize, H stays gathers
     return (jnp.concatenate([u.reshape(u.shape[0], -1) for u in ups], axis=1),)
 
   images = _crops(2, 8, seed=9)
   want = np.asarray(fn(images)[0])
   proto = onnx_traced.build_from_function(fn, 8, ["landmarks"], [want.shape], batch=2,
                                           weight_dtype="float32")
-  assert sum(n.op_type == "Resize" for n in proto.graph.node) == 3
+  assert sum(n.op_type == "Resize" for n in proto.graph.node) == 4
   np.testing.assert_allclose(_run(proto, images)[0], want, rtol=1e-5, atol=1e-5)
 
 

@@ -819,6 +819,8 @@ def _resize_upsampling(graph: _Graph) -> None:
     if not np.all(taps[0][3] <= taps[1][3]):
       taps = taps[::-1]
     (source, axis, shape, low, w_low), (_, _, _, high, w_high) = taps
+    if len(shape) != 4 or axis < 2:  # ONNX Runtime's linear Resize: the H, W of NCHW only
+      continue
     want_low, want_high, fraction = _linear_taps(shape[axis], len(low))
     if not (np.array_equal(low, want_low) and np.array_equal(high, want_high)
             and np.allclose(w_high, fraction, rtol=0, atol=1e-6)
