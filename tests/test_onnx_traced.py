@@ -101,3 +101,128 @@ def test_an_untranslatable_primitive_is_one_line():
     onnx_traced.build_from_function(fn, 4, ["landmarks"], [(1, 1, 2)], batch=1,
                                     weight_dtype="float32")
   assert "\n" not in str(info.value)
+
+
+def _small_hrnet():
+  """HRNet of the official structure with one module per stage and one block per branch."""
+  model = hrnet.HRNetW18(num_points=19, stage_modules=(1, 1, 1), blocks=1)
+  return model, models.init_variables(model, 0, 64)
+
+
+def test_a_traced_hrnet_stays_in_nchw_with_batch_norm_folded_into_its_convolutions():
+  model, variables = _small_hrnet()
+  proto = onnx_traced.build_model(model, variables, 64, with_heatmaps=True, batch=1)
+  nodes = list(proto.graph.node)
+  ops = [n.op_type for n in nodes]
+  # One Transpose into NCHW for the first convolution, one back to NHWC for the heatmaps
+  # output; the decode reads the NCHW maps directly.
+  assert ops.count("Transpose") <= 2
+  # The 1x1 convolutions (a reshape and a matrix product in the model) are Conv nodes.
+  assert "Einsum" not in ops and "MatMul" not in ops
+  assert ops.count("Conv") > 0 and ops.count("Relu") > 0
+  constants = {t.name for t in proto.graph.initializer}
+  produced_by_conv = {n.output[0] for n in nodes if n.op_type == "Conv"}
+  for node in nodes:
+    if node.op_type in ("Add", "Sub", "Mul", "Div") and produced_by_conv & set(node.input):
+      assert not constants & set(node.input), f"{node.op_type} of a Conv output and a constant"
+  images = _crops(1, 64, seed=3)
+  got = _run(proto, images)
+  want = jax_formats.contract_function(model, variables, 64, with_heatmaps=True)(images)
+  np.testing.assert_allclose(got[1], np.asarray(want[1]),
+                             atol=1e-5 * float(np.abs(np.asarray(want[1])).max()))
+
+
+def test_float16_weights_fold_too():
+  model, variables = _small_hrnet()
+  full = onnx_traced.build_model(model, variables, 64, batch=1)
+  half = onnx_traced.build_model(model, variables, 64, batch=1, weight_dtype="float16")
+  count = lambda proto, op: sum(n.op_type == op for n in proto.graph.node)
+  assert count(half, "Conv") == count(full, "Conv") and count(half, "Mul") == count(full, "Mul")
+  assert not [t for t in half.graph.initializer if t.name not in
+              {name for n in half.graph.node for name in n.input}]  # no stale weights
+
+
+def test_layouts_through_every_translated_primitive_after_a_convolution():
+  """Values left in NCHW by a convolution, through the primitives that map their axes, mixed
+  with values in the logical layout, against jax."""
+  rng = np.random.default_rng(6)
+  kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  pointwise = rng.normal(size=(4, 5)).astype(np.float32)
+  shift = rng.normal(size=(4,)).astype(np.float32)
+
+  def fn(image):
+    x = image / 255.0
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jnp.maximum((y - shift) * 2.0, 0.0) + x[..., :1]            # a plain-layout operand
+    rows = y.reshape(-1, 4) @ pointwise + shift[:1]
+    z = rows.reshape(*y.shape[:-1], 5)                               # a 1x1 convolution
+    pooled = jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                   "VALID")
+    taken = jnp.take(pooled, np.array([0, 2, 1, 3]), axis=2)
+    padded = jnp.pad(taken[:, 1:, :, 1:4], ((0, 0), (1, 0), (0, 2), (0, 0)))
+    joined = jnp.concatenate([padded, jnp.ones_like(padded[..., :1])], axis=-1)
+    parts = jnp.split(joined, [2], axis=-1)
+    picked = jnp.where(parts[0] > 0.5, parts[0], jnp.clip(parts[1][..., :2], -1.0, 1.0))
+    stacked = jnp.stack([picked, -picked], axis=3)
+    summed = stacked.sum(axis=1)                                     # (B, W, 2, 2)
+    widened = jnp.broadcast_to(summed[:, None], (summed.shape[0], 2) + summed.shape[1:])
+    flat = jnp.transpose(widened, (0, 2, 3, 4, 1)).reshape(widened.shape[0], -1)
+    best = jnp.argmax(z, axis=-1).astype(jnp.float32).reshape(z.shape[0], -1)
+    mass = jnp.einsum("bhwc,w->bc", z, np.arange(z.shape[2], dtype=np.float32))
+    # One stored tensor read as two values (a transpose is no node): both in logical order.
+    views = [v.reshape(v.shape[0], -1) for v in (z, jnp.swapaxes(z, 1, 2))]
+    return (jnp.concatenate([flat, best, mass] + views, axis=1),)
+
+  images = _crops(2, 8, seed=7)
+  want = np.asarray(fn(images)[0])
+  proto = onnx_traced.build_from_function(fn, 8, ["landmarks"], [want.shape], batch=2,
+                                          weight_dtype="float32")
+  np.testing.assert_allclose(_run(proto, images)[0], want, rtol=1e-5, atol=1e-5)
+  # The image into NCHW, the plain-layout operand into NCHW, and the three flattenings back
+  # to the logical order: nothing else leaves NCHW.
+  assert sum(n.op_type == "Transpose" for n in proto.graph.node) <= 5
+
+
+def test_bilinear_upsampling_is_one_resize_equal_to_jax():
+  model, variables = _small_hrnet()
+  proto = onnx_traced.build_model(model, variables, 64, batch=1)
+  ops = [n.op_type for n in proto.graph.node]
+  # 1 + 3 + 6 upsamplings in the fuse layers of stages 2-4 and 3 in the head, each one Resize
+  # of both axes.
+  assert ops.count("Resize") == 13 and "Gather" not in ops
+  rng = np.random.default_rng(8)
+  kernel = rng.normal(size=(1, 1, 3, 4)).astype(np.float32)
+
+  def fn(image):
+    x = jax.lax.conv_general_dilated(image / 255.0, kernel, (1, 1), ((0, 0), (0, 0)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    small = x[:, :5, :4]
+    ups = [hrnet.upsample_bilinear(x, 16, 16), hrnet.upsample_bilinear(x, 32, 24),
+           hrnet.upsample_bilinear(small, 8, 7),
+           hrnet.upsample_bilinear(image, 16, 16)]  # NHWC: W as a Resize, H stays gathers
+    return (jnp.concatenate([u.reshape(u.shape[0], -1) for u in ups], axis=1),)
+
+  images = _crops(2, 8, seed=9)
+  want = np.asarray(fn(images)[0])
+  proto = onnx_traced.build_from_function(fn, 8, ["landmarks"], [want.shape], batch=2,
+                                          weight_dtype="float32")
+  assert sum(n.op_type == "Resize" for n in proto.graph.node) == 4
+  np.testing.assert_allclose(_run(proto, images)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_gather_mix_that_is_not_linear_interpolation_stays_a_gather():
+  def fn(image):
+    x = image / 255.0
+    low, high = np.array([0, 0, 1, 2, 3, 3, 4, 5]), np.array([1, 1, 2, 3, 4, 4, 5, 5])
+    w = np.linspace(0.1, 0.9, 8, dtype=np.float32).reshape(1, 1, 8, 1)
+    return ((w * jnp.take(x, low, axis=2) + (1 - w) * jnp.take(x, high, axis=2)
+             ).reshape(x.shape[0], -1),)
+
+  images = _crops(1, 6, seed=10)
+  want = np.asarray(fn(images)[0])
+  proto = onnx_traced.build_from_function(fn, 6, ["landmarks"], [want.shape], batch=1,
+                                          weight_dtype="float32")
+  ops = [n.op_type for n in proto.graph.node]
+  assert "Resize" not in ops and ops.count("Gather") == 2
+  np.testing.assert_allclose(_run(proto, images)[0], want, rtol=1e-5, atol=1e-6)
