@@ -78,7 +78,11 @@ def test_runtime_predicts_what_the_jax_predictor_does(exports, astronaut, decode
   assert len(got) == len(expected) == 2
   for a, b in zip(got, expected):
     assert a.box == b.box and a.landmarks.shape == (68, 2)
-    np.testing.assert_allclose(a.landmarks, b.landmarks, atol=2e-3)
+    # The random weights give near-flat maps, on which the soft-argmax (a mean over the whole
+    # map) carries the float32 rounding of two engines' convolutions: up to 0.005 px was
+    # measured on an AVX-512 CPU (JAX float32 itself is 2.5e-4 crop px from float64 there).
+    # A different rule (crop, decode offset, resampling) moves the points by tenths of a pixel.
+    np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-2)
   # Another box moves the landmarks: the comparison is not of two constants.
   assert np.abs(got[0].landmarks.mean(0) - got[1].landmarks.mean(0)).max() > 50
 
