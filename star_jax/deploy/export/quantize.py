@@ -43,7 +43,9 @@ METHODS = ("static", "dynamic")
 # of %, from 64 by +0.0002 (full-range weights; +0.05 with the 7-bit range used below).
 DEFAULT_CALIBRATION_CROPS = 64
 # Operators quantised by the static method (ONNX Runtime keeps uint8 tensors between them).
-STATIC_OPERATORS = ("Conv", "Add", "MaxPool", "Resize", "Concat")
+# A Relu after a quantised Conv or Add is folded into that output's range by the quantiser (a
+# uint8 zero point of 0 does the clamping); left out, each became a dequantise-requantise pair.
+STATIC_OPERATORS = ("Conv", "Add", "MaxPool", "Resize", "Concat", "Relu")
 
 
 def _tail_nodes(proto: Any) -> set[str]:
