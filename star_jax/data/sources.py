@@ -368,7 +368,8 @@ class TfdsSource(Source):
     slicing, given the planner's margin: star_jax.data.images). A stored crop spans every draw
     up to 3 sigma, most of the photo, while one draw reads a fraction of it. PNG-stored crops
     are decoded whole."""
-    return getattr(self.builder.builder_config, "encoding", None) == "jpeg"
+    config = getattr(getattr(self, "builder", None), "builder_config", None)
+    return getattr(config, "encoding", None) == "jpeg"
 
   def _stored_train_records(self) -> tuple[tf.data.Dataset, Any]:
     """(the training records with `pixels` as stored, encoded; the decoder of `pixels`)."""
