@@ -140,13 +140,8 @@ def network_only(config, loaded, count: int) -> int:
 
 
 def _wall(fn, repeats: int) -> float:
-  fn()  # compile, warm the file cache
-  walls = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    walls.append(time.perf_counter() - t0)
-  return common.median(walls)
+  """Median wall seconds of `repeats` calls after one (compile, warm the file cache)."""
+  return common.median(common.time_fn(fn, warmup=1, repeats=repeats))
 
 
 def main(argv: list[str] | None = None) -> None:
