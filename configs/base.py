@@ -35,7 +35,7 @@ def get_base_config(dataset: str = "wflw") -> ml_collections.ConfigDict:
   c.data.aug_prob = 1.0        # official: augmentation gate passes for every sample
   c.data.augment = ml_collections.ConfigDict(OFFICIAL_AUGMENT)
   c.data.gaussian_sigma = 1.5  # point-map Gaussian at image_size resolution
-  c.data.num_parallel_calls = -1  # tf.data.AUTOTUNE
+  c.data.num_parallel_calls = -1  # <= 0: one call per CPU this process may use
   c.data.prefetch = 2
 
   # ---- model ----

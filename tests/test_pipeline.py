@@ -131,6 +131,23 @@ def test_one_thread_gives_the_same_batches():
   assert _equal(a, b)
 
 
+def test_pipelines_run_without_autotuning_at_the_stated_parallelism(monkeypatch):
+  # Autotuning made each finished pass hang in the iterator's teardown (see pipeline._options).
+  config = _config()
+  train = pipeline.build_train_dataset(config, process_index=0, process_count=1)
+  evaluation = pipeline.build_eval_dataset(config, "test", batch_size=2, process_index=0,
+                                           process_count=1)
+  for dataset in (train, evaluation):
+    assert dataset.options().autotune.enabled is False
+    assert dataset.options().deterministic is True
+  config.data.num_parallel_calls = -1
+  monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 3, 5})
+  assert pipeline._parallel(config, None) == 3
+  assert pipeline._parallel(config, 1) == 1
+  config.data.num_parallel_calls = 4
+  assert pipeline._parallel(config, None) == 4
+
+
 def test_image_headers_are_read_once_per_image(monkeypatch):
   # 3 records, 4 batches of 4: 16 samples over 5+ epochs, each image's size read once.
   from star_jax.data import images

@@ -183,6 +183,11 @@ def _eval_render(image_size: int, pixels, landmarks, scale, center, offset):
 def _options(num_threads: int | None) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
+  # No autotuning: destroying an iterator waits for the autotune thread's current period (it
+  # doubles up to a minute) instead of waking it, so each finished pass (an evaluation, a
+  # validation during training) could hang for up to 60 s after its last batch. The
+  # parallelism is stated instead (`_parallel`) and the buffers are the pipeline's own.
+  options.autotune.enabled = False
   if num_threads:
     options.threading.private_threadpool_size = num_threads
     options.threading.max_intra_op_parallelism = 1
@@ -203,7 +208,15 @@ def _parallel(config, num_threads: int | None) -> int:
   if num_threads:
     return num_threads
   calls = int(config.data.num_parallel_calls)
-  return tf.data.AUTOTUNE if calls <= 0 else calls
+  return calls if calls > 0 else usable_cpus()
+
+
+def usable_cpus() -> int:
+  """The CPUs this process may run on (its affinity mask; `os.cpu_count` where there is none)."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:   # not Linux
+    return max(1, os.cpu_count() or 1)
 
 
 def num_examples(config, split: str, source: sources_lib.Source | None = None) -> int:
