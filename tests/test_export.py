@@ -112,6 +112,19 @@ def test_onnx_graph_outputs_and_batch(models, export_dir):
   np.testing.assert_allclose(heatmaps, np.asarray(reference.heatmaps[-1]), atol=2e-3)
 
 
+def test_spinning_threads_are_an_engine_option_with_the_same_landmarks(models, export_dir):
+  from star_jax.deploy.runtime import RuntimePredictor, backends
+  _, loaded, crops, _, _ = models["star_jax"]
+  path = exporter.export(loaded, "onnx", str(export_dir / "spin.onnx")).path
+  sleeping = backends.load_model(path, threads=2)
+  spinning = RuntimePredictor(path, threads=2, spin=True).model
+  for engine, setting in ((sleeping, "0"), (spinning, "1")):
+    options = engine.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == setting
+    assert options.intra_op_num_threads == 2
+  np.testing.assert_array_equal(spinning(crops), sleeping(crops))
+
+
 def test_one_stack_model_matches_jitted_float32(tmp_path):
   """Without a boundary switch, the ONNX graph equals jitted JAX float32 to rounding."""
   loaded = load_model(save_star_jax_checkpoint(str(tmp_path / "one"), num_stacks=1))

@@ -167,6 +167,7 @@ BAD_ARGUMENTS = [
     (["--detector", "nope"], "--detector"),
     (["--redetect_every", "0"], "--redetect_every"),
     (["--box", "0,0,10,10", "--whole_image"], "--box or --whole_image"),
+    (["--spin"], "--spin"),
 ]
 
 

@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
                            "the mirrored crop")
   parser.add_argument("--workers", type=_positive_int, default=2,
                       help="threads decoding images and finding faces")
+  parser.add_argument("--spin", action="store_true",
+                      help="with --model x.onnx: ONNX Runtime's threads spin between operators "
+                           "instead of sleeping (faster on cores of its own, e.g. real-time "
+                           "video; slower on a shared machine)")
   video_group = parser.add_argument_group("video")
   video_group.add_argument("--camera", type=_non_negative_int, default=None, metavar="N",
                            help="read camera N (until Ctrl-C or --max_frames)")
@@ -117,6 +121,8 @@ def _main(argv: Sequence[str] | None) -> int:
   args = parser.parse_args(argv)
   if args.box is not None and args.whole_image:
     parser.error("give --box or --whole_image, not both")
+  if args.spin and not args.model:
+    parser.error("--spin applies to exported models (--model x.onnx), not to --checkpoint")
   if not args.inputs and args.camera is None:
     parser.error("give an image, video or folder, or --camera N")
   if args.smooth_min_cutoff <= 0 or args.smooth_beta < 0:
@@ -151,7 +157,7 @@ def _main(argv: Sequence[str] | None) -> int:
   if args.model:
     from star_jax.deploy.runtime import RuntimePredictor
     predictor = RuntimePredictor(args.model, batch_size=args.batch_size, detector=args.detector,
-                                 tta=args.tta)
+                                 tta=args.tta, spin=args.spin)
   else:
     cli.require_training_install("predict --checkpoint (the JAX predictor; --model runs exports)")
     predictor = Predictor(args.checkpoint, weights=args.weights, batch_size=args.batch_size,

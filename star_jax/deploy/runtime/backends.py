@@ -62,11 +62,14 @@ class LandmarkModel:
 
 class OnnxModel(LandmarkModel):
   """onnxruntime's CPU engine: all graph optimisations (its blocked NCHWc convolutions), and
-  worker threads that sleep instead of spinning between operators. Spinning saves a wake-up per
-  operator on an idle machine, but on a loaded one (benchmarks/export.py, load average ~10 on 2
-  cores) it made the full model 1.2-2.1x slower and left it behind jitted JAX."""
+  by default worker threads that sleep instead of spinning between operators. Spinning
+  (`spin=True`) saves a wake-up per operator when the engine has its cores to itself, which
+  counts for graphs of many small operators (HRNet's; benchmarks/RESULTS.md), but on a loaded
+  machine (benchmarks/export.py, load average ~10 on 2 cores) it made the full model 1.2-2.1x
+  slower and left it behind jitted JAX."""
 
-  def __init__(self, path: str, info: contract.ModelInfo, threads: int | None = None):
+  def __init__(self, path: str, info: contract.ModelInfo, threads: int | None = None,
+               spin: bool = False):
     super().__init__(path, info)
     try:
       import onnxruntime as ort
@@ -75,7 +78,7 @@ class OnnxModel(LandmarkModel):
                        ) from None
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if threads:
       options.intra_op_num_threads = int(threads)
     try:
@@ -95,7 +98,9 @@ class OnnxModel(LandmarkModel):
 class LiteRtModel(LandmarkModel):
   """The LiteRT interpreter with XNNPACK, through the export's `serving_default` signature."""
 
-  def __init__(self, path: str, info: contract.ModelInfo, threads: int | None = None):
+  def __init__(self, path: str, info: contract.ModelInfo, threads: int | None = None,
+               spin: bool = False):
+    del spin   # XNNPACK's threads are its own
     super().__init__(path, info)
     try:
       from ai_edge_litert.interpreter import Interpreter
@@ -129,8 +134,12 @@ def _named_shapes(path: str, inputs: dict, outputs: dict) -> tuple:
 _ENGINES: dict[str, Callable[..., LandmarkModel]] = {"onnx": OnnxModel, "tflite": LiteRtModel}
 
 
-def load_model(path: str, *, threads: int | None = None) -> LandmarkModel:
-  """Opens an exported `.onnx` or `.tflite` model (its sidecar `PATH.json` must be beside it)."""
+def load_model(path: str, *, threads: int | None = None, spin: bool = False) -> LandmarkModel:
+  """Opens an exported `.onnx` or `.tflite` model (its sidecar `PATH.json` must be beside it).
+
+  `threads`: the engine's CPU threads (default: its choice); `spin`: ONNX Runtime's threads
+  wait by spinning between operators (faster on cores of its own, slower on a shared machine).
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(2, "No such file or directory", path)
   info = contract.read_sidecar(path)
@@ -142,4 +151,4 @@ def load_model(path: str, *, threads: int | None = None) -> LandmarkModel:
   if contract.LANDMARKS_NAME not in info.outputs:
     raise CheckpointError(f"{contract.sidecar_path(path)}: the model has no "
                           f"'{contract.LANDMARKS_NAME}' output")
-  return engine(path, info, threads=threads)
+  return engine(path, info, threads=threads, spin=spin)

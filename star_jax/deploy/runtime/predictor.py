@@ -38,15 +38,17 @@ class RuntimePredictor(inference.Predictor):
     batch_size: faces per network call (a fixed-batch model is fed in its own batch).
     detector, detector_rule, tta: as for `Predictor`.
     threads: CPU threads of the engine (default: the engine's choice).
+    spin: ONNX Runtime's threads spin between operators instead of sleeping: faster when the
+      engine has its cores to itself (real-time video), slower on a shared machine.
   """
 
   def __init__(self, model, *, batch_size: int = 8,
                detector: str | Callable[[np.ndarray], list[Box]] = detection.DEFAULT,
                detector_rule: CropRule | str | None = None, tta: str = "none",
-               threads: int | None = None):
+               threads: int | None = None, spin: bool = False):
     self._setup(batch_size, detector, detector_rule, tta)
     self.model = (model if isinstance(model, backends.LandmarkModel)
-                  else backends.load_model(model, threads=threads))
+                  else backends.load_model(model, threads=threads, spin=spin))
     scheme = self.model.info.record.get("scheme")
     self.spec = (datasets.scheme_from_dict(scheme, self.model.path, for_training=False)
                  if scheme else datasets.spec_for_num_points(self.model.num_points))
