@@ -208,10 +208,10 @@ def _parallel(config, num_threads: int | None) -> int:
   if num_threads:
     return num_threads
   calls = int(config.data.num_parallel_calls)
-  return calls if calls > 0 else usable_cpus()
+  return calls if calls > 0 else _usable_cpus()
 
 
-def usable_cpus() -> int:
+def _usable_cpus() -> int:
   """The CPUs this process may run on (its affinity mask; `os.cpu_count` where there is none)."""
   try:
     return max(1, len(os.sched_getaffinity(0)))
